@@ -1,1 +1,230 @@
-fn main() {}
+//! The `herald` binary: parses the command line and wires the crates together. The work lives
+//! in `herald-gateway`, `herald-workers` and `herald-shared`.
+
+use std::{path::PathBuf, time::{Duration, Instant}};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use herald_shared::{
+    Config, auth, config,
+    nats_server::{Locator, NatsServer, ServerOptions},
+    telemetry, topology,
+};
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "Notification service on NATS JetStream")]
+struct Cli {
+    /// NATS server URL(s), comma separated [env: HERALD_NATS_URL].
+    #[arg(long, global = true)]
+    nats_url: Option<String>,
+    /// Address the gateway listens on [env: HERALD_HTTP_ADDR, default 127.0.0.1:8080].
+    #[arg(long, global = true)]
+    http_addr: Option<String>,
+    /// Local state directory [env: HERALD_DATA_DIR, default .herald].
+    #[arg(long, global = true)]
+    data_dir: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The whole stack for a developer: nats-server (unless HERALD_NATS_URL is set), the
+    /// gateway and every worker in one process.
+    Up,
+    /// Only the HTTP gateway.
+    Gateway,
+    /// Only the channel workers.
+    Worker {
+        /// Channels to run, comma separated [env: HERALD_CHANNELS, default webhook].
+        #[arg(long)]
+        channels: Option<String>,
+    },
+    /// Print a development JWT signed with HERALD_JWT_SECRET.
+    Token {
+        /// Subject (who the caller is).
+        #[arg(long, default_value = "dev")]
+        sub: String,
+        /// Tenant the token acts for.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Scopes, comma separated.
+        #[arg(long, default_value = "notifications:write,notifications:read")]
+        scopes: String,
+        /// Lifetime (e.g. 30m, 24h).
+        #[arg(long, default_value = "24h", value_parser = config::parse_duration)]
+        ttl: Duration,
+    },
+    /// Write the OpenAPI spec.
+    Openapi {
+        /// Output file, `-` for standard output.
+        #[arg(long, short, default_value = "openapi.json")]
+        output: PathBuf,
+    },
+    /// Measure the gateway: accepted/s and latency, next to the raw JetStream publish rate.
+    Bench {
+        /// A running gateway; unset: start a private stack (nats-server + `herald up`).
+        #[arg(long)]
+        url: Option<String>,
+        /// Concurrent HTTP connections.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// How long to send.
+        #[arg(long, default_value = "10s", value_parser = config::parse_duration)]
+        duration: Duration,
+        /// Offered requests per second (open loop); unset: as fast as possible.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Messages for the raw JetStream publish measurement.
+        #[arg(long, default_value_t = 100_000)]
+        raw_messages: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    let channels = match &cli.command {
+        Command::Worker { channels } => channels.clone(),
+        _ => None,
+    };
+    // Flags win over the environment; both go through the one configuration parser.
+    let config = Config::from_lookup(|name| {
+        let flag = match name {
+            config::NATS_URL => cli.nats_url.clone(),
+            config::HTTP_ADDR => cli.http_addr.clone(),
+            config::DATA_DIR => cli.data_dir.clone(),
+            config::CHANNELS => channels.clone(),
+            _ => None,
+        };
+        flag.or_else(|| std::env::var(name).ok())
+    })?;
+    telemetry::init(config.log_format);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Up => up(config, started).await,
+            Command::Gateway => gateway(config).await,
+            Command::Worker { .. } => worker(config).await,
+            Command::Token { sub, tenant, scopes, ttl } => {
+                let scopes: Vec<&str> = scopes.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+                println!("{}", auth::mint(&config.jwt_secret, &sub, tenant.as_deref(), &scopes, ttl));
+                Ok(())
+            }
+            Command::Openapi { output } => {
+                let spec = herald_gateway::openapi_json();
+                if output.as_os_str() == "-" {
+                    print!("{spec}");
+                } else {
+                    std::fs::write(&output, spec).with_context(|| format!("writing {}", output.display()))?;
+                }
+                Ok(())
+            }
+            Command::Bench { url, connections, duration, rate, raw_messages } => {
+                let options = herald_gateway::bench::BenchOptions {
+                    nats_url: url.as_ref().and_then(|_| config.nats_urls.first().cloned()),
+                    url,
+                    connections,
+                    duration,
+                    rate,
+                    raw_messages,
+                    herald_exe: std::env::current_exe()?,
+                };
+                let report = herald_gateway::bench::run(options, &config).await?;
+                println!("{report}");
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Resolves when the process is asked to stop (ctrl-c or SIGTERM).
+async fn stop_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// A stop signal that several tasks can wait for.
+fn shared_stop() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        stop_signal().await;
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn up(mut config: Config, started: Instant) -> anyhow::Result<()> {
+    // Kept alive until the end of this function: dropping it stops the child nats-server.
+    let mut nats = None;
+    if config.nats_urls.is_empty() {
+        let store = config.data_dir.join("nats");
+        let port = std::net::TcpListener::bind("127.0.0.1:4222").map(|_| 4222).ok();
+        let locator = Locator::from_config(&config);
+        let server = tokio::task::spawn_blocking(move || {
+            NatsServer::start(&locator, ServerOptions { port, store_dir: Some(store) })
+        })
+        .await??;
+        tracing::info!(url = %server.url(), store = %server.store_dir().display(), "started nats-server");
+        config.nats_urls = vec![server.url()];
+        nats = Some(server);
+    }
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding {}", config.http_addr))?;
+    let addr = listener.local_addr()?;
+    let gateway = herald_gateway::Gateway::connect(config.clone()).await?;
+    let (_client, js) = topology::connect(&config, "herald-worker").await?;
+    let topology = topology::ensure_with_retry(&js, &config).await?;
+
+    let stop = shared_stop();
+    let token = auth::mint(&config.jwt_secret, "dev", None, auth::DEFAULT_SCOPES, Duration::from_secs(24 * 3600));
+    let nats_url = config.nats_urls[0].clone();
+    let workers = tokio::spawn(herald_workers::run(config.clone(), topology, stopped(stop.clone())));
+    let serve = tokio::spawn(gateway.serve(listener, stopped(stop.clone())));
+    println!(
+        "\nHerald is up in {} ms.\n\n  Swagger UI:  http://{addr}/docs\n  NATS:        {nats_url}\n\n\
+         Send a notification (token valid 24 h):\n\n  curl -sS http://{addr}/v1/notifications \\\n    \
+         -H 'Authorization: Bearer {token}' \\\n    -H 'Content-Type: application/json' -H 'Idempotency-Key: order-42' \\\n    \
+         -d '{{\"recipient\":{{\"webhook_url\":\"https://example.com/hook\"}},\"content\":{{\"title\":\"Shipped\",\"body\":\"Order 42 is on its way\"}}}}'\n\n\
+         Or publish straight to JetStream:\n\n  nats --server {nats_url} pub herald.intent.webhook \\\n    \
+         '{{\"id\":\"order-43\",\"recipient\":{{\"webhook_url\":\"https://example.com/hook\"}},\"content\":{{\"body\":\"hi\"}}}}' \\\n    \
+         -H Nats-Msg-Id:order-43\n\nctrl-c stops everything.\n",
+        started.elapsed().as_millis()
+    );
+    let (served, worked) = tokio::join!(serve, workers);
+    served??;
+    worked??;
+    drop(nats);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn gateway(config: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding {}", config.http_addr))?;
+    let gateway = herald_gateway::Gateway::connect(config).await?;
+    gateway.serve(listener, stopped(shared_stop())).await
+}
+
+async fn worker(config: Config) -> anyhow::Result<()> {
+    let (_client, js) = topology::connect(&config, "herald-worker").await?;
+    let topology = topology::ensure_with_retry(&js, &config).await?;
+    herald_workers::run(config, topology, stopped(shared_stop())).await
+}

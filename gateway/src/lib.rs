@@ -1,1 +1,133 @@
+//! Herald's HTTP gateway.
+//!
+//! - [`api`]: the poem-openapi operations, one struct per resource.
+//! - [`accept`]: the accept path, storing intents in JetStream with idempotency.
+//! - [`errors`]: every error's HTTP form, in one place.
+//! - [`payload`]: `StrictJson`, request bodies whose errors name the field.
+//! - [`auth`]: the bearer-token security scheme.
+//! - [`metrics`]: Prometheus counters served on `/metrics`.
+//! - [`bench`]: `herald bench`, the load generator that measures the gateway.
+//!
+//! [`Gateway::serve`] runs the server on a listener until a shutdown future completes, so tests
+//! drive the real thing on `127.0.0.1:0`. [`openapi_service`] builds the one OpenAPI service
+//! used by the router, by `herald openapi` and by the test that checks `openapi.json`.
 
+pub mod accept;
+pub mod api;
+pub mod auth;
+pub mod bench;
+pub mod errors;
+pub mod metrics;
+pub mod payload;
+
+use std::{future::Future, sync::Arc};
+
+use herald_shared::{Config, topology::{self, Topology}};
+use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, listener::TcpAcceptor};
+use poem_openapi::OpenApiService;
+
+use crate::{metrics::Metrics, payload::BodyLimit};
+
+/// Everything a request handler needs, shared by all of them.
+pub struct AppState {
+    pub config: Config,
+    /// The NATS client, for its connection state.
+    pub client: async_nats::Client,
+    pub topology: Topology,
+    pub metrics: Metrics,
+}
+
+/// The correlation id of the current request (from `X-Correlation-Id` or generated).
+#[derive(Debug, Clone)]
+pub struct CorrelationId(pub String);
+
+pub const CORRELATION_HEADER: &str = "X-Correlation-Id";
+
+/// The OpenAPI service: every operation, with the spec's metadata.
+pub fn openapi_service() -> OpenApiService<(api::NotificationsApi, api::SystemApi), ()> {
+    OpenApiService::new((api::NotificationsApi, api::SystemApi), "Herald", env!("CARGO_PKG_VERSION"))
+        .description(
+            "Notification service on NATS JetStream. Send a notification with \
+             `POST /v1/notifications`; follow it with `GET /v1/notifications/{id}`. \
+             Authenticate with `Authorization: Bearer <JWT>` (HS256). Errors are JSON \
+             `{code, message, field}`.",
+        )
+        .server("/")
+}
+
+/// The spec as committed in `openapi.json`.
+pub fn openapi_json() -> String {
+    openapi_service().spec() + "\n"
+}
+
+/// The HTTP gateway.
+pub struct Gateway {
+    state: Arc<AppState>,
+}
+
+impl Gateway {
+    /// Connects to NATS and ensures the topology (waiting for NATS if it is not up yet).
+    pub async fn connect(config: Config) -> anyhow::Result<Gateway> {
+        let (client, js) = topology::connect(&config, "herald-gateway").await?;
+        let topology = topology::ensure_with_retry(&js, &config).await?;
+        Ok(Gateway { state: Arc::new(AppState { config, client, topology, metrics: Metrics::default() }) })
+    }
+
+    /// The router with every route and middleware.
+    pub fn app(&self) -> impl Endpoint + 'static {
+        let service = openapi_service();
+        let docs = service.swagger_ui();
+        let spec = service.spec_endpoint();
+        let state = self.state.clone();
+        let for_errors = self.state.clone();
+        Route::new()
+            .nest("/", service)
+            .nest("/docs", docs)
+            .at("/openapi.json", spec)
+            .data(BodyLimit(state.config.max_body_bytes))
+            .data(state)
+            .around(correlate)
+            .catch_all_error(move |err| {
+                let state = for_errors.clone();
+                async move {
+                    let response = errors::into_json_response(err);
+                    state.metrics.reject(errors::code_for(response.status()));
+                    response
+                }
+            })
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains in-flight requests.
+    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "gateway listening");
+        let acceptor = TcpAcceptor::from_tokio(listener)?;
+        poem::Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(self.app(), shutdown, Some(std::time::Duration::from_secs(10)))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Takes or makes the correlation id, runs the request inside a span carrying it, and echoes
+/// it on the response.
+async fn correlate<E: Endpoint>(next: E, mut req: Request) -> poem::Result<Response> {
+    let id = req
+        .headers()
+        .get(CORRELATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(herald_shared::intent::new_id);
+    req.set_data(CorrelationId(id.clone()));
+    let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), correlation_id = %id);
+    let result = tracing::Instrument::instrument(next.call(req), span).await;
+    let mut response = match result {
+        Ok(r) => r.into_response(),
+        Err(e) => errors::into_json_response(e),
+    };
+    if let Ok(value) = id.parse() {
+        response.headers_mut().insert(CORRELATION_HEADER, value);
+    }
+    Ok(response)
+}

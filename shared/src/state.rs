@@ -55,7 +55,6 @@ impl Status {
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Delivered,
-    Failed,
     Retrying,
     DeadLettered,
 }
@@ -64,7 +63,6 @@ impl Outcome {
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Delivered => "delivered",
-            Outcome::Failed => "failed",
             Outcome::Retrying => "retrying",
             Outcome::DeadLettered => "dead_lettered",
         }
@@ -73,7 +71,7 @@ impl Outcome {
     fn status(self) -> Status {
         match self {
             Outcome::Delivered => Status::Delivered,
-            Outcome::Failed | Outcome::Retrying => Status::Retrying,
+            Outcome::Retrying => Status::Retrying,
             Outcome::DeadLettered => Status::DeadLettered,
         }
     }

@@ -238,3 +238,57 @@ pub async fn ensure(js: &jetstream::Context, config: &Config) -> anyhow::Result<
         notifications: Notifications::new(js.clone(), kv),
     })
 }
+
+/// Connects to the configured NATS servers and builds the JetStream context every service uses.
+///
+/// The client connects in the background and reconnects forever (at most 2 s apart), so a
+/// service started before its nats-server, or one whose server restarts, recovers by itself.
+/// Every JetStream call is bounded by `HERALD_NATS_TIMEOUT`.
+pub async fn connect(config: &Config, name: &str) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
+    use anyhow::Context as _;
+    if config.nats_urls.is_empty() {
+        anyhow::bail!("HERALD_NATS_URL is not set");
+    }
+    let addrs = config
+        .nats_urls
+        .iter()
+        .map(|u| u.parse::<async_nats::ServerAddr>().with_context(|| format!("bad NATS URL {u:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let client = async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2))
+        .request_timeout(Some(config.nats_timeout))
+        .reconnect_delay_callback(|attempts| Duration::from_millis(100 * attempts.min(20) as u64))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
+        })
+        .connect(addrs)
+        .await?;
+    let js = jetstream::ContextBuilder::new()
+        .timeout(config.nats_timeout)
+        .max_ack_inflight(20_000)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    Ok((client, js))
+}
+
+/// [`ensure`], retried until NATS answers (a service may start before its server).
+pub async fn ensure_with_retry(js: &jetstream::Context, config: &Config) -> anyhow::Result<Topology> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match ensure(js, config).await {
+            Ok(t) => return Ok(t),
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "JetStream topology not ready; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

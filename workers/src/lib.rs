@@ -1,1 +1,68 @@
+//! Herald's channel workers.
+//!
+//! - [`channel`]: the loop every channel shares: a durable pull consumer, bounded in-flight
+//!   work, decoding, the delivery ledger, retries with `Nak(delay)`, dead-lettering, status
+//!   events, graceful shutdown.
+//! - [`webhook`]: the webhook channel: a signed JSON POST.
+//! - [`park`]: copying a message into HERALD_DLQ (always before it is terminated).
+//! - [`mover`]: the advisory consumer that dead-letters intents the server stopped
+//!   redelivering (a worker died holding them on their last attempt).
+//!
+//! A channel's delivery code implements [`Deliver`] and says, through [`DeliveryError`],
+//! whether a failure is transient (retry) or permanent (dead-letter now). Workers never call
+//! the gateway.
 
+pub mod channel;
+pub mod mover;
+pub mod park;
+pub mod webhook;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use herald_shared::{Channel, Config, Intent, topology::Topology};
+use tokio::sync::watch;
+
+/// Why a delivery attempt failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DeliveryError {
+    /// Worth retrying: timeouts, connection errors, 408, 429, 5xx.
+    #[error("{message}")]
+    Transient {
+        message: String,
+        /// The provider asked to wait this long (`Retry-After`).
+        retry_after: Option<Duration>,
+    },
+    /// Retrying cannot help: the provider refused the request.
+    #[error("{message}")]
+    Permanent { message: String },
+}
+
+/// Delivery through one provider.
+pub trait Deliver: Send + Sync + 'static {
+    fn deliver(&self, intent: &Intent) -> impl Future<Output = Result<(), DeliveryError>> + Send;
+}
+
+/// Runs the workers of `config.channels` and the dead-letter mover until `shutdown` completes,
+/// then lets in-flight deliveries finish.
+pub async fn run(config: Config, topology: Topology, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for &channel in &config.channels {
+        match channel {
+            Channel::Webhook => {
+                let sender = Arc::new(webhook::WebhookSender::new(&config)?);
+                let worker = channel::ChannelWorker::new(channel, config.clone(), topology.clone(), sender);
+                tasks.spawn(worker.run(stop_rx.clone()));
+            }
+            other => anyhow::bail!("channel {other} has no worker in this version of Herald"),
+        }
+    }
+    tasks.spawn(mover::run(topology.clone(), stop_rx.clone()));
+    shutdown.await;
+    tracing::info!("stopping workers: no new messages, finishing in-flight deliveries");
+    let _ = stop_tx.send(true);
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! The accept path: store a request's intents in JetStream, idempotently.
+//!
+//! Each channel's intent is published to `herald.intent.<channel>` (or, with a future
+//! `send_at`, as a schedule that the server fires into that subject) with
+//! `Nats-Msg-Id = <tenant>:<idempotency key>:<channel>`. The request is answered only once
+//! every intent is acknowledged. When JetStream reports the first intent as a duplicate, the
+//! original notification's id is read back from the stored message and the rest of the
+//! channels are published under that id (their own duplicates are dropped by the server), so a
+//! client retrying a half-finished request converges on one notification.
+
+use std::time::Instant;
+
+use async_nats::{
+    connection::State,
+    header::{NATS_MESSAGE_ID, NATS_SCHEDULE, NATS_SCHEDULE_TARGET},
+    jetstream::publish::PublishAck,
+};
+use chrono::{SecondsFormat, Utc};
+use herald_shared::{
+    Intent, NotificationRecord,
+    intent::headers,
+    topology::{intent_subject, schedule_subject},
+};
+
+use crate::{AppState, errors::ApiError, metrics::ChannelLabel};
+
+/// What the accept path did.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The notification id (the original one for a duplicate).
+    pub id: String,
+    /// Whether an earlier request with the same key had already stored it.
+    pub duplicate: bool,
+}
+
+impl AppState {
+    /// Stores `intents` (one per channel, sharing an id) under `key`.
+    pub async fn accept(&self, mut intents: Vec<Intent>, tenant: &str, key: Option<&str>) -> Result<Accepted, ApiError> {
+        if self.client.connection_state() != State::Connected {
+            return Err(unavailable());
+        }
+        let started = Instant::now();
+        let key = key.map(str::to_owned).unwrap_or_else(|| intents[0].id.clone());
+        let msg_id = |intent: &Intent| format!("{tenant}:{key}:{}", intent.channel());
+
+        let first = self.publish(&intents[0], msg_id(&intents[0])).await?;
+        let duplicate = first.duplicate;
+        if duplicate {
+            let original = self.original_id(first.sequence).await?;
+            for intent in &mut intents {
+                intent.id.clone_from(&original);
+            }
+        }
+        let rest = futures::future::try_join_all(
+            intents[1..].iter().map(|intent| self.publish(intent, msg_id(intent))),
+        )
+        .await?;
+        self.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
+
+        if duplicate {
+            self.metrics.duplicates.inc();
+        } else {
+            self.metrics.accepted.get_or_create(&ChannelLabel { channel: intents[0].channel().to_string() }).inc();
+        }
+        for (intent, ack) in intents[1..].iter().zip(&rest) {
+            if !ack.duplicate {
+                self.metrics.accepted.get_or_create(&ChannelLabel { channel: intent.channel().to_string() }).inc();
+            }
+        }
+        if !duplicate {
+            // The intents are safe; a missing record is recreated by the worker's first attempt.
+            if let Err(e) = self.topology.notifications.create(&NotificationRecord::accepted(&intents)).await {
+                tracing::warn!(notification_id = %intents[0].id, error = %e, "could not write the notification record");
+            }
+        }
+        Ok(Accepted { id: intents[0].id.clone(), duplicate })
+    }
+
+    /// Publishes one intent and waits for JetStream's ack, within the NATS timeout.
+    async fn publish(&self, intent: &Intent, msg_id: String) -> Result<PublishAck, ApiError> {
+        let mut headers = intent.headers();
+        headers.insert(NATS_MESSAGE_ID, msg_id.as_str());
+        let channel = intent.channel();
+        let subject = match intent.send_at {
+            Some(at) if at > Utc::now() => {
+                headers.insert(NATS_SCHEDULE, format!("@at {}", at.to_rfc3339_opts(SecondsFormat::Secs, true)).as_str());
+                headers.insert(NATS_SCHEDULE_TARGET, intent_subject(channel).as_str());
+                schedule_subject(channel, &intent.id)
+            }
+            _ => intent_subject(channel),
+        };
+        let payload = intent.encode().into();
+        let publish = async {
+            self.topology.js.publish_with_headers(subject, headers, payload).await?.await
+        };
+        match tokio::time::timeout(self.config.nats_timeout, publish).await {
+            Ok(Ok(ack)) => Ok(ack),
+            Ok(Err(e)) => {
+                tracing::warn!(notification_id = %intent.id, error = %e, "publish failed");
+                Err(unavailable())
+            }
+            Err(_) => {
+                tracing::warn!(notification_id = %intent.id, "publish not acknowledged in time");
+                Err(unavailable())
+            }
+        }
+    }
+
+    /// The id of the notification stored at `sequence` (the original of a duplicate).
+    async fn original_id(&self, sequence: u64) -> Result<String, ApiError> {
+        let lookup = tokio::time::timeout(self.config.nats_timeout, self.topology.intents.direct_get(sequence));
+        match lookup.await {
+            Ok(Ok(message)) => {
+                if let Some(id) = message.headers.get(headers::NOTIFICATION_ID) {
+                    return Ok(id.as_str().to_owned());
+                }
+                rmp_id(&message.payload).ok_or_else(|| {
+                    ApiError::Conflict("this Idempotency-Key was used by a message Herald cannot read".into())
+                })
+            }
+            Ok(Err(_)) => Err(ApiError::Conflict(
+                "this Idempotency-Key was already used, and its notification is no longer stored".into(),
+            )),
+            Err(_) => Err(unavailable()),
+        }
+    }
+}
+
+fn rmp_id(payload: &[u8]) -> Option<String> {
+    Intent::from_message(payload, None, herald_shared::Channel::Webhook, None).ok().map(|i| i.id)
+}
+
+fn unavailable() -> ApiError {
+    ApiError::Unavailable(
+        "NATS is unreachable or did not acknowledge in time; retry with the same Idempotency-Key".into(),
+    )
+}

@@ -1,0 +1,404 @@
+use std::{collections::BTreeMap, sync::Arc};
+
+use chrono::{DateTime, Utc};
+use herald_shared::{
+    Channel, Intent,
+    auth::{SCOPE_READ, SCOPE_SEND},
+    intent::{self, Content, Priority, Recipient, Rejection},
+    state::{ChannelState, NotificationRecord, Status},
+};
+use poem::web::Data;
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi, param::{Header, Path}, payload::Json};
+use serde::Deserialize;
+
+use super::Tags;
+use crate::{
+    AppState, CorrelationId,
+    auth::BearerAuth,
+    errors::{ApiError, ErrorResponse},
+    payload::StrictJson,
+};
+
+const MAX_METADATA_ENTRIES: usize = 64;
+const MAX_SHORT_TEXT: usize = 256;
+const MAX_TITLE: usize = 1024;
+
+pub struct NotificationsApi;
+
+/// A delivery channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Deserialize)]
+#[oai(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum ApiChannel {
+    Email,
+    Sms,
+    Push,
+    Webhook,
+    Inapp,
+}
+
+impl From<ApiChannel> for Channel {
+    fn from(c: ApiChannel) -> Channel {
+        match c {
+            ApiChannel::Email => Channel::Email,
+            ApiChannel::Sms => Channel::Sms,
+            ApiChannel::Push => Channel::Push,
+            ApiChannel::Webhook => Channel::Webhook,
+            ApiChannel::Inapp => Channel::Inapp,
+        }
+    }
+}
+
+impl From<Channel> for ApiChannel {
+    fn from(c: Channel) -> ApiChannel {
+        match c {
+            Channel::Email => ApiChannel::Email,
+            Channel::Sms => ApiChannel::Sms,
+            Channel::Push => ApiChannel::Push,
+            Channel::Webhook => ApiChannel::Webhook,
+            Channel::Inapp => ApiChannel::Inapp,
+        }
+    }
+}
+
+/// How urgent a notification is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Deserialize)]
+#[oai(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum ApiPriority {
+    Low,
+    Normal,
+    High,
+    Critical,
+}
+
+/// Where a notification is delivered (direct addresses).
+#[derive(Debug, Object, Deserialize)]
+#[oai(rename = "Recipient")]
+#[serde(deny_unknown_fields)]
+pub struct RecipientBody {
+    /// Email address (email channel).
+    email: Option<String>,
+    /// Phone number in E.164 form (sms channel).
+    phone: Option<String>,
+    /// Device tokens (push channel).
+    push_tokens: Option<Vec<String>>,
+    /// Absolute http(s) URL that receives a signed POST (webhook channel).
+    webhook_url: Option<String>,
+}
+
+/// Inline content.
+#[derive(Debug, Object, Deserialize)]
+#[oai(rename = "Content")]
+#[serde(deny_unknown_fields)]
+pub struct ContentBody {
+    /// Short headline (push title, webhook `title`).
+    title: Option<String>,
+    /// Email subject.
+    subject: Option<String>,
+    /// Plain-text body.
+    body: Option<String>,
+    /// HTML body (email).
+    html: Option<String>,
+}
+
+/// A notification request.
+#[derive(Debug, Object, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotificationRequest {
+    /// Who receives it.
+    recipient: RecipientBody,
+    /// Channels to deliver on. Omitted: every channel the recipient has an address for.
+    channels: Option<Vec<ApiChannel>>,
+    /// What to say.
+    content: Option<ContentBody>,
+    /// Free-form JSON passed to the receiver.
+    data: Option<BTreeMap<String, serde_json::Value>>,
+    /// Default `normal`.
+    priority: Option<ApiPriority>,
+    /// Category, for preferences and filtering (at most 256 characters).
+    category: Option<String>,
+    /// Deliver no earlier than this instant (RFC 3339).
+    send_at: Option<DateTime<Utc>>,
+    /// Give up (dead-letter as `expired`) if not delivered by this instant (RFC 3339).
+    expires_at: Option<DateTime<Utc>>,
+    /// String key/values echoed to receivers and kept with the notification (at most 64).
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+/// Where a notification stands overall or on one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum ApiStatus {
+    Accepted,
+    Scheduled,
+    Retrying,
+    Delivered,
+    DeadLettered,
+}
+
+impl From<Status> for ApiStatus {
+    fn from(s: Status) -> ApiStatus {
+        match s {
+            Status::Accepted => ApiStatus::Accepted,
+            Status::Scheduled => ApiStatus::Scheduled,
+            Status::Retrying => ApiStatus::Retrying,
+            Status::Delivered => ApiStatus::Delivered,
+            Status::DeadLettered => ApiStatus::DeadLettered,
+        }
+    }
+}
+
+/// The answer to an accepted request.
+#[derive(Debug, Object)]
+pub struct AcceptedBody {
+    /// Notification id, for `GET /v1/notifications/{id}`.
+    id: String,
+    /// `accepted`, or `scheduled` when `send_at` is in the future.
+    status: ApiStatus,
+    /// The channels it will be delivered on.
+    channels: Vec<ApiChannel>,
+    /// True when an earlier request with the same `Idempotency-Key` stored it; nothing new was sent.
+    duplicate: bool,
+    /// The correlation id carried into every log line and status event.
+    correlation_id: String,
+}
+
+/// One channel of a notification.
+#[derive(Debug, Object)]
+pub struct ChannelStatusBody {
+    channel: ApiChannel,
+    status: ApiStatus,
+    /// Delivery attempts so far.
+    attempts: u32,
+    last_error: Option<String>,
+    updated_at: DateTime<Utc>,
+    delivered_at: Option<DateTime<Utc>>,
+}
+
+/// A notification and where it stands.
+#[derive(Debug, Object)]
+pub struct NotificationBody {
+    id: String,
+    /// Overall: `delivered` once every channel is, `dead_lettered` if any channel is.
+    status: ApiStatus,
+    correlation_id: Option<String>,
+    created_at: DateTime<Utc>,
+    channels: Vec<ChannelStatusBody>,
+}
+
+#[derive(ApiResponse)]
+enum CreateResponse {
+    /// Every channel's intent is stored in JetStream; delivery follows.
+    #[oai(status = 202)]
+    Accepted(Json<AcceptedBody>),
+}
+
+#[derive(ApiResponse)]
+enum GetResponse {
+    /// The notification.
+    #[oai(status = 200)]
+    Ok(Json<NotificationBody>),
+}
+
+#[OpenApi(tag = "Tags::Notifications")]
+impl NotificationsApi {
+    /// Send a notification
+    ///
+    /// Answers 202 once every channel's intent is stored in JetStream. Send an
+    /// `Idempotency-Key` to make retries safe: a repeated key within the duplicate window
+    /// answers with the original id and `duplicate: true`, and sends nothing again.
+    #[oai(path = "/v1/notifications", method = "post", operation_id = "createNotification")]
+    async fn create(
+        &self,
+        auth: BearerAuth,
+        state: Data<&Arc<AppState>>,
+        correlation: Data<&CorrelationId>,
+        /// Makes retries safe: 1 to 255 visible ASCII characters.
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<String>>,
+        body: StrictJson<NotificationRequest>,
+    ) -> Result<CreateResponse, ErrorResponse> {
+        let claims = auth.require(SCOPE_SEND)?;
+        let key = idempotency_key.0.as_deref();
+        if let Some(k) = key
+            && (k.is_empty() || k.len() > 255 || !k.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(ApiError::malformed(
+                Some("Idempotency-Key".into()),
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            )
+            .into());
+        }
+        let tenant = claims.tenant.clone().unwrap_or_else(|| claims.sub.clone());
+        let intents = into_intents(body.0, &tenant, &correlation.0.0)?;
+        let channels: Vec<ApiChannel> = intents.iter().map(|i| i.channel().into()).collect();
+        let scheduled = intents[0].send_at.is_some_and(|t| t > Utc::now());
+        let accepted = state.accept(intents, &tenant, key).await?;
+        tracing::info!(
+            notification_id = %accepted.id,
+            correlation_id = %correlation.0.0,
+            duplicate = accepted.duplicate,
+            ?channels,
+            "accepted"
+        );
+        Ok(CreateResponse::Accepted(Json(AcceptedBody {
+            id: accepted.id,
+            status: if scheduled { ApiStatus::Scheduled } else { ApiStatus::Accepted },
+            channels,
+            duplicate: accepted.duplicate,
+            correlation_id: correlation.0.0.clone(),
+        })))
+    }
+
+    /// Get a notification's status
+    ///
+    /// Overall and per-channel status, attempts, last error and timestamps.
+    #[oai(path = "/v1/notifications/:id", method = "get", operation_id = "getNotification")]
+    async fn get(
+        &self,
+        auth: BearerAuth,
+        state: Data<&Arc<AppState>>,
+        /// The id returned when the notification was accepted.
+        id: Path<String>,
+    ) -> Result<GetResponse, ErrorResponse> {
+        let claims = auth.require(SCOPE_READ)?;
+        let not_found = || ApiError::NotFound(format!("no notification {:?}", id.0));
+        if !intent::is_valid_id(&id.0) {
+            return Err(not_found().into());
+        }
+        let lookup = tokio::time::timeout(state.config.nats_timeout, state.topology.notifications.get(&id.0));
+        let record = match lookup.await {
+            Ok(Ok(Some(r))) => r,
+            Ok(Ok(None)) => return Err(not_found().into()),
+            Ok(Err(e)) => return Err(ApiError::Unavailable(e.to_string()).into()),
+            Err(_) => return Err(ApiError::Unavailable("NATS did not answer in time".into()).into()),
+        };
+        let tenant = claims.tenant.as_deref().unwrap_or(&claims.sub);
+        if record.tenant.as_deref().is_some_and(|t| t != tenant) {
+            return Err(not_found().into());
+        }
+        Ok(GetResponse::Ok(Json(notification_body(record))))
+    }
+}
+
+fn notification_body(record: NotificationRecord) -> NotificationBody {
+    NotificationBody {
+        status: record.overall().into(),
+        id: record.id,
+        correlation_id: record.correlation_id,
+        created_at: record.created_at,
+        channels: record
+            .channels
+            .into_iter()
+            .map(|(channel, s): (Channel, ChannelState)| ChannelStatusBody {
+                channel: channel.into(),
+                status: s.status.into(),
+                attempts: s.attempts,
+                last_error: s.last_error,
+                updated_at: s.updated_at,
+                delivered_at: s.delivered_at,
+            })
+            .collect(),
+    }
+}
+
+/// Checks a request and splits it into one intent per channel, sharing a fresh id.
+fn into_intents(req: NotificationRequest, tenant: &str, correlation_id: &str) -> Result<Vec<Intent>, ApiError> {
+    let recipient = Recipient {
+        email: req.recipient.email,
+        phone: req.recipient.phone,
+        push_tokens: req.recipient.push_tokens.unwrap_or_default(),
+        webhook_url: req.recipient.webhook_url,
+    };
+    let channels: Vec<Channel> = match req.channels {
+        Some(list) => {
+            if list.is_empty() {
+                return Err(ApiError::invalid("channels", "must name at least one channel"));
+            }
+            let mut seen = Vec::new();
+            for c in list.into_iter().map(Channel::from) {
+                if !seen.contains(&c) {
+                    seen.push(c);
+                }
+            }
+            seen
+        }
+        None => {
+            let inferred: Vec<Channel> = [
+                (recipient.email.is_some(), Channel::Email),
+                (recipient.phone.is_some(), Channel::Sms),
+                (!recipient.push_tokens.is_empty(), Channel::Push),
+                (recipient.webhook_url.is_some(), Channel::Webhook),
+            ]
+            .into_iter()
+            .filter_map(|(present, c)| present.then_some(c))
+            .collect();
+            if inferred.is_empty() {
+                return Err(ApiError::invalid("channels", "no channels given and the recipient has no address to infer one from"));
+            }
+            inferred
+        }
+    };
+    if let Some((i, c)) = channels.iter().enumerate().find(|(_, c)| !c.has_worker()) {
+        return Err(ApiError::invalid(
+            format!("channels[{i}]"),
+            format!("channel {c} is not available in this version of Herald (available: webhook)"),
+        ));
+    }
+    let content = req.content.map(|c| Content { title: c.title, subject: c.subject, body: c.body, html: c.html }).unwrap_or_default();
+    let data: serde_json::Map<String, serde_json::Value> = req.data.unwrap_or_default().into_iter().collect();
+    if content == Content::default() && data.is_empty() {
+        return Err(ApiError::invalid("content", "give content (title, subject, body or html) or data"));
+    }
+    for (field, value, max) in [
+        ("content.title", &content.title, MAX_TITLE),
+        ("content.subject", &content.subject, MAX_TITLE),
+        ("category", &req.category, MAX_SHORT_TEXT),
+    ] {
+        if value.as_ref().is_some_and(|v| v.chars().count() > max) {
+            return Err(ApiError::invalid(field, format!("longer than {max} characters")));
+        }
+    }
+    let metadata = req.metadata.unwrap_or_default();
+    if metadata.len() > MAX_METADATA_ENTRIES {
+        return Err(ApiError::invalid("metadata", format!("more than {MAX_METADATA_ENTRIES} entries")));
+    }
+    if let Some((k, _)) = metadata.iter().find(|(k, v)| k.is_empty() || k.len() > MAX_SHORT_TEXT || v.len() > MAX_SHORT_TEXT * 4) {
+        return Err(ApiError::invalid(format!("metadata.{k}"), "keys are 1 to 256 bytes and values at most 1024"));
+    }
+    let now = Utc::now();
+    if req.expires_at.is_some_and(|t| t <= now) {
+        return Err(ApiError::invalid("expires_at", "is in the past"));
+    }
+    let id = intent::new_id();
+    channels
+        .into_iter()
+        .map(|channel| {
+            let intent = Intent {
+                id: id.clone(),
+                tenant: Some(tenant.to_owned()),
+                correlation_id: Some(correlation_id.to_owned()),
+                content: content.clone(),
+                data: data.clone(),
+                priority: match req.priority {
+                    None | Some(ApiPriority::Normal) => Priority::Normal,
+                    Some(ApiPriority::Low) => Priority::Low,
+                    Some(ApiPriority::High) => Priority::High,
+                    Some(ApiPriority::Critical) => Priority::Critical,
+                },
+                category: req.category.clone(),
+                send_at: req.send_at,
+                expires_at: req.expires_at,
+                metadata: metadata.clone(),
+                created_at: Some(now),
+                ..Intent::new(channel, recipient.clone())
+            };
+            intent.validate().map_err(|r| match r {
+                Rejection::Invalid { field, message } => ApiError::invalid(field, message),
+                Rejection::Undecodable(m) => ApiError::malformed(None, m),
+            })?;
+            Ok(intent)
+        })
+        .collect()
+}

@@ -1,0 +1,183 @@
+//! Errors and their HTTP form, in one place.
+//!
+//! Handlers return [`ApiError`]; it converts into [`ErrorResponse`], whose variants document
+//! every error status in the OpenAPI spec. Errors raised outside handlers (a body that is not
+//! JSON, an unknown route, a missing token) are turned into the same JSON shape by
+//! [`into_json_response`], which the router installs as its catch-all. Every error body is
+//! `{"code": "...", "message": "...", "field": "..."}`; `code` is stable, `message` is for people.
+
+use poem::{IntoResponse, Response, http::StatusCode};
+use poem_openapi::{ApiResponse, Object, payload::Json};
+
+/// The body of every error answer.
+#[derive(Debug, Clone, Object, serde::Deserialize, PartialEq)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `invalid_field`, `unauthorized`.
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
+    /// The offending request field or header, when there is one (`recipient.webhook_url`).
+    #[oai(skip_serializing_if_is_none)]
+    pub field: Option<String>,
+}
+
+/// Every error answer the API gives.
+#[derive(Debug, ApiResponse)]
+pub enum ErrorResponse {
+    /// The request is malformed: not JSON, a field of the wrong type, a missing field.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// The bearer token is missing, forged, malformed or expired.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// The token is valid but lacks the scope this operation needs.
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
+    /// No such resource (or not visible to this tenant).
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// The request conflicts with an earlier one using the same idempotency key.
+    #[oai(status = 409)]
+    Conflict(Json<ErrorBody>),
+    /// The body is larger than `HERALD_MAX_BODY_BYTES`.
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    /// Well-formed, but a value cannot be used (unsupported channel, bad URL, past expiry).
+    #[oai(status = 422)]
+    Unprocessable(Json<ErrorBody>),
+    /// NATS is unreachable or too slow; nothing was accepted. Retry with the same
+    /// `Idempotency-Key`.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
+}
+
+/// What can go wrong in a handler.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    Malformed { field: Option<String>, message: String },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("this token lacks the scope `{0}`")]
+    MissingScope(&'static str),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("body is larger than the limit of {0} bytes")]
+    TooLarge(usize),
+    #[error("{message}")]
+    Invalid { field: String, message: String },
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+        ApiError::Invalid { field: field.into(), message: message.into() }
+    }
+
+    pub fn malformed(field: Option<String>, message: impl Into<String>) -> ApiError {
+        ApiError::Malformed { field, message: message.into() }
+    }
+
+    /// The stable code, also the `reason` label of the rejection metric.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Malformed { .. } => "malformed_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::MissingScope(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::Invalid { .. } => "invalid_field",
+            ApiError::Unavailable(_) => "unavailable",
+        }
+    }
+
+    fn field(&self) -> Option<String> {
+        match self {
+            ApiError::Malformed { field, .. } => field.clone(),
+            ApiError::Invalid { field, .. } => Some(field.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl From<ApiError> for ErrorResponse {
+    fn from(e: ApiError) -> ErrorResponse {
+        let body = Json(ErrorBody { code: e.code().to_owned(), message: e.to_string(), field: e.field() });
+        match e {
+            ApiError::Malformed { .. } => ErrorResponse::BadRequest(body),
+            ApiError::Unauthorized(_) => ErrorResponse::Unauthorized(body),
+            ApiError::MissingScope(_) => ErrorResponse::Forbidden(body),
+            ApiError::NotFound(_) => ErrorResponse::NotFound(body),
+            ApiError::Conflict(_) => ErrorResponse::Conflict(body),
+            ApiError::TooLarge(_) => ErrorResponse::PayloadTooLarge(body),
+            ApiError::Invalid { .. } => ErrorResponse::Unprocessable(body),
+            ApiError::Unavailable(_) => ErrorResponse::Unavailable(body, 1),
+        }
+    }
+}
+
+impl From<ApiError> for poem::Error {
+    fn from(e: ApiError) -> poem::Error {
+        ErrorResponse::from(e).into()
+    }
+}
+
+/// Turns any error that reached the router into the JSON error shape. Errors that already are
+/// JSON answers (built from [`ErrorResponse`]) pass through untouched.
+pub fn into_json_response(err: poem::Error) -> Response {
+    let status = err.status();
+    if !err.has_source() {
+        let response = err.into_response();
+        let is_json = response
+            .headers()
+            .get(poem::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/json"));
+        if is_json {
+            return response;
+        }
+        return json_error(status, code_for(status), status.canonical_reason().unwrap_or("error").to_lowercase(), None);
+    }
+    let message = err.to_string();
+    let field = if status == StatusCode::BAD_REQUEST { field_in_message(&message) } else { None };
+    let message = match status {
+        StatusCode::UNAUTHORIZED => "a bearer token is required (Authorization: Bearer <JWT>)".to_owned(),
+        _ => message,
+    };
+    json_error(status, code_for(status), message, field)
+}
+
+fn json_error(status: StatusCode, code: &str, message: String, field: Option<String>) -> Response {
+    let body = ErrorBody { code: code.to_owned(), message, field };
+    let mut response = Json(body).into_response();
+    response.set_status(status);
+    response
+}
+
+/// The code of an error that was not raised as an [`ApiError`].
+pub fn code_for(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "malformed_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_field",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal",
+        _ => "error",
+    }
+}
+
+/// poem's parameter errors say "failed to parse parameter `x`": keep `x` as the field.
+fn field_in_message(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_owned())
+}

@@ -1,0 +1,60 @@
+//! The gateway's Prometheus metrics, served as text on `GET /metrics`.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelLabel {
+    pub channel: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Counters and histograms updated on the accept path.
+pub struct Metrics {
+    registry: Registry,
+    /// Intents stored, per channel.
+    pub accepted: Family<ChannelLabel, Counter>,
+    /// Requests answered as duplicates of an earlier `Idempotency-Key`.
+    pub duplicates: Counter,
+    /// Requests refused, by error code.
+    pub rejected: Family<ReasonLabel, Counter>,
+    /// Time from the first publish to the last JetStream ack of a request.
+    pub publish_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("herald_gateway");
+        let accepted = Family::<ChannelLabel, Counter>::default();
+        let duplicates = Counter::default();
+        let rejected = Family::<ReasonLabel, Counter>::default();
+        let publish_seconds = Histogram::new(
+            [0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0].into_iter(),
+        );
+        registry.register("accepted", "Intents stored in JetStream, per channel", accepted.clone());
+        registry.register("duplicates", "Requests answered as duplicates of an earlier Idempotency-Key", duplicates.clone());
+        registry.register("rejected", "Requests refused, by error code", rejected.clone());
+        registry.register("publish_seconds", "JetStream publish latency of one request (first publish to last ack)", publish_seconds.clone());
+        Metrics { registry, accepted, duplicates, rejected, publish_seconds }
+    }
+}
+
+impl Metrics {
+    pub fn reject(&self, reason: &str) {
+        self.rejected.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
