@@ -1,7 +1,10 @@
 //! The `herald` binary: parses the command line and wires the crates together. The work lives
 //! in `herald-gateway`, `herald-workers` and `herald-shared`.
 
-use std::{path::PathBuf, time::{Duration, Instant}};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -193,7 +196,8 @@ async fn up(mut config: Config, started: Instant) -> anyhow::Result<()> {
     let topology = topology::ensure_with_retry(&js, &config).await?;
 
     let stop = shared_stop();
-    let token = auth::mint(&config.jwt_secret, "dev", None, auth::DEFAULT_SCOPES, Duration::from_secs(24 * 3600));
+    let token =
+        auth::mint(&config.jwt_secret, "dev", None, auth::DEFAULT_SCOPES, Duration::from_secs(24 * 3600));
     let nats_url = config.nats_urls[0].clone();
     let workers = tokio::spawn(herald_workers::run(config.clone(), topology, stopped(stop.clone())));
     let serve = tokio::spawn(gateway.serve(listener, stopped(stop.clone())));

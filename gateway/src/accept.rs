@@ -35,7 +35,12 @@ pub struct Accepted {
 
 impl AppState {
     /// Stores `intents` (one per channel, sharing an id) under `key`.
-    pub async fn accept(&self, mut intents: Vec<Intent>, tenant: &str, key: Option<&str>) -> Result<Accepted, ApiError> {
+    pub async fn accept(
+        &self,
+        mut intents: Vec<Intent>,
+        tenant: &str,
+        key: Option<&str>,
+    ) -> Result<Accepted, ApiError> {
         if self.client.connection_state() != State::Connected {
             return Err(unavailable());
         }
@@ -60,16 +65,23 @@ impl AppState {
         if duplicate {
             self.metrics.duplicates.inc();
         } else {
-            self.metrics.accepted.get_or_create(&ChannelLabel { channel: intents[0].channel().to_string() }).inc();
+            self.metrics
+                .accepted
+                .get_or_create(&ChannelLabel { channel: intents[0].channel().to_string() })
+                .inc();
         }
         for (intent, ack) in intents[1..].iter().zip(&rest) {
             if !ack.duplicate {
-                self.metrics.accepted.get_or_create(&ChannelLabel { channel: intent.channel().to_string() }).inc();
+                self.metrics
+                    .accepted
+                    .get_or_create(&ChannelLabel { channel: intent.channel().to_string() })
+                    .inc();
             }
         }
         if !duplicate {
             // The intents are safe; a missing record is recreated by the worker's first attempt.
-            if let Err(e) = self.topology.notifications.create(&NotificationRecord::accepted(&intents)).await {
+            if let Err(e) = self.topology.notifications.create(&NotificationRecord::accepted(&intents)).await
+            {
                 tracing::warn!(notification_id = %intents[0].id, error = %e, "could not write the notification record");
             }
         }
@@ -83,16 +95,17 @@ impl AppState {
         let channel = intent.channel();
         let subject = match intent.send_at {
             Some(at) if at > Utc::now() => {
-                headers.insert(NATS_SCHEDULE, format!("@at {}", at.to_rfc3339_opts(SecondsFormat::Secs, true)).as_str());
+                headers.insert(
+                    NATS_SCHEDULE,
+                    format!("@at {}", at.to_rfc3339_opts(SecondsFormat::Secs, true)).as_str(),
+                );
                 headers.insert(NATS_SCHEDULE_TARGET, intent_subject(channel).as_str());
                 schedule_subject(channel, &intent.id)
             }
             _ => intent_subject(channel),
         };
         let payload = intent.encode().into();
-        let publish = async {
-            self.topology.js.publish_with_headers(subject, headers, payload).await?.await
-        };
+        let publish = async { self.topology.js.publish_with_headers(subject, headers, payload).await?.await };
         match tokio::time::timeout(self.config.nats_timeout, publish).await {
             Ok(Ok(ack)) => Ok(ack),
             Ok(Err(e)) => {
@@ -108,7 +121,8 @@ impl AppState {
 
     /// The id of the notification stored at `sequence` (the original of a duplicate).
     async fn original_id(&self, sequence: u64) -> Result<String, ApiError> {
-        let lookup = tokio::time::timeout(self.config.nats_timeout, self.topology.intents.direct_get(sequence));
+        let lookup =
+            tokio::time::timeout(self.config.nats_timeout, self.topology.intents.direct_get(sequence));
         match lookup.await {
             Ok(Ok(message)) => {
                 if let Some(id) = message.headers.get(headers::NOTIFICATION_ID) {

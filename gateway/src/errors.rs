@@ -140,7 +140,12 @@ pub fn into_json_response(err: poem::Error) -> Response {
         if is_json {
             return response;
         }
-        return json_error(status, code_for(status), status.canonical_reason().unwrap_or("error").to_lowercase(), None);
+        return json_error(
+            status,
+            code_for(status),
+            status.canonical_reason().unwrap_or("error").to_lowercase(),
+            None,
+        );
     }
     let message = err.to_string();
     let field = if status == StatusCode::BAD_REQUEST { field_in_message(&message) } else { None };
@@ -165,6 +170,7 @@ pub fn code_for(status: StatusCode) -> &'static str {
         StatusCode::UNAUTHORIZED => "unauthorized",
         StatusCode::FORBIDDEN => "forbidden",
         StatusCode::NOT_FOUND => "not_found",
+        StatusCode::CONFLICT => "conflict",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",

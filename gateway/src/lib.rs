@@ -22,7 +22,10 @@ pub mod payload;
 
 use std::{future::Future, sync::Arc};
 
-use herald_shared::{Config, topology::{self, Topology}};
+use herald_shared::{
+    Config,
+    topology::{self, Topology},
+};
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, listener::TcpAcceptor};
 use poem_openapi::OpenApiService;
 
@@ -79,26 +82,22 @@ impl Gateway {
         let docs = service.swagger_ui();
         let spec = service.spec_endpoint();
         let state = self.state.clone();
-        let for_errors = self.state.clone();
         Route::new()
             .nest("/", service)
             .nest("/docs", docs)
             .at("/openapi.json", spec)
             .data(BodyLimit(state.config.max_body_bytes))
-            .data(state)
             .around(correlate)
-            .catch_all_error(move |err| {
-                let state = for_errors.clone();
-                async move {
-                    let response = errors::into_json_response(err);
-                    state.metrics.reject(errors::code_for(response.status()));
-                    response
-                }
-            })
+            .data(state)
+            .catch_all_error(|err| async move { errors::into_json_response(err) })
     }
 
     /// Serves on `listener` until `shutdown` completes, then drains in-flight requests.
-    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "gateway listening");
         let acceptor = TcpAcceptor::from_tokio(listener)?;
@@ -109,8 +108,8 @@ impl Gateway {
     }
 }
 
-/// Takes or makes the correlation id, runs the request inside a span carrying it, and echoes
-/// it on the response.
+/// Takes or makes the correlation id, runs the request inside a span carrying it, echoes it on
+/// the response, and counts refused requests by their error code.
 async fn correlate<E: Endpoint>(next: E, mut req: Request) -> poem::Result<Response> {
     let id = req
         .headers()
@@ -120,6 +119,8 @@ async fn correlate<E: Endpoint>(next: E, mut req: Request) -> poem::Result<Respo
         .map(str::to_owned)
         .unwrap_or_else(herald_shared::intent::new_id);
     req.set_data(CorrelationId(id.clone()));
+    let state = req.data::<Arc<AppState>>().expect("the router installs the state").clone();
+    let metrics = &state.metrics;
     let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), correlation_id = %id);
     let result = tracing::Instrument::instrument(next.call(req), span).await;
     let mut response = match result {
@@ -128,6 +129,10 @@ async fn correlate<E: Endpoint>(next: E, mut req: Request) -> poem::Result<Respo
     };
     if let Ok(value) = id.parse() {
         response.headers_mut().insert(CORRELATION_HEADER, value);
+    }
+    let status = response.status();
+    if status.is_client_error() || status.is_server_error() {
+        metrics.reject(errors::code_for(status));
     }
     Ok(response)
 }

@@ -36,12 +36,20 @@ impl Default for Metrics {
         let duplicates = Counter::default();
         let rejected = Family::<ReasonLabel, Counter>::default();
         let publish_seconds = Histogram::new(
-            [0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0].into_iter(),
+            [0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0],
         );
         registry.register("accepted", "Intents stored in JetStream, per channel", accepted.clone());
-        registry.register("duplicates", "Requests answered as duplicates of an earlier Idempotency-Key", duplicates.clone());
+        registry.register(
+            "duplicates",
+            "Requests answered as duplicates of an earlier Idempotency-Key",
+            duplicates.clone(),
+        );
         registry.register("rejected", "Requests refused, by error code", rejected.clone());
-        registry.register("publish_seconds", "JetStream publish latency of one request (first publish to last ack)", publish_seconds.clone());
+        registry.register(
+            "publish_seconds",
+            "JetStream publish latency of one request (first publish to last ack)",
+            publish_seconds.clone(),
+        );
         Metrics { registry, accepted, duplicates, rejected, publish_seconds }
     }
 }

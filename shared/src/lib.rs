@@ -21,8 +21,8 @@ pub mod config;
 pub mod deadletter;
 pub mod intent;
 pub mod nats_server;
-pub mod state;
 pub mod signature;
+pub mod state;
 pub mod telemetry;
 pub mod topology;
 

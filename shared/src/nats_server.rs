@@ -38,7 +38,9 @@ impl Locator {
     pub fn from_env() -> Locator {
         Locator {
             binary: std::env::var_os(crate::config::NATS_SERVER).filter(|v| !v.is_empty()).map(PathBuf::from),
-            tools_dir: std::env::var_os(crate::config::TOOLS_DIR).filter(|v| !v.is_empty()).map(PathBuf::from),
+            tools_dir: std::env::var_os(crate::config::TOOLS_DIR)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
         }
     }
 

@@ -121,12 +121,18 @@ impl NotificationRecord {
             channels: intents
                 .iter()
                 .map(|i| {
-                    let status = if i.send_at.is_some_and(|t| t > now) {
-                        Status::Scheduled
-                    } else {
-                        Status::Accepted
-                    };
-                    (i.channel(), ChannelState { status, attempts: 0, last_error: None, updated_at: now, delivered_at: None })
+                    let status =
+                        if i.send_at.is_some_and(|t| t > now) { Status::Scheduled } else { Status::Accepted };
+                    (
+                        i.channel(),
+                        ChannelState {
+                            status,
+                            attempts: 0,
+                            last_error: None,
+                            updated_at: now,
+                            delivered_at: None,
+                        },
+                    )
                 })
                 .collect(),
         }
@@ -284,12 +290,18 @@ impl Notifications {
             }
             let bytes: bytes::Bytes = serde_json::to_vec(&record).expect("a record always serializes").into();
             let written = match revision {
-                Some(rev) => self.kv.update(&intent.id, bytes, rev).await.map(|_| ()).map_err(|e| {
-                    (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string())
-                }),
-                None => self.kv.create(&intent.id, bytes).await.map(|_| ()).map_err(|e| {
-                    (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())
-                }),
+                Some(rev) => self
+                    .kv
+                    .update(&intent.id, bytes, rev)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string())),
+                None => self
+                    .kv
+                    .create(&intent.id, bytes)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())),
             };
             match written {
                 Ok(()) => return Ok(()),
@@ -315,7 +327,16 @@ mod tests {
                 .iter()
                 .zip(Channel::ALL)
                 .map(|(s, c)| {
-                    (c, ChannelState { status: *s, attempts: 1, last_error: None, updated_at: Utc::now(), delivered_at: None })
+                    (
+                        c,
+                        ChannelState {
+                            status: *s,
+                            attempts: 1,
+                            last_error: None,
+                            updated_at: Utc::now(),
+                            delivered_at: None,
+                        },
+                    )
                 })
                 .collect(),
         }

@@ -141,22 +141,17 @@ pub fn bench_stream_config() -> stream::Config {
 /// The durable pull consumer of one channel.
 ///
 /// `max_deliver` is the retry policy's attempt count. The `backoff` list only matters when a
-/// worker dies holding a message (ack-wait expiry); each step is at least `send_timeout` plus a
-/// margin so a slow but live send is never redelivered underneath itself. Transient failures
-/// are retried with `Nak(delay)` by the worker.
+/// worker dies holding a message (ack-wait expiry); each step is at least twice `send_timeout`
+/// plus a second, so a slow but live attempt (send, then record) is never redelivered
+/// underneath itself. Transient failures are retried with `Nak(delay)` by the worker.
 pub fn channel_consumer_config(
     channel: Channel,
     retry: &RetryPolicy,
     send_timeout: Duration,
     max_ack_pending: usize,
 ) -> pull::Config {
-    let floor = send_timeout + Duration::from_secs(5);
-    let backoff = retry
-        .backoff
-        .iter()
-        .take(retry.max_attempts as usize)
-        .map(|d| (*d).max(floor))
-        .collect();
+    let floor = send_timeout * 2 + Duration::from_secs(1);
+    let backoff = retry.backoff.iter().take(retry.max_attempts as usize).map(|d| (*d).max(floor)).collect();
     pull::Config {
         durable_name: Some(channel.to_string()),
         description: Some(format!("{channel} worker")),
@@ -244,7 +239,10 @@ pub async fn ensure(js: &jetstream::Context, config: &Config) -> anyhow::Result<
 /// The client connects in the background and reconnects forever (at most 2 s apart), so a
 /// service started before its nats-server, or one whose server restarts, recovers by itself.
 /// Every JetStream call is bounded by `HERALD_NATS_TIMEOUT`.
-pub async fn connect(config: &Config, name: &str) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
+pub async fn connect(
+    config: &Config,
+    name: &str,
+) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
     use anyhow::Context as _;
     if config.nats_urls.is_empty() {
         anyhow::bail!("HERALD_NATS_URL is not set");

@@ -56,7 +56,11 @@ impl<D: Deliver> ChannelWorker<D> {
         let this = Arc::new(self);
         tracing::info!(channel = %this.channel, concurrency, "worker started");
         'outer: while !*stop.borrow() {
-            let consumer = match this.topology.channel_consumer(this.channel, &this.config, concurrency * 2).await {
+            let consumer = match this
+                .topology
+                .channel_consumer(this.channel, &this.config, concurrency * 2)
+                .await
+            {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(channel = %this.channel, error = %e, "cannot create consumer; retrying");
@@ -129,13 +133,28 @@ impl<D: Deliver> ChannelWorker<D> {
                 return;
             }
         };
-        let fallback_id = message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|v| v.as_str().to_owned());
-        let intent = match Intent::from_message(&message.payload, message.headers.as_ref(), self.channel, fallback_id.as_deref()) {
+        let fallback_id =
+            message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|v| v.as_str().to_owned());
+        let intent = match Intent::from_message(
+            &message.payload,
+            message.headers.as_ref(),
+            self.channel,
+            fallback_id.as_deref(),
+        ) {
             Ok(intent) => intent,
             Err(rejection) => {
                 tracing::warn!(channel = %self.channel, sequence, reason = rejection.reason(), error = %rejection, "parking a message that cannot be delivered");
                 let reason = Reason::parse(rejection.reason()).unwrap_or(Reason::Invalid);
-                self.dead_letter(&message, None, sequence, attempt, reason, ErrorClass::Permanent, rejection.to_string()).await;
+                self.dead_letter(
+                    &message,
+                    None,
+                    sequence,
+                    attempt,
+                    reason,
+                    ErrorClass::Permanent,
+                    rejection.to_string(),
+                )
+                .await;
                 return;
             }
         };
@@ -152,7 +171,16 @@ impl<D: Deliver> ChannelWorker<D> {
     async fn handle_intent(&self, message: Message, intent: Intent, sequence: u64, attempt: u32) {
         if intent.expires_at.is_some_and(|t| t <= Utc::now()) {
             tracing::warn!("expired before delivery");
-            self.dead_letter(&message, Some(&intent), sequence, attempt, Reason::Expired, ErrorClass::Permanent, "expires_at passed before delivery".into()).await;
+            self.dead_letter(
+                &message,
+                Some(&intent),
+                sequence,
+                attempt,
+                Reason::Expired,
+                ErrorClass::Permanent,
+                "expires_at passed before delivery".into(),
+            )
+            .await;
             return;
         }
         match self.topology.notifications.channel_state(&intent.id, self.channel).await {
@@ -175,7 +203,9 @@ impl<D: Deliver> ChannelWorker<D> {
                 self.record(&intent, Outcome::Delivered, attempt, None).await;
                 self.ack(&message, AckKind::Ack).await;
             }
-            Err(DeliveryError::Transient { message: error, retry_after }) if attempt < self.config.retry.max_attempts => {
+            Err(DeliveryError::Transient { message: error, retry_after })
+                if attempt < self.config.retry.max_attempts =>
+            {
                 let delay = retry_after
                     .map(|d| d.min(MAX_RETRY_AFTER))
                     .unwrap_or_else(|| self.config.retry.jittered_delay_after(attempt));
@@ -185,11 +215,29 @@ impl<D: Deliver> ChannelWorker<D> {
             }
             Err(DeliveryError::Transient { message: error, .. }) => {
                 tracing::warn!(%error, "last attempt failed; dead-lettering");
-                self.dead_letter(&message, Some(&intent), sequence, attempt, Reason::AttemptsExhausted, ErrorClass::Transient, error).await;
+                self.dead_letter(
+                    &message,
+                    Some(&intent),
+                    sequence,
+                    attempt,
+                    Reason::AttemptsExhausted,
+                    ErrorClass::Transient,
+                    error,
+                )
+                .await;
             }
             Err(DeliveryError::Permanent { message: error }) => {
                 tracing::warn!(%error, "refused for good; dead-lettering");
-                self.dead_letter(&message, Some(&intent), sequence, attempt, Reason::Rejected, ErrorClass::Permanent, error).await;
+                self.dead_letter(
+                    &message,
+                    Some(&intent),
+                    sequence,
+                    attempt,
+                    Reason::Rejected,
+                    ErrorClass::Permanent,
+                    error,
+                )
+                .await;
             }
         }
     }
@@ -214,13 +262,22 @@ impl<D: Deliver> ChannelWorker<D> {
             original_subject: message.subject.to_string(),
             original_sequence: sequence,
         };
-        if let Err(e) = park(&self.topology.js, self.channel, message.payload.clone(), message.headers.as_ref(), &letter).await {
+        if let Err(e) =
+            park(&self.topology.js, self.channel, message.payload.clone(), message.headers.as_ref(), &letter)
+                .await
+        {
             tracing::error!(error = %e, sequence, "cannot park in the DLQ; the message stays and will be redelivered");
             self.ack(message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
             return;
         }
         if let Some(intent) = intent {
-            self.record(intent, Outcome::DeadLettered, attempt, Some(format!("{}: {last_error}", reason.as_str()))).await;
+            self.record(
+                intent,
+                Outcome::DeadLettered,
+                attempt,
+                Some(format!("{}: {last_error}", reason.as_str())),
+            )
+            .await;
         }
         self.ack(message, AckKind::Term).await;
     }

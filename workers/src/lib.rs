@@ -44,7 +44,11 @@ pub trait Deliver: Send + Sync + 'static {
 
 /// Runs the workers of `config.channels` and the dead-letter mover until `shutdown` completes,
 /// then lets in-flight deliveries finish.
-pub async fn run(config: Config, topology: Topology, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    topology: Topology,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     for &channel in &config.channels {

@@ -53,7 +53,9 @@ pub async fn run(topology: Topology, mut stop: watch::Receiver<bool>) -> anyhow:
                     if move_one(&topology, &message.payload).await {
                         let _ = message.ack().await;
                     } else {
-                        let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(Some(Duration::from_secs(2)))).await;
+                        let _ = message
+                            .ack_with(async_nats::jetstream::AckKind::Nak(Some(Duration::from_secs(2))))
+                            .await;
                     }
                 }
                 Some(Err(e)) => tracing::debug!(error = %e, "dead-letter mover pull error"),
@@ -88,14 +90,20 @@ async fn move_one(topology: &Topology, advisory: &[u8]) -> bool {
         original_subject: original.subject.to_string(),
         original_sequence: advisory.stream_seq,
     };
-    if let Err(e) = park(&topology.js, channel, original.payload.clone(), Some(&original.headers), &letter).await {
+    if let Err(e) =
+        park(&topology.js, channel, original.payload.clone(), Some(&original.headers), &letter).await
+    {
         tracing::warn!(error = %e, "cannot park a max-delivered intent; will retry");
         return false;
     }
     tracing::warn!(sequence = advisory.stream_seq, %channel, "dead-lettered an intent the server stopped redelivering");
     if let Ok(intent) = Intent::from_message(&original.payload, Some(&original.headers), channel, None) {
         let error = Some(format!("{}: {}", Reason::MaxDeliveries.as_str(), letter.last_error));
-        if let Err(e) = topology.notifications.record_attempt(&intent, Outcome::DeadLettered, advisory.deliveries, error).await {
+        if let Err(e) = topology
+            .notifications
+            .record_attempt(&intent, Outcome::DeadLettered, advisory.deliveries, error)
+            .await
+        {
             tracing::warn!(error = %e, "cannot record the dead letter");
         }
     }

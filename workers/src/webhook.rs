@@ -60,9 +60,11 @@ impl WebhookSender {
 
 impl Deliver for WebhookSender {
     async fn deliver(&self, intent: &Intent) -> Result<(), DeliveryError> {
-        let url = intent.recipient.webhook_url.as_deref().ok_or_else(|| DeliveryError::Permanent {
-            message: "recipient has no webhook_url".into(),
-        })?;
+        let url = intent
+            .recipient
+            .webhook_url
+            .as_deref()
+            .ok_or_else(|| DeliveryError::Permanent { message: "recipient has no webhook_url".into() })?;
         let body = serde_json::to_vec(&WebhookBody {
             id: &intent.id,
             channel: "webhook",
@@ -94,11 +96,8 @@ impl Deliver for WebhookSender {
         if status.is_success() {
             return Ok(());
         }
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
+        let retry_after =
+            response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
         let text = response.text().await.unwrap_or_default();
         let message = format!("HTTP {status}: {}", text.chars().take(200).collect::<String>().trim());
         Err(classify(status, message, retry_after))
@@ -107,7 +106,10 @@ impl Deliver for WebhookSender {
 
 /// 408, 429 and 5xx are worth retrying; any other non-2xx answer is final.
 pub fn classify(status: StatusCode, message: String, retry_after: Option<Duration>) -> DeliveryError {
-    if status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+    if status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+    {
         DeliveryError::Transient { message, retry_after }
     } else {
         DeliveryError::Permanent { message }
@@ -139,7 +141,16 @@ mod tests {
 
     #[test]
     fn statuses_are_classified() {
-        for (code, transient) in [(500, true), (503, true), (408, true), (429, true), (400, false), (404, false), (410, false), (301, false)] {
+        for (code, transient) in [
+            (500, true),
+            (503, true),
+            (408, true),
+            (429, true),
+            (400, false),
+            (404, false),
+            (410, false),
+            (301, false),
+        ] {
             let e = classify(StatusCode::from_u16(code).unwrap(), String::new(), None);
             assert_eq!(matches!(e, DeliveryError::Transient { .. }), transient, "{code}");
         }

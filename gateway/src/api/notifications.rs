@@ -8,7 +8,11 @@ use herald_shared::{
     state::{ChannelState, NotificationRecord, Status},
 };
 use poem::web::Data;
-use poem_openapi::{ApiResponse, Enum, Object, OpenApi, param::{Header, Path}, payload::Json};
+use poem_openapi::{
+    ApiResponse, Enum, Object, OpenApi,
+    param::{Header, Path},
+    payload::Json,
+};
 use serde::Deserialize;
 
 use super::Tags;
@@ -212,6 +216,7 @@ impl NotificationsApi {
     async fn create(
         &self,
         auth: BearerAuth,
+        request: &poem::Request,
         state: Data<&Arc<AppState>>,
         correlation: Data<&CorrelationId>,
         /// Makes retries safe: 1 to 255 visible ASCII characters.
@@ -221,8 +226,10 @@ impl NotificationsApi {
     ) -> Result<CreateResponse, ErrorResponse> {
         let claims = auth.require(SCOPE_SEND)?;
         let key = idempotency_key.0.as_deref();
-        if let Some(k) = key
-            && (k.is_empty() || k.len() > 255 || !k.bytes().all(|b| b.is_ascii_graphic()))
+        // A header that is not visible ASCII never reaches `idempotency_key`; look at it raw.
+        let raw_key = request.headers().get("Idempotency-Key").map(|v| v.as_bytes());
+        if let Some(k) = raw_key
+            && (k.is_empty() || k.len() > 255 || !k.iter().all(u8::is_ascii_graphic))
         {
             return Err(ApiError::malformed(
                 Some("Idempotency-Key".into()),
@@ -304,7 +311,11 @@ fn notification_body(record: NotificationRecord) -> NotificationBody {
 }
 
 /// Checks a request and splits it into one intent per channel, sharing a fresh id.
-fn into_intents(req: NotificationRequest, tenant: &str, correlation_id: &str) -> Result<Vec<Intent>, ApiError> {
+fn into_intents(
+    req: NotificationRequest,
+    tenant: &str,
+    correlation_id: &str,
+) -> Result<Vec<Intent>, ApiError> {
     let recipient = Recipient {
         email: req.recipient.email,
         phone: req.recipient.phone,
@@ -335,7 +346,10 @@ fn into_intents(req: NotificationRequest, tenant: &str, correlation_id: &str) ->
             .filter_map(|(present, c)| present.then_some(c))
             .collect();
             if inferred.is_empty() {
-                return Err(ApiError::invalid("channels", "no channels given and the recipient has no address to infer one from"));
+                return Err(ApiError::invalid(
+                    "channels",
+                    "no channels given and the recipient has no address to infer one from",
+                ));
             }
             inferred
         }
@@ -346,7 +360,10 @@ fn into_intents(req: NotificationRequest, tenant: &str, correlation_id: &str) ->
             format!("channel {c} is not available in this version of Herald (available: webhook)"),
         ));
     }
-    let content = req.content.map(|c| Content { title: c.title, subject: c.subject, body: c.body, html: c.html }).unwrap_or_default();
+    let content = req
+        .content
+        .map(|c| Content { title: c.title, subject: c.subject, body: c.body, html: c.html })
+        .unwrap_or_default();
     let data: serde_json::Map<String, serde_json::Value> = req.data.unwrap_or_default().into_iter().collect();
     if content == Content::default() && data.is_empty() {
         return Err(ApiError::invalid("content", "give content (title, subject, body or html) or data"));
@@ -364,8 +381,14 @@ fn into_intents(req: NotificationRequest, tenant: &str, correlation_id: &str) ->
     if metadata.len() > MAX_METADATA_ENTRIES {
         return Err(ApiError::invalid("metadata", format!("more than {MAX_METADATA_ENTRIES} entries")));
     }
-    if let Some((k, _)) = metadata.iter().find(|(k, v)| k.is_empty() || k.len() > MAX_SHORT_TEXT || v.len() > MAX_SHORT_TEXT * 4) {
-        return Err(ApiError::invalid(format!("metadata.{k}"), "keys are 1 to 256 bytes and values at most 1024"));
+    if let Some((k, _)) = metadata
+        .iter()
+        .find(|(k, v)| k.is_empty() || k.len() > MAX_SHORT_TEXT || v.len() > MAX_SHORT_TEXT * 4)
+    {
+        return Err(ApiError::invalid(
+            format!("metadata.{k}"),
+            "keys are 1 to 256 bytes and values at most 1024",
+        ));
     }
     let now = Utc::now();
     if req.expires_at.is_some_and(|t| t <= now) {

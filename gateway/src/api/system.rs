@@ -3,7 +3,10 @@ use std::sync::Arc;
 use async_nats::connection::State;
 use herald_shared::topology::INTENTS_STREAM;
 use poem::web::Data;
-use poem_openapi::{ApiResponse, Object, OpenApi, payload::{Json, PlainText}};
+use poem_openapi::{
+    ApiResponse, Object, OpenApi,
+    payload::{Json, PlainText},
+};
 
 use super::Tags;
 use crate::AppState;
@@ -40,11 +43,18 @@ impl SystemApi {
         if state.client.connection_state() != State::Connected {
             return ReadyResponse::NotReady(Json(HealthBody { status: "not connected to NATS".into() }));
         }
-        let check = tokio::time::timeout(state.config.nats_timeout, state.topology.js.get_stream_no_info(INTENTS_STREAM));
+        let check = tokio::time::timeout(
+            state.config.nats_timeout,
+            state.topology.js.get_stream_no_info(INTENTS_STREAM),
+        );
         match check.await {
             Ok(Ok(_)) => ReadyResponse::Ready(Json(HealthBody { status: "ready".into() })),
-            Ok(Err(e)) => ReadyResponse::NotReady(Json(HealthBody { status: format!("stream {INTENTS_STREAM}: {e}") })),
-            Err(_) => ReadyResponse::NotReady(Json(HealthBody { status: "NATS did not answer in time".into() })),
+            Ok(Err(e)) => {
+                ReadyResponse::NotReady(Json(HealthBody { status: format!("stream {INTENTS_STREAM}: {e}") }))
+            }
+            Err(_) => {
+                ReadyResponse::NotReady(Json(HealthBody { status: "NATS did not answer in time".into() }))
+            }
         }
     }
 

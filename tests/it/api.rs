@@ -1,0 +1,277 @@
+//! The HTTP contract: authentication, validation, limits, errors, docs.
+
+use std::time::Duration;
+
+use herald_shared::auth;
+use poem::http::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::{Sink, Stack, webhook_body};
+
+/// Posts `body` and checks status, error code and the field the error names.
+async fn check(stack: &Stack, body: &str, status: u16, code: &str, field: Option<&str>) {
+    let (got, answer) = stack.post_raw(body, None, Some(&stack.token)).await;
+    assert_eq!(got.as_u16(), status, "{body} -> {answer}");
+    assert_eq!(answer["code"], code, "{body} -> {answer}");
+    assert_eq!(answer["field"].as_str(), field, "{body} -> {answer}");
+    assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_naming_the_field() {
+    let stack = Stack::start().await;
+    let url = "http://127.0.0.1:9/hook";
+    for (body, status, code, field) in [
+        ("{not json", 400, "malformed_request", None),
+        ("", 400, "malformed_request", None),
+        ("[1,2]", 400, "malformed_request", None),
+        (r#"{"content":{"title":"x"}}"#, 400, "malformed_request", None),
+        (r#"{"recipient":"someone"}"#, 400, "malformed_request", Some("recipient")),
+        (r#"{"recipient":{"webhook_url":5}}"#, 400, "malformed_request", Some("recipient.webhook_url")),
+        (r#"{"recipient":{},"channels":"webhook"}"#, 400, "malformed_request", Some("channels")),
+        (r#"{"recipient":{},"channels":["pigeon"]}"#, 400, "malformed_request", Some("channels[0]")),
+        (r#"{"recipient":{},"priority":"urgent"}"#, 400, "malformed_request", Some("priority")),
+        (r#"{"recipient":{},"send_at":"tomorrow"}"#, 400, "malformed_request", Some("send_at")),
+        (r#"{"recipient":{},"data":[1]}"#, 400, "malformed_request", Some("data")),
+        (r#"{"recipient":{},"metadata":{"a":1}}"#, 400, "malformed_request", Some("metadata.a")),
+        (r#"{"recipient":{},"surprise":true}"#, 400, "malformed_request", Some("surprise")),
+        (r#"{"recipient":{"webhook_url":"x"}} trailing"#, 400, "malformed_request", None),
+        (r#"{"recipient":{}}"#, 422, "invalid_field", Some("channels")),
+        (
+            r#"{"recipient":{"webhook_url":"not a url"},"content":{"body":"b"}}"#,
+            422,
+            "invalid_field",
+            Some("recipient.webhook_url"),
+        ),
+        (
+            r#"{"recipient":{"webhook_url":"file:///etc/passwd"},"content":{"body":"b"}}"#,
+            422,
+            "invalid_field",
+            Some("recipient.webhook_url"),
+        ),
+        (
+            r#"{"recipient":{"email":"a@b.c"},"content":{"body":"b"}}"#,
+            422,
+            "invalid_field",
+            Some("channels[0]"),
+        ),
+        (
+            &format!(
+                r#"{{"recipient":{{"webhook_url":"{url}"}},"channels":["webhook","sms"],"content":{{"body":"b"}}}}"#
+            ),
+            422,
+            "invalid_field",
+            Some("channels[1]"),
+        ),
+        (
+            &format!(r#"{{"recipient":{{"webhook_url":"{url}"}},"channels":[],"content":{{"body":"b"}}}}"#),
+            422,
+            "invalid_field",
+            Some("channels"),
+        ),
+        (&format!(r#"{{"recipient":{{"webhook_url":"{url}"}}}}"#), 422, "invalid_field", Some("content")),
+        (
+            &format!(
+                r#"{{"recipient":{{"webhook_url":"{url}"}},"content":{{"body":"b"}},"expires_at":"2001-01-01T00:00:00Z"}}"#
+            ),
+            422,
+            "invalid_field",
+            Some("expires_at"),
+        ),
+        (
+            &format!(
+                r#"{{"recipient":{{"webhook_url":"{url}"}},"content":{{"title":"{}"}}}}"#,
+                "t".repeat(2000)
+            ),
+            422,
+            "invalid_field",
+            Some("content.title"),
+        ),
+    ] {
+        check(&stack, body, status, code, field).await;
+    }
+    // Nothing of that reached JetStream.
+    let mut intents = stack.js.get_stream("HERALD_INTENTS").await.unwrap();
+    assert_eq!(intents.info().await.unwrap().state.messages, 0);
+}
+
+#[tokio::test]
+async fn bad_idempotency_keys_and_content_types_are_refused() {
+    let stack = Stack::start().await;
+    let body = webhook_body("http://127.0.0.1:9/hook").to_string();
+    for key in ["", &"k".repeat(256), "with space", "naïve"] {
+        let resp = stack
+            .http
+            .post(format!("{}/v1/notifications", stack.base))
+            .bearer_auth(&stack.token)
+            .header("Content-Type", "application/json")
+            .header("Idempotency-Key", key.as_bytes())
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "key {key:?}");
+        let answer: Value = resp.json().await.unwrap();
+        assert_eq!(answer["field"], "Idempotency-Key", "{answer}");
+    }
+    let resp = stack
+        .http
+        .post(format!("{}/v1/notifications", stack.base))
+        .bearer_auth(&stack.token)
+        .header("Content-Type", "text/plain")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 415);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["code"], "unsupported_media_type");
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413_with_or_without_content_length() {
+    let stack = Stack::start().await; // limit: 16 KiB
+    let mut body = webhook_body("http://127.0.0.1:9/hook");
+    body["content"]["body"] = json!("x".repeat(20_000));
+    let (status, answer) = stack.post(body.clone(), None).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert_eq!(answer["code"], "payload_too_large");
+
+    // Chunked: no Content-Length, so the limit applies while reading.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        body.to_string().into_bytes().chunks(4096).map(|c| Ok(c.to_vec())).collect();
+    let resp = stack
+        .http
+        .post(format!("{}/v1/notifications", stack.base))
+        .bearer_auth(&stack.token)
+        .header("Content-Type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+}
+
+#[tokio::test]
+async fn tokens_are_checked() {
+    let stack = Stack::start().await;
+    let body = webhook_body("http://127.0.0.1:9/hook").to_string();
+    let secret = &stack.config.jwt_secret;
+    let forged = auth::mint("not-the-secret", "tests", None, auth::DEFAULT_SCOPES, Duration::from_secs(60));
+    let expired = auth::encode(
+        secret,
+        &auth::Claims {
+            sub: "tests".into(),
+            tenant: None,
+            scope: auth::SCOPE_SEND.into(),
+            exp: (chrono::Utc::now().timestamp() - 60) as u64,
+            iat: 0,
+        },
+    );
+    for (token, status, what) in [
+        (None, 401, "missing"),
+        (Some("garbage".to_owned()), 401, "malformed"),
+        (Some(forged), 401, "forged"),
+        (Some(expired), 401, "expired"),
+        (
+            Some(auth::mint(secret, "tests", None, &[auth::SCOPE_READ], Duration::from_secs(60))),
+            403,
+            "read-only",
+        ),
+    ] {
+        let (got, answer) = stack.post_raw(&body, None, token.as_deref()).await;
+        assert_eq!(got.as_u16(), status, "{what}: {answer}");
+        assert!(answer["code"].is_string() && answer["message"].is_string(), "{what}: {answer}");
+    }
+    let write_only = auth::mint(secret, "tests", None, &[auth::SCOPE_SEND], Duration::from_secs(60));
+    let resp = stack
+        .http
+        .get(format!("{}/v1/notifications/abc", stack.base))
+        .bearer_auth(write_only)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+}
+
+#[tokio::test]
+async fn notifications_are_private_to_their_tenant_and_unknown_ids_are_404() {
+    let stack = Stack::start().await;
+    let sink = Sink::ok().await;
+    let id = stack.send(webhook_body(&sink.url), None).await;
+    let (status, _) = stack.get(&id).await;
+    assert_eq!(status, StatusCode::OK);
+    let other = auth::mint(
+        &stack.config.jwt_secret,
+        "tests",
+        Some("globex"),
+        auth::DEFAULT_SCOPES,
+        Duration::from_secs(60),
+    );
+    for (path, token) in [
+        (id.clone(), other.clone()),
+        ("no-such-id".into(), stack.token.clone()),
+        ("..%2F..%2Fetc".into(), stack.token.clone()),
+    ] {
+        let resp = stack
+            .http
+            .get(format!("{}/v1/notifications/{path}", stack.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404, "{path}");
+        let answer: Value = resp.json().await.unwrap();
+        assert_eq!(answer["code"], "not_found");
+    }
+}
+
+#[tokio::test]
+async fn health_ready_metrics_docs_and_spec_are_served() {
+    let stack = Stack::start().await;
+    let sink = Sink::ok().await;
+    stack.send(webhook_body(&sink.url), Some("m-1")).await;
+    stack.send(webhook_body(&sink.url), Some("m-1")).await;
+    stack.post_raw("{", None, Some(&stack.token)).await;
+    let get = |path: &str| {
+        let url = format!("{}{path}", stack.base);
+        let http = stack.http.clone();
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("/health").await, (200, r#"{"status":"ok"}"#.to_owned()));
+    assert_eq!(get("/ready").await, (200, r#"{"status":"ready"}"#.to_owned()));
+    let (status, metrics) = get("/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        r#"herald_gateway_accepted_total{channel="webhook"} 1"#,
+        "herald_gateway_duplicates_total 1",
+        r#"herald_gateway_rejected_total{reason="malformed_request"} 1"#,
+        "herald_gateway_publish_seconds_count 2",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing {line:?} in\n{metrics}");
+    }
+    let (status, docs) = get("/docs").await;
+    assert_eq!(status, 200);
+    assert!(docs.contains("swagger"), "{docs}");
+    let (status, spec) = get("/openapi.json").await;
+    assert_eq!(status, 200);
+    let spec: Value = serde_json::from_str(&spec).unwrap();
+    assert!(spec["paths"]["/v1/notifications"]["post"].is_object());
+    let (status, unknown) = get("/v2/nothing").await;
+    assert_eq!(status, 404);
+    assert!(unknown.contains(r#""code":"not_found""#), "{unknown}");
+}
+
+#[test]
+fn committed_openapi_json_is_current() {
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json")).unwrap_or_default();
+    let generated = herald_gateway::openapi_json();
+    assert!(
+        committed == generated,
+        "openapi.json is stale: run `cargo run -- openapi` and commit the result"
+    );
+}

@@ -1,0 +1,97 @@
+//! The `herald` binary itself.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use crate::support::{eventually, http_client};
+
+const HERALD: &str = env!("CARGO_BIN_EXE_herald");
+
+#[test]
+fn token_prints_a_jwt_signed_with_the_configured_secret() {
+    let out = Command::new(HERALD)
+        .args(["token", "--tenant", "acme", "--ttl", "5m"])
+        .env("HERALD_JWT_SECRET", "cli-secret")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap();
+    let claims = herald_shared::auth::verify("cli-secret", token.trim()).unwrap();
+    assert_eq!(claims.tenant.as_deref(), Some("acme"));
+    assert!(claims.allows(herald_shared::auth::SCOPE_SEND));
+    assert!(herald_shared::auth::verify("other", token.trim()).is_err());
+}
+
+#[test]
+fn bad_configuration_is_refused_with_the_variable_named() {
+    let out = Command::new(HERALD).args(["token"]).env("HERALD_MAX_ATTEMPTS", "zero").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("HERALD_MAX_ATTEMPTS"), "{err}");
+}
+
+#[tokio::test]
+async fn up_runs_the_whole_stack_and_ctrl_c_stops_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = herald_shared::nats_server::free_port();
+    let mut child = Command::new(HERALD)
+        .args(["up", "--http-addr", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.path())
+        .env_remove("HERALD_NATS_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let banner = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let done = line.contains("ctrl-c stops everything");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        lines.join("\n")
+    });
+    let banner = tokio::time::timeout(Duration::from_secs(30), banner).await.expect("no banner").unwrap();
+    assert!(banner.contains(&format!("http://127.0.0.1:{port}/docs")), "{banner}");
+    assert!(banner.contains("curl") && banner.contains("nats --server"), "{banner}");
+
+    // The printed curl works as printed (its token included).
+    let token = banner.split("Bearer ").nth(1).unwrap().split('\'').next().unwrap().to_owned();
+    let http = http_client();
+    let resp = http
+        .post(format!("http://127.0.0.1:{port}/v1/notifications"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"recipient": {"webhook_url": "http://127.0.0.1:9/x"}, "content": {"body": "hi"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+
+    // The child nats-server is running with its store under the data dir.
+    let nats_pid = std::fs::read_dir(dir.path().join("nats")).is_ok();
+    assert!(nats_pid, "no nats store under the data dir");
+    let nats_url = banner.split("NATS:").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let nats_port: u16 = nats_url.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_ok());
+
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = eventually(Duration::from_secs(15), "herald up to exit", || {
+        let r = child.try_wait().unwrap();
+        async move { r }
+    })
+    .await;
+    assert!(exit.success(), "herald up exited with {exit}");
+    // Its nats-server child is gone too.
+    eventually(Duration::from_secs(5), "nats-server to stop", || async {
+        std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_err().then_some(())
+    })
+    .await;
+}

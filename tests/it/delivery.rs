@@ -1,0 +1,227 @@
+//! Accept → deliver → record, retries, dead letters, direct publishes.
+
+use std::time::Duration;
+
+use herald_shared::deadletter::headers as dlq;
+use poem::http::StatusCode;
+use serde_json::json;
+
+use crate::support::{Reply, Sink, Stack, header, webhook_body};
+
+#[tokio::test]
+async fn accepted_notification_is_delivered_signed_and_recorded() {
+    let mut stack = Stack::start().await;
+    let sink = Sink::ok().await;
+    let id = stack.send(webhook_body(&sink.url), Some("order-42")).await;
+
+    let got = sink.wait_for(1).await;
+    let body = &got[0].body;
+    assert_eq!(body["id"], id.as_str());
+    assert_eq!(body["channel"], "webhook");
+    assert_eq!(body["title"], "Shipped");
+    assert_eq!(body["body"], "Order 42 is on its way");
+    assert_eq!(body["data"], json!({"order": 42}));
+    assert_eq!(body["metadata"], json!({"source": "tests"}));
+    assert!(got[0].header("user-agent").is_some_and(|ua| ua.starts_with("herald/")));
+
+    let status = stack.wait_status(&id, "delivered").await;
+    assert_eq!(status["channels"][0]["channel"], "webhook");
+    assert_eq!(status["channels"][0]["attempts"], 1);
+    assert!(status["channels"][0]["delivered_at"].is_string());
+    // The correlation id travels from the gateway into the webhook.
+    assert_eq!(body["correlation_id"], status["correlation_id"]);
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn correlation_id_is_taken_from_the_request_and_echoed() {
+    let stack = Stack::start().await;
+    let sink = Sink::ok().await;
+    let resp = stack
+        .http
+        .post(format!("{}/v1/notifications", stack.base))
+        .bearer_auth(&stack.token)
+        .header("X-Correlation-Id", "checkout-7")
+        .json(&webhook_body(&sink.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_eq!(resp.headers()["x-correlation-id"], "checkout-7");
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(answer["correlation_id"], "checkout-7");
+    let got = sink.wait_for(1).await;
+    assert_eq!(got[0].body["correlation_id"], "checkout-7");
+}
+
+#[tokio::test]
+async fn same_idempotency_key_sends_once_and_answers_the_original_id() {
+    let stack = Stack::start().await;
+    let sink = Sink::ok().await;
+    let (s1, first) = stack.post(webhook_body(&sink.url), Some("key-1")).await;
+    let (s2, second) = stack.post(webhook_body(&sink.url), Some("key-1")).await;
+    assert_eq!((s1, s2), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+    assert_eq!(first["duplicate"], false);
+    assert_eq!(second["duplicate"], true);
+    assert_eq!(first["id"], second["id"]);
+
+    sink.wait_for(1).await;
+    stack.wait_status(first["id"].as_str().unwrap(), "delivered").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.received().len(), 1, "the duplicate was sent again");
+
+    // A different key is a different notification.
+    let (_, third) = stack.post(webhook_body(&sink.url), Some("key-2")).await;
+    assert_ne!(third["id"], first["id"]);
+    sink.wait_for(2).await;
+}
+
+#[tokio::test]
+async fn transient_failures_retry_then_deliver() {
+    let stack = Stack::start().await;
+    let sink = Sink::start(vec![Reply::Status(500), Reply::Status(500)], Reply::Status(200)).await;
+    let id = stack.send(webhook_body(&sink.url), None).await;
+    let status = stack.wait_status(&id, "delivered").await;
+    assert_eq!(status["channels"][0]["attempts"], 3);
+    assert!(status["channels"][0]["last_error"].as_str().unwrap().contains("500"), "{status}");
+    assert_eq!(sink.wait_for(3).await.len(), 3);
+    assert!(stack.dead_letters().await.is_empty());
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let stack = Stack::start().await;
+    let sink = Sink::start(vec![Reply::TooManyRequests(1)], Reply::Status(200)).await;
+    let id = stack.send(webhook_body(&sink.url), None).await;
+    let got = sink.wait_for(2).await;
+    let waited = got[1].at - got[0].at;
+    // The configured backoff is 50 ms; the sink asked for a second.
+    assert!(waited >= Duration::from_millis(950), "retried after {waited:?}");
+    stack.wait_status(&id, "delivered").await;
+}
+
+#[tokio::test]
+async fn permanent_failure_goes_to_the_dlq_at_once() {
+    let stack = Stack::start().await;
+    let sink = Sink::start(vec![], Reply::Status(400)).await;
+    let id = stack.send(webhook_body(&sink.url), None).await;
+    let status = stack.wait_status(&id, "dead_lettered").await;
+    assert_eq!(status["channels"][0]["attempts"], 1);
+    let dl = stack.wait_dead_letters(1).await;
+    assert_eq!(dl[0].subject.as_str(), "herald.dlq.webhook");
+    assert_eq!(header(&dl[0], dlq::REASON), "rejected");
+    assert_eq!(header(&dl[0], dlq::ERROR_CLASS), "permanent");
+    assert_eq!(header(&dl[0], dlq::ATTEMPTS), "1");
+    assert!(header(&dl[0], dlq::LAST_ERROR).contains("400"));
+    assert_eq!(header(&dl[0], dlq::ORIGINAL_SUBJECT), "herald.intent.webhook");
+    assert_eq!(header(&dl[0], dlq::ORIGINAL_SEQUENCE), "1");
+    // The original intent is kept whole.
+    let intent = herald_shared::Intent::from_message(
+        &dl[0].payload,
+        Some(&dl[0].headers),
+        herald_shared::Channel::Webhook,
+        None,
+    )
+    .unwrap();
+    assert_eq!(intent.id, id);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.received().len(), 1, "a permanent failure was retried");
+}
+
+#[tokio::test]
+async fn a_receiver_that_never_answers_is_dead_lettered_after_the_maximum_attempts() {
+    let stack = Stack::start().await;
+    let sink = Sink::start(vec![], Reply::Hang).await;
+    let id = stack.send(webhook_body(&sink.url), None).await;
+    let dl = stack.wait_dead_letters(1).await;
+    assert_eq!(header(&dl[0], dlq::REASON), "attempts_exhausted");
+    assert_eq!(header(&dl[0], dlq::ERROR_CLASS), "transient");
+    assert_eq!(header(&dl[0], dlq::ATTEMPTS), "3");
+    assert!(header(&dl[0], dlq::LAST_ERROR).contains("timed out"));
+    let status = stack.wait_status(&id, "dead_lettered").await;
+    assert_eq!(status["channels"][0]["attempts"], 3);
+    assert_eq!(sink.received().len(), 3);
+}
+
+#[tokio::test]
+async fn direct_json_publish_with_the_same_msg_id_delivers_once() {
+    let stack = Stack::start().await;
+    let sink = Sink::ok().await;
+    let intent =
+        json!({"recipient": {"webhook_url": sink.url}, "content": {"body": "from nats pub"}}).to_string();
+    assert!(!stack.publish_intent(intent.clone().into_bytes(), Some("order-43"), None).await);
+    assert!(
+        stack.publish_intent(intent.into_bytes(), Some("order-43"), None).await,
+        "second publish not a duplicate"
+    );
+    let got = sink.wait_for(1).await;
+    // Without an `id` in the body, the message id names the notification.
+    assert_eq!(got[0].body["id"], "order-43");
+    assert_eq!(got[0].body["body"], "from nats pub");
+    let status = stack.wait_status("order-43", "delivered").await;
+    assert_eq!(status["channels"][0]["attempts"], 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.received().len(), 1);
+}
+
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_and_the_worker_keeps_going() {
+    let stack = Stack::start().await;
+    let sink = Sink::ok().await;
+    let garbage: Vec<u8> = (0..200u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    stack.publish_intent(garbage.clone(), Some("poison-1"), None).await;
+    // Valid JSON, wrong shape; and the right shape with a bad URL.
+    stack.publish_intent(br#"{"recipient": 5}"#.to_vec(), None, Some("application/json")).await;
+    stack
+        .publish_intent(br#"{"id":"x1","recipient":{"webhook_url":"gopher://h"}}"#.to_vec(), None, None)
+        .await;
+    let good = json!({"id": "after-poison", "recipient": {"webhook_url": sink.url}, "content": {"body": "still here"}});
+    stack.publish_intent(good.to_string().into_bytes(), None, None).await;
+
+    let got = sink.wait_for(1).await;
+    assert_eq!(got[0].body["id"], "after-poison");
+    let dl = stack.wait_dead_letters(3).await;
+    let reasons: Vec<String> = dl.iter().map(|m| header(m, dlq::REASON)).collect();
+    assert_eq!(reasons, ["undecodable", "undecodable", "invalid"]);
+    assert_eq!(dl[0].payload.as_ref(), garbage.as_slice(), "the poison payload must be kept byte for byte");
+    assert!(header(&dl[2], dlq::LAST_ERROR).contains("recipient.webhook_url"));
+    assert_eq!(header(&dl[0], dlq::ATTEMPTS), "1");
+}
+
+#[tokio::test]
+async fn send_at_delays_delivery() {
+    let stack = Stack::start().await;
+    let sink = Sink::ok().await;
+    let at = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let mut body = webhook_body(&sink.url);
+    body["send_at"] = json!(at.to_rfc3339());
+    let (status, answer) = stack.post(body, Some("later")).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(answer["status"], "scheduled");
+    let id = answer["id"].as_str().unwrap().to_owned();
+    let (_, record) = stack.get(&id).await;
+    assert_eq!(record["status"], "scheduled");
+    let got = sink.wait_for(1).await;
+    let now = chrono::Utc::now();
+    // The server fires schedules at second granularity.
+    assert!(now >= at - chrono::Duration::seconds(1), "delivered early: {now} < {at}");
+    assert_eq!(got[0].body["id"], id.as_str());
+    stack.wait_status(&id, "delivered").await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_deliveries() {
+    let mut stack = Stack::start_with(&[(herald_shared::config::WEBHOOK_TIMEOUT, "5s")]).await;
+    let sink = Sink::start(vec![], Reply::Slow(1000)).await;
+    let id = stack.send(webhook_body(&sink.url), None).await;
+    // The request has reached the receiver, which takes a second to answer: stop now.
+    sink.wait_for(1).await;
+    let (_, during) = stack.get(&id).await;
+    assert_eq!(during["status"], "accepted", "{during}");
+    let js = stack.js.clone();
+    stack.shutdown().await;
+    // After shutdown returns, the delivery is recorded (nothing left half-done).
+    let kv = js.get_key_value(herald_shared::topology::NOTIFICATIONS_BUCKET).await.unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&kv.get(&id).await.unwrap().unwrap()).unwrap();
+    assert_eq!(record["channels"]["webhook"]["status"], "delivered");
+}

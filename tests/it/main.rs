@@ -1,0 +1,9 @@
+//! End-to-end tests of the whole system: a real nats-server per test, the real gateway and
+//! workers on ephemeral ports, and real HTTP servers standing in for webhook receivers.
+//! One test binary (modules below) so it links once.
+
+mod api;
+mod cli;
+mod delivery;
+mod outage;
+mod support;
