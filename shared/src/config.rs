@@ -36,6 +36,7 @@ pub const CHANNELS: &str = "HERALD_CHANNELS";
 pub const LOG_FORMAT: &str = "HERALD_LOG_FORMAT";
 pub const NATS_SERVER: &str = "HERALD_NATS_SERVER";
 pub const TOOLS_DIR: &str = "HERALD_TOOLS_DIR";
+pub const STREAM_REPLICAS: &str = "HERALD_STREAM_REPLICAS";
 
 pub const VARS: &[Var] = &[
     Var {
@@ -73,6 +74,11 @@ pub const VARS: &[Var] = &[
         name: DUPLICATE_WINDOW,
         default: Some("2m"),
         help: "how long an Idempotency-Key / Nats-Msg-Id is remembered by HERALD_INTENTS",
+    },
+    Var {
+        name: STREAM_REPLICAS,
+        default: Some("1"),
+        help: "replicas of every stream and bucket (3 on a 3-node cluster)",
     },
     Var {
         name: MAX_BODY_BYTES,
@@ -152,6 +158,8 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Idempotency horizon of HERALD_INTENTS.
     pub duplicate_window: Duration,
+    /// Replicas of every stream and bucket.
+    pub stream_replicas: usize,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// Bound on every JetStream call made while a client waits.
@@ -223,6 +231,12 @@ impl Config {
             webhook_secret: secret(WEBHOOK_SECRET, "webhook-secret")?,
             retry,
             duplicate_window: parse_with(DUPLICATE_WINDOW, &required(DUPLICATE_WINDOW), parse_duration)?,
+            stream_replicas: parse_with(STREAM_REPLICAS, &required(STREAM_REPLICAS), |s| {
+                match s.parse::<usize>() {
+                    Ok(n @ 1..=5) => Ok(n),
+                    _ => Err("expected 1 to 5".into()),
+                }
+            })?,
             max_body_bytes: parse_with(MAX_BODY_BYTES, &required(MAX_BODY_BYTES), |s| {
                 s.parse().map_err(|e| format!("{e}"))
             })?,

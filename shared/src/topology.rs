@@ -66,8 +66,9 @@ pub fn advisory_subjects() -> Vec<String> {
         .collect()
 }
 
-pub fn intents_stream_config(duplicate_window: Duration) -> stream::Config {
+pub fn intents_stream_config(duplicate_window: Duration, replicas: usize) -> stream::Config {
     stream::Config {
+        num_replicas: replicas,
         name: INTENTS_STREAM.into(),
         description: Some("notification intents, one message per notification and channel".into()),
         subjects: vec!["herald.intent.*".into(), "herald.schedule.*.*".into()],
@@ -83,8 +84,9 @@ pub fn intents_stream_config(duplicate_window: Duration) -> stream::Config {
     }
 }
 
-fn status_stream_config() -> stream::Config {
+fn status_stream_config(replicas: usize) -> stream::Config {
     stream::Config {
+        num_replicas: replicas,
         name: STATUS_STREAM.into(),
         description: Some("one event per delivery attempt".into()),
         subjects: vec!["herald.status.>".into()],
@@ -94,8 +96,9 @@ fn status_stream_config() -> stream::Config {
     }
 }
 
-fn dlq_stream_config() -> stream::Config {
+fn dlq_stream_config(replicas: usize) -> stream::Config {
     stream::Config {
+        num_replicas: replicas,
         name: DLQ_STREAM.into(),
         description: Some("dead letters: the original intent plus why it was parked".into()),
         subjects: vec!["herald.dlq.>".into()],
@@ -107,8 +110,9 @@ fn dlq_stream_config() -> stream::Config {
     }
 }
 
-fn advisories_stream_config() -> stream::Config {
+fn advisories_stream_config(replicas: usize) -> stream::Config {
     stream::Config {
+        num_replicas: replicas,
         name: ADVISORIES_STREAM.into(),
         description: Some("consumer advisories about HERALD_INTENTS".into()),
         subjects: advisory_subjects(),
@@ -118,8 +122,9 @@ fn advisories_stream_config() -> stream::Config {
     }
 }
 
-fn notifications_bucket_config() -> kv::Config {
+fn notifications_bucket_config(replicas: usize) -> kv::Config {
     kv::Config {
+        num_replicas: replicas,
         bucket: NOTIFICATIONS_BUCKET.into(),
         description: "notification id -> per-channel status".into(),
         history: 1,
@@ -134,7 +139,7 @@ pub fn bench_stream_config() -> stream::Config {
         name: BENCH_STREAM.into(),
         subjects: vec![BENCH_SUBJECT.into()],
         storage: StorageType::File,
-        ..intents_stream_config(Duration::from_secs(120))
+        ..intents_stream_config(Duration::from_secs(120), 1)
     }
 }
 
@@ -176,6 +181,46 @@ fn dlq_mover_config() -> pull::Config {
     }
 }
 
+/// Every stream Herald ensures, in creation order.
+pub fn stream_configs(config: &Config) -> Vec<stream::Config> {
+    let r = config.stream_replicas;
+    vec![
+        intents_stream_config(config.duplicate_window, r),
+        status_stream_config(r),
+        dlq_stream_config(r),
+        advisories_stream_config(r),
+    ]
+}
+
+/// The topology as JetStream API JSON documents (`nats stream add --config <file>`,
+/// `nats consumer add <stream> --config <file>`), for operators who provision by hand or
+/// review what Herald will create. `herald topology` writes them into `nats/jetstream/`.
+pub fn definitions(config: &Config) -> Vec<(String, serde_json::Value)> {
+    let mut out: Vec<(String, serde_json::Value)> = stream_configs(config)
+        .into_iter()
+        .map(|s| {
+            (format!("stream.{}.json", s.name), serde_json::to_value(&s).expect("stream configs serialize"))
+        })
+        .collect();
+    for &channel in &config.channels {
+        let c = channel_consumer_config(
+            channel,
+            &config.retry,
+            config.webhook_timeout,
+            config.webhook_concurrency * 2,
+        );
+        out.push((
+            format!("consumer.{INTENTS_STREAM}.{channel}.json"),
+            serde_json::to_value(&c).expect("consumer configs serialize"),
+        ));
+    }
+    out.push((
+        format!("consumer.{ADVISORIES_STREAM}.{DLQ_MOVER_CONSUMER}.json"),
+        serde_json::to_value(dlq_mover_config()).expect("consumer configs serialize"),
+    ));
+    out
+}
+
 /// Handles on the ensured topology.
 #[derive(Clone)]
 pub struct Topology {
@@ -213,16 +258,12 @@ impl Topology {
 /// Creates or updates every stream and bucket.
 pub async fn ensure(js: &jetstream::Context, config: &Config) -> anyhow::Result<Topology> {
     use anyhow::Context as _;
-    js.create_or_update_stream(intents_stream_config(config.duplicate_window))
-        .await
-        .context("ensuring stream HERALD_INTENTS")?;
-    js.create_or_update_stream(status_stream_config()).await.context("ensuring stream HERALD_STATUS")?;
-    js.create_or_update_stream(dlq_stream_config()).await.context("ensuring stream HERALD_DLQ")?;
-    js.create_or_update_stream(advisories_stream_config())
-        .await
-        .context("ensuring stream HERALD_ADVISORIES")?;
+    for stream in stream_configs(config) {
+        let name = stream.name.clone();
+        js.create_or_update_stream(stream).await.with_context(|| format!("ensuring stream {name}"))?;
+    }
     let kv = js
-        .create_or_update_key_value(notifications_bucket_config())
+        .create_or_update_key_value(notifications_bucket_config(config.stream_replicas))
         .await
         .context("ensuring bucket herald_notifications")?;
     Ok(Topology {

@@ -95,3 +95,44 @@ async fn up_runs_the_whole_stack_and_ctrl_c_stops_everything() {
     })
     .await;
 }
+
+#[test]
+fn shipped_nats_server_configurations_are_valid() {
+    let server =
+        herald_shared::nats_server::locate(&herald_shared::nats_server::Locator::from_env()).unwrap();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/nats");
+    let mut checked = 0;
+    for sub in ["", "cluster", "edge"] {
+        for entry in std::fs::read_dir(format!("{dir}/{sub}")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "conf") {
+                continue;
+            }
+            let out = Command::new(&server)
+                .args(["-t", "-c"])
+                .arg(&path)
+                .env("HUB_URL", "nats-leaf://127.0.0.1:7422")
+                .output()
+                .unwrap();
+            let text =
+                String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success() && text.contains("is valid"), "{}: {text}", path.display());
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 6);
+}
+
+#[test]
+fn committed_jetstream_definitions_are_current() {
+    let config = herald_shared::Config::from_pairs(&[]).unwrap();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("nats/jetstream");
+    let definitions = herald_shared::topology::definitions(&config);
+    let committed = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(committed, definitions.len(), "nats/jetstream has stale files: run `cargo run -- topology`");
+    for (file, definition) in definitions {
+        let text = std::fs::read_to_string(dir.join(&file)).unwrap_or_default();
+        let on_disk: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        assert_eq!(on_disk, definition, "nats/jetstream/{file} is stale: run `cargo run -- topology`");
+    }
+}
