@@ -220,23 +220,24 @@ impl Notifications {
         }
     }
 
-    /// The state of one channel of a notification, if recorded.
-    pub async fn channel_state(
-        &self,
-        id: &str,
-        channel: Channel,
-    ) -> Result<Option<ChannelState>, StateError> {
-        Ok(self.get(id).await?.and_then(|r| r.channels.get(&channel).cloned()))
+    /// Reads a notification's record with its revision, for a later [`Self::record_attempt`].
+    pub async fn snapshot(&self, id: &str) -> Result<Snapshot, StateError> {
+        Ok(match self.get_entry(id).await? {
+            Some((record, revision)) => Snapshot { record: Some(record), revision: Some(revision) },
+            None => Snapshot::default(),
+        })
     }
 
-    /// Records one attempt of `intent`: publishes its status event (awaiting the stream's ack),
-    /// then updates the record with compare-and-set, creating it if needed.
+    /// Records one attempt of `intent`: publishes its status event and, at the same time,
+    /// updates the record with compare-and-set (creating it if needed), starting from `known`
+    /// when the caller has just read it. Returns once both are stored.
     pub async fn record_attempt(
         &self,
         intent: &Intent,
         outcome: Outcome,
         attempt: u32,
         error: Option<String>,
+        known: Option<Snapshot>,
     ) -> Result<(), StateError> {
         let channel = intent.channel();
         let now = Utc::now();
@@ -250,28 +251,43 @@ impl Notifications {
             at: now,
         };
         let payload = serde_json::to_vec(&event).expect("an event always serializes");
-        self.js
-            .publish(topology::status_subject(channel, outcome), payload.into())
-            .await
-            .map_err(|e| StateError::Store(e.to_string()))?
-            .await
-            .map_err(|e| StateError::Store(e.to_string()))?;
+        let publish = async {
+            self.js
+                .publish(topology::status_subject(channel, outcome), payload.into())
+                .await
+                .map_err(|e| StateError::Store(e.to_string()))?
+                .await
+                .map_err(|e| StateError::Store(e.to_string()))
+        };
+        let update = self.update_record(intent, outcome, attempt, error, known, now);
+        let (published, updated) = tokio::join!(publish, update);
+        published?;
+        updated
+    }
 
-        // Compare-and-set: another channel's worker may be writing the same record.
+    /// Compare-and-set: another channel's worker may be writing the same record.
+    async fn update_record(
+        &self,
+        intent: &Intent,
+        outcome: Outcome,
+        attempt: u32,
+        error: Option<String>,
+        mut known: Option<Snapshot>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StateError> {
+        let channel = intent.channel();
         for _ in 0..16 {
-            let (mut record, revision) = match self.get_entry(&intent.id).await? {
-                Some((r, rev)) => (r, Some(rev)),
-                None => (
-                    NotificationRecord {
-                        id: intent.id.clone(),
-                        correlation_id: intent.correlation_id.clone(),
-                        tenant: intent.tenant.clone(),
-                        created_at: intent.created_at.unwrap_or(now),
-                        channels: BTreeMap::new(),
-                    },
-                    None,
-                ),
+            let snapshot = match known.take() {
+                Some(s) => s,
+                None => self.snapshot(&intent.id).await?,
             };
+            let mut record = snapshot.record.unwrap_or_else(|| NotificationRecord {
+                id: intent.id.clone(),
+                correlation_id: intent.correlation_id.clone(),
+                tenant: intent.tenant.clone(),
+                created_at: intent.created_at.unwrap_or(now),
+                channels: BTreeMap::new(),
+            });
             let state = record.channels.entry(channel).or_insert(ChannelState {
                 status: Status::Accepted,
                 attempts: 0,
@@ -289,7 +305,7 @@ impl Notifications {
                 state.delivered_at = Some(now);
             }
             let bytes: bytes::Bytes = serde_json::to_vec(&record).expect("a record always serializes").into();
-            let written = match revision {
+            let written = match snapshot.revision {
                 Some(rev) => self
                     .kv
                     .update(&intent.id, bytes, rev)
@@ -310,6 +326,20 @@ impl Notifications {
             }
         }
         Err(StateError::Store(format!("record {} kept changing under 16 attempts to update it", intent.id)))
+    }
+}
+
+/// A record as read, with the revision a compare-and-set must match.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub record: Option<NotificationRecord>,
+    pub revision: Option<u64>,
+}
+
+impl Snapshot {
+    /// The state of one channel, if recorded.
+    pub fn channel(&self, channel: Channel) -> Option<&ChannelState> {
+        self.record.as_ref().and_then(|r| r.channels.get(&channel))
     }
 }
 

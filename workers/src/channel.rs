@@ -26,7 +26,7 @@ use futures::StreamExt;
 use herald_shared::{
     Channel, Config, Intent,
     deadletter::{DeadLetter, ErrorClass, Reason},
-    state::{Outcome, Status},
+    state::{Outcome, Snapshot, Status},
     topology::Topology,
 };
 use tokio::sync::{Semaphore, watch};
@@ -183,24 +183,24 @@ impl<D: Deliver> ChannelWorker<D> {
             .await;
             return;
         }
-        match self.topology.notifications.channel_state(&intent.id, self.channel).await {
-            Ok(Some(state)) if state.status == Status::Delivered => {
+        let snapshot = match self.topology.notifications.snapshot(&intent.id).await {
+            Ok(s) if s.channel(self.channel).is_some_and(|c| c.status == Status::Delivered) => {
                 tracing::info!("already delivered; acknowledging the redelivery without sending");
                 self.ack(&message, AckKind::Ack).await;
                 return;
             }
-            Ok(_) => {}
+            Ok(s) => s,
             Err(e) => {
                 // Without the ledger a send could repeat one: wait for the store instead.
                 tracing::warn!(error = %e, "cannot read the delivery ledger; retrying later");
                 self.ack(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 return;
             }
-        }
+        };
         match self.deliver.deliver(&intent).await {
             Ok(()) => {
                 tracing::info!("delivered");
-                self.record(&intent, Outcome::Delivered, attempt, None).await;
+                self.record(&intent, Outcome::Delivered, attempt, None, Some(snapshot)).await;
                 self.ack(&message, AckKind::Ack).await;
             }
             Err(DeliveryError::Transient { message: error, retry_after })
@@ -210,7 +210,7 @@ impl<D: Deliver> ChannelWorker<D> {
                     .map(|d| d.min(MAX_RETRY_AFTER))
                     .unwrap_or_else(|| self.config.retry.jittered_delay_after(attempt));
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "attempt failed; will retry");
-                self.record(&intent, Outcome::Retrying, attempt, Some(error)).await;
+                self.record(&intent, Outcome::Retrying, attempt, Some(error), Some(snapshot)).await;
                 self.ack(&message, AckKind::Nak(Some(delay))).await;
             }
             Err(DeliveryError::Transient { message: error, .. }) => {
@@ -276,14 +276,24 @@ impl<D: Deliver> ChannelWorker<D> {
                 Outcome::DeadLettered,
                 attempt,
                 Some(format!("{}: {last_error}", reason.as_str())),
+                None,
             )
             .await;
         }
         self.ack(message, AckKind::Term).await;
     }
 
-    async fn record(&self, intent: &Intent, outcome: Outcome, attempt: u32, error: Option<String>) {
-        if let Err(e) = self.topology.notifications.record_attempt(intent, outcome, attempt, error).await {
+    async fn record(
+        &self,
+        intent: &Intent,
+        outcome: Outcome,
+        attempt: u32,
+        error: Option<String>,
+        known: Option<Snapshot>,
+    ) {
+        if let Err(e) =
+            self.topology.notifications.record_attempt(intent, outcome, attempt, error, known).await
+        {
             tracing::error!(error = %e, %outcome, "cannot record the attempt");
         }
     }

@@ -101,7 +101,7 @@ async fn move_one(topology: &Topology, advisory: &[u8]) -> bool {
         let error = Some(format!("{}: {}", Reason::MaxDeliveries.as_str(), letter.last_error));
         if let Err(e) = topology
             .notifications
-            .record_attempt(&intent, Outcome::DeadLettered, advisory.deliveries, error)
+            .record_attempt(&intent, Outcome::DeadLettered, advisory.deliveries, error, None)
             .await
         {
             tracing::warn!(error = %e, "cannot record the dead letter");
