@@ -136,3 +136,15 @@ fn committed_jetstream_definitions_are_current() {
         assert_eq!(on_disk, definition, "nats/jetstream/{file} is stale: run `cargo run -- topology`");
     }
 }
+
+#[test]
+fn readme_documents_every_configuration_variable() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for var in herald_shared::config::VARS {
+        assert!(
+            readme.contains(&format!("| `{}` |", var.name)),
+            "README's configuration table lacks {}",
+            var.name
+        );
+    }
+}
