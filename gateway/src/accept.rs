@@ -140,8 +140,13 @@ impl AppState {
     }
 }
 
+/// The `id` field of a stored intent, whatever its channel or version.
 fn rmp_id(payload: &[u8]) -> Option<String> {
-    Intent::from_message(payload, None, herald_shared::Channel::Webhook, None).ok().map(|i| i.id)
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: String,
+    }
+    rmp_serde::from_slice::<IdOnly>(payload).ok().map(|i| i.id).filter(|id| !id.is_empty())
 }
 
 fn unavailable() -> ApiError {

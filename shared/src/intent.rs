@@ -205,9 +205,10 @@ impl Intent {
         }
     }
 
-    /// The channel, which a validated intent always has.
+    /// The channel, which every intent built by [`Intent::new`] or returned by
+    /// [`Intent::from_message`] has.
     pub fn channel(&self) -> Channel {
-        self.channel.unwrap_or(Channel::Webhook)
+        self.channel.expect("intents are built or decoded with a channel")
     }
 
     /// MessagePack with named fields.

@@ -41,10 +41,15 @@ async fn up_runs_the_whole_stack_and_ctrl_c_stops_everything() {
         .args(["up", "--http-addr", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir.path())
         .env_remove("HERALD_NATS_URL")
+        .env("HERALD_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let logs =
+        std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>());
     let stdout = child.stdout.take().unwrap();
     let banner = tokio::task::spawn_blocking(move || {
         let mut lines = Vec::new();
@@ -89,6 +94,12 @@ async fn up_runs_the_whole_stack_and_ctrl_c_stops_everything() {
     })
     .await;
     assert!(exit.success(), "herald up exited with {exit}");
+    // Logs are JSON lines, and the line about the accepted notification carries its ids.
+    let logs = logs.join().unwrap();
+    let parsed: Vec<serde_json::Value> =
+        logs.iter().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"))).collect();
+    let accepted = parsed.iter().find(|l| l["message"] == "accepted").expect("an `accepted` log line");
+    assert!(accepted["notification_id"].is_string() && accepted["correlation_id"].is_string(), "{accepted}");
     // Its nats-server child is gone too.
     eventually(Duration::from_secs(5), "nats-server to stop", || async {
         std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_err().then_some(())

@@ -86,6 +86,42 @@ async fn transient_failures_retry_then_deliver() {
     assert!(status["channels"][0]["last_error"].as_str().unwrap().contains("500"), "{status}");
     assert_eq!(sink.wait_for(3).await.len(), 3);
     assert!(stack.dead_letters().await.is_empty());
+
+    // One status event per attempt, in order.
+    let events = stack.status_events().await;
+    let summary: Vec<(&str, u64)> =
+        events.iter().map(|(subject, e)| (subject.as_str(), e["attempt"].as_u64().unwrap())).collect();
+    assert_eq!(
+        summary,
+        [
+            ("herald.status.webhook.retrying", 1),
+            ("herald.status.webhook.retrying", 2),
+            ("herald.status.webhook.delivered", 3)
+        ]
+    );
+    for (_, e) in &events {
+        assert_eq!(e["notification_id"], id.as_str());
+        assert!(e["correlation_id"].is_string());
+    }
+    assert!(events[0].1["error"].as_str().unwrap().contains("500"));
+}
+
+#[tokio::test]
+async fn deliveries_in_flight_are_bounded() {
+    let stack = Stack::start_with(&[
+        (herald_shared::config::WEBHOOK_CONCURRENCY, "2"),
+        (herald_shared::config::WEBHOOK_TIMEOUT, "2s"),
+    ])
+    .await;
+    let sink = Sink::start(vec![], Reply::Slow(300)).await;
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(stack.send(webhook_body(&sink.url), None).await);
+    }
+    for id in &ids {
+        stack.wait_status(id, "delivered").await;
+    }
+    assert_eq!(sink.max_in_flight(), 2, "the worker must send at most 2 at once, and did reach 2");
 }
 
 #[tokio::test]

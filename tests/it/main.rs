@@ -5,5 +5,6 @@
 mod api;
 mod cli;
 mod delivery;
+mod faults;
 mod outage;
 mod support;

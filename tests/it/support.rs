@@ -182,6 +182,18 @@ impl Stack {
         .await
     }
 
+    /// Every status event so far, as (subject, event).
+    pub async fn status_events(&self) -> Vec<(String, Value)> {
+        let mut stream = self.js.get_stream(herald_shared::topology::STATUS_STREAM).await.unwrap();
+        let last = stream.info().await.unwrap().state.last_sequence;
+        let mut out = Vec::new();
+        for seq in 1..=last {
+            let m = stream.get_raw_message(seq).await.unwrap();
+            out.push((m.subject.to_string(), serde_json::from_slice(&m.payload).unwrap()));
+        }
+        out
+    }
+
     /// Publishes straight to JetStream, as a `nats pub` user would.
     pub async fn publish_intent(
         &self,
@@ -243,6 +255,9 @@ struct SinkState {
     script: Mutex<VecDeque<Reply>>,
     otherwise: Reply,
     received: Mutex<Vec<Received>>,
+    /// Requests being answered right now, and the most there ever were at once.
+    in_flight: std::sync::atomic::AtomicUsize,
+    max_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// A webhook receiver on a real HTTP server.
@@ -302,6 +317,15 @@ fn check_request(req: &Request, body: &[u8]) -> Vec<String> {
 
 #[handler]
 async fn receive(req: &Request, body: Vec<u8>, state: Data<&Arc<SinkState>>) -> Response {
+    use std::sync::atomic::Ordering::SeqCst;
+    let now = state.in_flight.fetch_add(1, SeqCst) + 1;
+    state.max_in_flight.fetch_max(now, SeqCst);
+    let response = answer(req, body, &state).await;
+    state.in_flight.fetch_sub(1, SeqCst);
+    response
+}
+
+async fn answer(req: &Request, body: Vec<u8>, state: &SinkState) -> Response {
     let problems = check_request(req, &body);
     let reply = state.script.lock().unwrap().pop_front().unwrap_or(state.otherwise);
     state.received.lock().unwrap().push(Received {
@@ -340,6 +364,8 @@ impl Sink {
             script: Mutex::new(script.into()),
             otherwise,
             received: Mutex::new(Vec::new()),
+            in_flight: Default::default(),
+            max_in_flight: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
@@ -362,6 +388,11 @@ impl Sink {
 
     pub async fn ok() -> Sink {
         Sink::start(vec![], Reply::Status(200)).await
+    }
+
+    /// The most requests the sink was ever answering at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn received(&self) -> Vec<Received> {
