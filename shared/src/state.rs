@@ -1,10 +1,16 @@
 //! What Herald knows about each notification, and the events it publishes about it.
 //!
-//! The record of a notification lives in the `herald_notifications` bucket under its id: one
-//! entry per channel with its status, attempts and last error. The gateway creates it when it
-//! accepts a request (create-only, so it never overwrites a worker's newer word); workers update
-//! it with compare-and-set on every attempt, creating it when a direct publisher skipped the
-//! gateway. Every attempt also publishes a [`StatusEvent`] to `herald.status.<channel>.<outcome>`.
+//! Two kinds of keys in the `herald_notifications` bucket:
+//!
+//! - `<id>`: written once by the gateway when it accepts a request (create-only): who sent it,
+//!   when, and which channels it was accepted for.
+//! - `<id>.<channel>`: written by that channel's worker on every attempt (a plain put: one
+//!   writer per notification and channel, so no compare-and-set and no contention between
+//!   channels): status, attempts, last error. It also carries tenant and correlation id, so a
+//!   notification published straight to JetStream, which has no `<id>` key, is still readable.
+//!
+//! [`Notifications::get`] merges them into a [`NotificationRecord`]. Every attempt also
+//! publishes a [`StatusEvent`] to `herald.status.<channel>.<outcome>`.
 
 use std::{collections::BTreeMap, fmt};
 
@@ -180,6 +186,18 @@ pub enum StateError {
     Corrupt(String, String),
 }
 
+/// A worker's key: one channel's state plus what identifies the notification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelEntry {
+    #[serde(flatten)]
+    pub state: ChannelState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
 /// Reads and writes notification records and publishes status events.
 #[derive(Clone)]
 pub struct Notifications {
@@ -204,40 +222,59 @@ impl Notifications {
         }
     }
 
+    /// The notification as the gateway accepted it, updated by every channel's latest attempt.
     pub async fn get(&self, id: &str) -> Result<Option<NotificationRecord>, StateError> {
-        Ok(self.get_entry(id).await?.map(|(record, _)| record))
+        let accepted: Option<NotificationRecord> = self.read(id).await?;
+        // Without the gateway's key (a direct publish) any channel may have an entry.
+        let channels: Vec<Channel> = match &accepted {
+            Some(r) => r.channels.keys().copied().collect(),
+            None => Channel::ALL.to_vec(),
+        };
+        let entries =
+            futures::future::try_join_all(channels.iter().map(|&c| self.channel_entry(id, c))).await?;
+        let mut record = accepted;
+        for (channel, entry) in channels.into_iter().zip(entries) {
+            let Some(entry) = entry else { continue };
+            let r = record.get_or_insert_with(|| NotificationRecord {
+                id: id.to_owned(),
+                correlation_id: entry.correlation_id.clone(),
+                tenant: entry.tenant.clone(),
+                created_at: entry.created_at,
+                channels: BTreeMap::new(),
+            });
+            r.channels.insert(channel, entry.state);
+        }
+        Ok(record)
     }
 
-    async fn get_entry(&self, id: &str) -> Result<Option<(NotificationRecord, u64)>, StateError> {
-        let entry = self.kv.entry(id).await.map_err(|e| StateError::Store(e.to_string()))?;
-        match entry {
-            Some(e) if e.operation == kv::Operation::Put => {
-                let record = serde_json::from_slice(&e.value)
-                    .map_err(|err| StateError::Corrupt(id.to_owned(), err.to_string()))?;
-                Ok(Some((record, e.revision)))
-            }
-            _ => Ok(None),
+    /// The latest attempt's entry of one channel, if any attempt was made.
+    pub async fn channel_entry(
+        &self,
+        id: &str,
+        channel: Channel,
+    ) -> Result<Option<ChannelEntry>, StateError> {
+        self.read(&channel_key(id, channel)).await
+    }
+
+    async fn read<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StateError> {
+        match self.kv.get(key).await.map_err(|e| StateError::Store(e.to_string()))? {
+            Some(value) => serde_json::from_slice(&value)
+                .map(Some)
+                .map_err(|err| StateError::Corrupt(key.to_owned(), err.to_string())),
+            None => Ok(None),
         }
     }
 
-    /// Reads a notification's record with its revision, for a later [`Self::record_attempt`].
-    pub async fn snapshot(&self, id: &str) -> Result<Snapshot, StateError> {
-        Ok(match self.get_entry(id).await? {
-            Some((record, revision)) => Snapshot { record: Some(record), revision: Some(revision) },
-            None => Snapshot::default(),
-        })
-    }
-
     /// Records one attempt of `intent`: publishes its status event and, at the same time,
-    /// updates the record with compare-and-set (creating it if needed), starting from `known`
-    /// when the caller has just read it. Returns once both are stored.
+    /// writes the channel's entry. `previous` is the entry before this attempt, if the caller
+    /// read it (it keeps the last error across a successful retry). Returns once both are stored.
     pub async fn record_attempt(
         &self,
         intent: &Intent,
         outcome: Outcome,
         attempt: u32,
         error: Option<String>,
-        known: Option<Snapshot>,
+        previous: Option<ChannelEntry>,
     ) -> Result<(), StateError> {
         let channel = intent.channel();
         let now = Utc::now();
@@ -259,88 +296,34 @@ impl Notifications {
                 .await
                 .map_err(|e| StateError::Store(e.to_string()))
         };
-        let update = self.update_record(intent, outcome, attempt, error, known, now);
-        let (published, updated) = tokio::join!(publish, update);
-        published?;
-        updated
-    }
-
-    /// Compare-and-set: another channel's worker may be writing the same record.
-    async fn update_record(
-        &self,
-        intent: &Intent,
-        outcome: Outcome,
-        attempt: u32,
-        error: Option<String>,
-        mut known: Option<Snapshot>,
-        now: DateTime<Utc>,
-    ) -> Result<(), StateError> {
-        let channel = intent.channel();
-        for _ in 0..16 {
-            let snapshot = match known.take() {
-                Some(s) => s,
-                None => self.snapshot(&intent.id).await?,
-            };
-            let mut record = snapshot.record.unwrap_or_else(|| NotificationRecord {
-                id: intent.id.clone(),
-                correlation_id: intent.correlation_id.clone(),
-                tenant: intent.tenant.clone(),
-                created_at: intent.created_at.unwrap_or(now),
-                channels: BTreeMap::new(),
-            });
-            let state = record.channels.entry(channel).or_insert(ChannelState {
-                status: Status::Accepted,
-                attempts: 0,
-                last_error: None,
+        let entry = ChannelEntry {
+            state: ChannelState {
+                status: outcome.status(),
+                attempts: attempt.max(previous.as_ref().map_or(0, |p| p.state.attempts)),
+                last_error: error.or_else(|| previous.and_then(|p| p.state.last_error)),
                 updated_at: now,
-                delivered_at: None,
-            });
-            state.status = outcome.status();
-            state.attempts = state.attempts.max(attempt);
-            state.updated_at = now;
-            if error.is_some() {
-                state.last_error = error.clone();
-            }
-            if outcome == Outcome::Delivered {
-                state.delivered_at = Some(now);
-            }
-            let bytes: bytes::Bytes = serde_json::to_vec(&record).expect("a record always serializes").into();
-            let written = match snapshot.revision {
-                Some(rev) => self
-                    .kv
-                    .update(&intent.id, bytes, rev)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string())),
-                None => self
-                    .kv
-                    .create(&intent.id, bytes)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())),
-            };
-            match written {
-                Ok(()) => return Ok(()),
-                Err((true, _)) => continue,
-                Err((false, e)) => return Err(StateError::Store(e)),
-            }
-        }
-        Err(StateError::Store(format!("record {} kept changing under 16 attempts to update it", intent.id)))
+                delivered_at: (outcome == Outcome::Delivered).then_some(now),
+            },
+            correlation_id: intent.correlation_id.clone(),
+            tenant: intent.tenant.clone(),
+            created_at: intent.created_at.unwrap_or(now),
+        };
+        let bytes = serde_json::to_vec(&entry).expect("an entry always serializes");
+        let put = async {
+            self.kv
+                .put(channel_key(&intent.id, channel), bytes.into())
+                .await
+                .map_err(|e| StateError::Store(e.to_string()))
+        };
+        let (published, written) = tokio::join!(publish, put);
+        published?;
+        written.map(|_| ())
     }
 }
 
-/// A record as read, with the revision a compare-and-set must match.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub record: Option<NotificationRecord>,
-    pub revision: Option<u64>,
-}
-
-impl Snapshot {
-    /// The state of one channel, if recorded.
-    pub fn channel(&self, channel: Channel) -> Option<&ChannelState> {
-        self.record.as_ref().and_then(|r| r.channels.get(&channel))
-    }
+/// `<id>.<channel>`.
+fn channel_key(id: &str, channel: Channel) -> String {
+    format!("{id}.{channel}")
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::{
     time::Duration,
 };
 
-use herald_shared::{config, deadletter::headers as dlq};
+use herald_shared::{config, deadletter::headers as dlq, state::Status};
 
 use crate::support::{Reply, Sink, Stack, header, webhook_body};
 
@@ -78,14 +78,14 @@ async fn a_worker_killed_on_every_attempt_still_ends_in_the_dlq() {
         herald_shared::Intent::from_message(&dl[0].payload, None, herald_shared::Channel::Webhook, None)
             .unwrap();
     assert_eq!(intent.id, id);
-    let kv = stack.js.get_key_value(herald_shared::topology::NOTIFICATIONS_BUCKET).await.unwrap();
     let record =
         crate::support::eventually(Duration::from_secs(10), "the record to say dead_lettered", || async {
-            let raw = kv.get(id).await.unwrap()?;
-            let record: serde_json::Value = serde_json::from_slice(&raw).unwrap();
-            (record["channels"]["webhook"]["status"] == "dead_lettered").then_some(record)
+            let record = stack.record(id).await?;
+            (record.overall() == Status::DeadLettered).then_some(record)
         })
         .await;
-    assert!(record["channels"]["webhook"]["last_error"].as_str().unwrap().starts_with("max_deliveries"));
+    let webhook = &record.channels[&herald_shared::Channel::Webhook];
+    assert!(webhook.last_error.as_deref().unwrap().starts_with("max_deliveries"), "{webhook:?}");
+    assert_eq!(webhook.attempts, 2);
     assert_eq!(sink.received().len(), 2, "no attempt beyond the maximum");
 }

@@ -182,6 +182,12 @@ impl Stack {
         .await
     }
 
+    /// The notification's record straight from the bucket (works with the gateway stopped).
+    pub async fn record(&self, id: &str) -> Option<herald_shared::NotificationRecord> {
+        let kv = self.js.get_key_value(herald_shared::topology::NOTIFICATIONS_BUCKET).await.unwrap();
+        herald_shared::state::Notifications::new(self.js.clone(), kv).get(id).await.unwrap()
+    }
+
     /// Every status event so far, as (subject, event).
     pub async fn status_events(&self) -> Vec<(String, Value)> {
         let mut stream = self.js.get_stream(herald_shared::topology::STATUS_STREAM).await.unwrap();

@@ -7,8 +7,8 @@
 //! 1. Decode and validate; a message that fails is parked in HERALD_DLQ (`undecodable` or
 //!    `invalid`) and terminated, never retried.
 //! 2. An intent past `expires_at` is parked as `expired`.
-//! 3. The ledger: if the notification's record says this channel was delivered, the message is
-//!    a redelivery of something already sent; it is acked without sending again.
+//! 3. The ledger: on a redelivery, if the channel's entry says delivered, the message was sent
+//!    already (the worker died or the ack was lost after the send); it is acked, not resent.
 //! 4. Deliver. Success: record, ack. Transient failure with attempts left: record, `Nak` with
 //!    the backoff (or the provider's `Retry-After`). Permanent failure, or the last attempt:
 //!    park, record, terminate.
@@ -26,7 +26,7 @@ use futures::StreamExt;
 use herald_shared::{
     Channel, Config, Intent,
     deadletter::{DeadLetter, ErrorClass, Reason},
-    state::{Outcome, Snapshot, Status},
+    state::{ChannelEntry, Outcome, Status},
     topology::Topology,
 };
 use tokio::sync::{Semaphore, watch};
@@ -56,28 +56,19 @@ impl<D: Deliver> ChannelWorker<D> {
         let this = Arc::new(self);
         tracing::info!(channel = %this.channel, concurrency, "worker started");
         'outer: while !*stop.borrow() {
-            let consumer = match this
-                .topology
-                .channel_consumer(this.channel, &this.config, concurrency * 2)
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(channel = %this.channel, error = %e, "cannot create consumer; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        _ = stop.changed() => break,
-                    }
-                }
+            let pull = async {
+                let consumer =
+                    this.topology.channel_consumer(this.channel, &this.config, concurrency * 2).await?;
+                let messages = consumer
+                    .stream()
+                    .max_messages_per_batch(concurrency)
+                    .heartbeat(Duration::from_secs(5))
+                    .expires(Duration::from_secs(30))
+                    .messages()
+                    .await?;
+                Ok::<_, async_nats::Error>(messages)
             };
-            let mut messages = match consumer
-                .stream()
-                .max_messages_per_batch(concurrency)
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
-                .messages()
-                .await
-            {
+            let mut messages = match pull.await {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(channel = %this.channel, error = %e, "cannot pull; retrying");
@@ -183,24 +174,30 @@ impl<D: Deliver> ChannelWorker<D> {
             .await;
             return;
         }
-        let snapshot = match self.topology.notifications.snapshot(&intent.id).await {
-            Ok(s) if s.channel(self.channel).is_some_and(|c| c.status == Status::Delivered) => {
-                tracing::info!("already delivered; acknowledging the redelivery without sending");
-                self.ack(&message, AckKind::Ack).await;
-                return;
+        // The ledger. Only a message delivered before can have been sent before (a crash after
+        // the send, a lost ack), so the first delivery skips the read.
+        let previous = if attempt > 1 {
+            match self.topology.notifications.channel_entry(&intent.id, self.channel).await {
+                Ok(Some(entry)) if entry.state.status == Status::Delivered => {
+                    tracing::info!("already delivered; acknowledging the redelivery without sending");
+                    self.ack(&message, AckKind::Ack).await;
+                    return;
+                }
+                Ok(entry) => entry,
+                Err(e) => {
+                    // Without the ledger a send could repeat one: wait for the store instead.
+                    tracing::warn!(error = %e, "cannot read the delivery ledger; retrying later");
+                    self.ack(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    return;
+                }
             }
-            Ok(s) => s,
-            Err(e) => {
-                // Without the ledger a send could repeat one: wait for the store instead.
-                tracing::warn!(error = %e, "cannot read the delivery ledger; retrying later");
-                self.ack(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                return;
-            }
+        } else {
+            None
         };
         match self.deliver.deliver(&intent).await {
             Ok(()) => {
                 tracing::info!("delivered");
-                self.record(&intent, Outcome::Delivered, attempt, None, Some(snapshot)).await;
+                self.record(&intent, Outcome::Delivered, attempt, None, previous).await;
                 self.ack(&message, AckKind::Ack).await;
             }
             Err(DeliveryError::Transient { message: error, retry_after })
@@ -210,7 +207,7 @@ impl<D: Deliver> ChannelWorker<D> {
                     .map(|d| d.min(MAX_RETRY_AFTER))
                     .unwrap_or_else(|| self.config.retry.jittered_delay_after(attempt));
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "attempt failed; will retry");
-                self.record(&intent, Outcome::Retrying, attempt, Some(error), Some(snapshot)).await;
+                self.record(&intent, Outcome::Retrying, attempt, Some(error), previous).await;
                 self.ack(&message, AckKind::Nak(Some(delay))).await;
             }
             Err(DeliveryError::Transient { message: error, .. }) => {
@@ -289,10 +286,10 @@ impl<D: Deliver> ChannelWorker<D> {
         outcome: Outcome,
         attempt: u32,
         error: Option<String>,
-        known: Option<Snapshot>,
+        previous: Option<ChannelEntry>,
     ) {
         if let Err(e) =
-            self.topology.notifications.record_attempt(intent, outcome, attempt, error, known).await
+            self.topology.notifications.record_attempt(intent, outcome, attempt, error, previous).await
         {
             tracing::error!(error = %e, %outcome, "cannot record the attempt");
         }
