@@ -95,6 +95,9 @@ enum Command {
         /// Messages for the raw JetStream publish measurement.
         #[arg(long, default_value_t = 100_000)]
         raw_messages: usize,
+        /// Private stack: run only the gateway (no worker competing for the CPU; no end to end).
+        #[arg(long)]
+        gateway_only: bool,
     },
 }
 
@@ -152,7 +155,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::Bench { url, connections, duration, rate, raw_messages } => {
+            Command::Bench { url, connections, duration, rate, raw_messages, gateway_only } => {
                 let options = herald_gateway::bench::BenchOptions {
                     nats_url: url.as_ref().and_then(|_| config.nats_urls.first().cloned()),
                     url,
@@ -161,6 +164,7 @@ fn main() -> anyhow::Result<()> {
                     rate,
                     raw_messages,
                     herald_exe: std::env::current_exe()?,
+                    gateway_only,
                 };
                 let report = herald_gateway::bench::run(options, &config).await?;
                 println!("{report}");

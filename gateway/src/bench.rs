@@ -85,6 +85,9 @@ pub struct BenchOptions {
     pub raw_messages: usize,
     /// The herald binary, used to spawn `herald up` for the private stack.
     pub herald_exe: PathBuf,
+    /// Private stack only: run `herald gateway` instead of `herald up`, so the gateway has the
+    /// machine to itself (no worker delivering at the same time); end to end is not measured.
+    pub gateway_only: bool,
 }
 
 /// Everything one run measured. [`fmt::Display`] prints it for people.
@@ -100,7 +103,8 @@ pub struct BenchReport {
     /// The raw JetStream publish rate (None when skipped).
     pub raw: Option<RawPublish>,
     pub accept: AcceptStats,
-    pub delivery: Delivery,
+    /// None with `gateway_only`.
+    pub delivery: Option<Delivery>,
     /// Memory of the private `herald up` (None for a given gateway, or if it could not be read).
     pub memory: Option<Memory>,
 }
@@ -221,7 +225,7 @@ pub async fn run(options: BenchOptions, config: &Config) -> anyhow::Result<Bench
 
     let stack = match &options.url {
         Some(_) => None,
-        None => Some(PrivateStack::start(config, &options.herald_exe).await?),
+        None => Some(PrivateStack::start(config, &options.herald_exe, options.gateway_only).await?),
     };
     let (base_url, nats_url, target) = match (&stack, &options.url) {
         (Some(stack), _) => (
@@ -261,7 +265,11 @@ pub async fn run(options: BenchOptions, config: &Config) -> anyhow::Result<Bench
     };
     let started = Instant::now();
     let accept = accept_phase(&plan).await?;
-    let delivery = await_delivery(&sink, accept.accepted, started, DELIVERY_TIMEOUT).await;
+    let delivery = if options.gateway_only {
+        None
+    } else {
+        Some(await_delivery(&sink, accept.accepted, started, DELIVERY_TIMEOUT).await)
+    };
 
     let memory = stack.as_ref().and_then(|stack| match stack.memory() {
         Ok(m) => Some(m),
@@ -323,7 +331,7 @@ struct PrivateStack {
 }
 
 impl PrivateStack {
-    async fn start(config: &Config, herald_exe: &Path) -> anyhow::Result<PrivateStack> {
+    async fn start(config: &Config, herald_exe: &Path, gateway_only: bool) -> anyhow::Result<PrivateStack> {
         let locator = Locator::from_config(config);
         // Finding (possibly provisioning) and starting the server blocks; keep it off the runtime.
         let nats = tokio::task::spawn_blocking(move || NatsServer::start(&locator, ServerOptions::default()))
@@ -343,7 +351,7 @@ impl PrivateStack {
         let log_err = log.try_clone().context("duplicating the log file handle")?;
         let spawned_at = Instant::now();
         let child = Command::new(herald_exe)
-            .arg("up")
+            .arg(if gateway_only { "gateway" } else { "up" })
             .env(herald_shared::config::NATS_URL, nats.url())
             .env(herald_shared::config::HTTP_ADDR, &http_addr)
             .env(herald_shared::config::DATA_DIR, dir.path().join("data"))
@@ -920,10 +928,11 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.target {
             Target::PrivateStack { ready_in } => {
-                writeln!(
-                    f,
-                    "herald bench: private stack (herald up = gateway + webhook worker, local nats-server)"
-                )?;
+                let what = match self.delivery {
+                    Some(_) => "herald up = gateway + webhook worker",
+                    None => "herald gateway only",
+                };
+                writeln!(f, "herald bench: private stack ({what}, local nats-server)")?;
                 writeln!(f, "  stack ready in     {} ms", ready_in.as_millis())?;
             }
             Target::External { url } => writeln!(f, "herald bench: gateway at {url}")?,
@@ -987,7 +996,10 @@ impl fmt::Display for BenchReport {
             }
         }
 
-        let d = &self.delivery;
+        let Some(d) = &self.delivery else {
+            writeln!(f, "  end to end         not measured (gateway only)")?;
+            return self.fmt_memory(f);
+        };
         match d.per_second() {
             _ if d.expected == 0 => writeln!(f, "  end to end         nothing was accepted")?,
             Some(rate) => writeln!(
@@ -1008,10 +1020,18 @@ impl fmt::Display for BenchReport {
         if d.posts > d.delivered {
             writeln!(f, "  redeliveries       {}", d.posts - d.delivered)?;
         }
+        self.fmt_memory(f)
+    }
+}
+
+impl BenchReport {
+    fn fmt_memory(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(m) = &self.memory {
+            let what =
+                if self.delivery.is_some() { "herald up: gateway and worker" } else { "herald gateway" };
             writeln!(
                 f,
-                "  memory (herald up) peak {:.1} MB (VmHWM), now {:.1} MB (VmRSS); gateway and worker together",
+                "  memory             peak {:.1} MB (VmHWM), now {:.1} MB (VmRSS) of {what}",
                 mib(m.peak_kib),
                 mib(m.current_kib)
             )?;
@@ -1081,13 +1101,13 @@ mod tests {
                 elapsed: Duration::from_secs(10),
                 latency_us,
             },
-            delivery: Delivery {
+            delivery: Some(Delivery {
                 expected: 300_000,
                 delivered: 300_000,
                 posts: 300_000,
                 span: Some(Duration::from_secs(15)),
                 complete: true,
-            },
+            }),
             memory: Some(Memory { peak_kib: 40 * 1024, current_kib: 30 * 1024 }),
         };
         let text = report.to_string();
