@@ -11,6 +11,7 @@ use poem_openapi::{ApiResponse, Object, payload::Json};
 
 /// The body of every error answer.
 #[derive(Debug, Clone, Object, serde::Deserialize, PartialEq)]
+#[oai(rename = "Error")]
 pub struct ErrorBody {
     /// Stable machine-readable code, e.g. `invalid_field`, `unauthorized`.
     pub code: String,
@@ -42,6 +43,9 @@ pub enum ErrorResponse {
     /// The body is larger than `HERALD_MAX_BODY_BYTES`.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
+    /// The body is not `application/json` (raised before the handler runs; listed for clients).
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
     /// Well-formed, but a value cannot be used (unsupported channel, bad URL, past expiry).
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),

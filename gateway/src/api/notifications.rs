@@ -31,7 +31,7 @@ pub struct NotificationsApi;
 
 /// A delivery channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Deserialize)]
-#[oai(rename_all = "lowercase")]
+#[oai(rename = "Channel", rename_all = "lowercase")]
 #[serde(rename_all = "lowercase")]
 pub enum ApiChannel {
     Email,
@@ -67,7 +67,7 @@ impl From<Channel> for ApiChannel {
 
 /// How urgent a notification is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Deserialize)]
-#[oai(rename_all = "lowercase")]
+#[oai(rename = "Priority", rename_all = "lowercase")]
 #[serde(rename_all = "lowercase")]
 pub enum ApiPriority {
     Low,
@@ -132,7 +132,7 @@ pub struct NotificationRequest {
 
 /// Where a notification stands overall or on one channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
-#[oai(rename_all = "snake_case")]
+#[oai(rename = "Status", rename_all = "snake_case")]
 pub enum ApiStatus {
     Accepted,
     Scheduled,
@@ -155,6 +155,7 @@ impl From<Status> for ApiStatus {
 
 /// The answer to an accepted request.
 #[derive(Debug, Object)]
+#[oai(rename = "Accepted")]
 pub struct AcceptedBody {
     /// Notification id, for `GET /v1/notifications/{id}`.
     id: String,
@@ -170,6 +171,7 @@ pub struct AcceptedBody {
 
 /// One channel of a notification.
 #[derive(Debug, Object)]
+#[oai(rename = "ChannelStatus")]
 pub struct ChannelStatusBody {
     channel: ApiChannel,
     status: ApiStatus,
@@ -182,6 +184,7 @@ pub struct ChannelStatusBody {
 
 /// A notification and where it stands.
 #[derive(Debug, Object)]
+#[oai(rename = "Notification")]
 pub struct NotificationBody {
     id: String,
     /// Overall: `delivered` once every channel is, `dead_lettered` if any channel is.

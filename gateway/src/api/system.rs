@@ -14,6 +14,7 @@ use crate::AppState;
 pub struct SystemApi;
 
 #[derive(Object)]
+#[oai(rename = "Health")]
 struct HealthBody {
     /// `ok`, `ready` or why not.
     status: String,
