@@ -13,7 +13,7 @@ use std::time::Instant;
 use async_nats::{
     connection::State,
     header::{NATS_MESSAGE_ID, NATS_SCHEDULE, NATS_SCHEDULE_TARGET},
-    jetstream::publish::PublishAck,
+    jetstream::{publish::PublishAck, stream::DirectGetErrorKind},
 };
 use chrono::{SecondsFormat, Utc};
 use herald_shared::{
@@ -46,7 +46,8 @@ impl AppState {
         }
         let started = Instant::now();
         let key = key.map(str::to_owned).unwrap_or_else(|| intents[0].id.clone());
-        let msg_id = |intent: &Intent| format!("{tenant}:{key}:{}", intent.channel());
+        // The tenant's length keeps ids apart when a tenant or key contains ':'.
+        let msg_id = |intent: &Intent| format!("{}:{tenant}:{key}:{}", tenant.len(), intent.channel());
 
         let first = self.publish(&intents[0], msg_id(&intents[0])).await?;
         let duplicate = first.duplicate;
@@ -132,10 +133,13 @@ impl AppState {
                     ApiError::Conflict("this Idempotency-Key was used by a message Herald cannot read".into())
                 })
             }
-            Ok(Err(_)) => Err(ApiError::Conflict(
-                "this Idempotency-Key was already used, and its notification is no longer stored".into(),
+            // A scheduled intent's stored message is removed when it fires, and old ones age out.
+            Ok(Err(e)) if e.kind() == DirectGetErrorKind::NotFound => Err(ApiError::Conflict(
+                "this Idempotency-Key was already used, by a notification whose intent is no longer stored \
+                 (already fired or expired)"
+                    .into(),
             )),
-            Err(_) => Err(unavailable()),
+            Ok(Err(_)) | Err(_) => Err(unavailable()),
         }
     }
 }

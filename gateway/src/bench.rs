@@ -357,6 +357,8 @@ impl PrivateStack {
             .env(herald_shared::config::DATA_DIR, dir.path().join("data"))
             .env(herald_shared::config::JWT_SECRET, &config.jwt_secret)
             .env(herald_shared::config::WEBHOOK_SECRET, &config.webhook_secret)
+            // The sink listens on 127.0.0.1.
+            .env(herald_shared::config::WEBHOOK_ALLOW_PRIVATE, "true")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log)

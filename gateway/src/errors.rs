@@ -49,8 +49,8 @@ pub enum ErrorResponse {
     /// Well-formed, but a value cannot be used (unsupported channel, bad URL, past expiry).
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
-    /// NATS is unreachable or too slow; nothing was accepted. Retry with the same
-    /// `Idempotency-Key`.
+    /// NATS is unreachable or too slow. The notification may or may not have been stored:
+    /// retry with the same `Idempotency-Key`, which makes the retry safe.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
 }

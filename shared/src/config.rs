@@ -32,6 +32,7 @@ pub const MAX_BODY_BYTES: &str = "HERALD_MAX_BODY_BYTES";
 pub const NATS_TIMEOUT: &str = "HERALD_NATS_TIMEOUT";
 pub const WEBHOOK_TIMEOUT: &str = "HERALD_WEBHOOK_TIMEOUT";
 pub const WEBHOOK_CONCURRENCY: &str = "HERALD_WEBHOOK_CONCURRENCY";
+pub const WEBHOOK_ALLOW_PRIVATE: &str = "HERALD_WEBHOOK_ALLOW_PRIVATE";
 pub const CHANNELS: &str = "HERALD_CHANNELS";
 pub const LOG_FORMAT: &str = "HERALD_LOG_FORMAT";
 pub const NATS_SERVER: &str = "HERALD_NATS_SERVER";
@@ -96,6 +97,11 @@ pub const VARS: &[Var] = &[
         default: Some("64"),
         help: "webhook deliveries in flight per worker process",
     },
+    Var {
+        name: WEBHOOK_ALLOW_PRIVATE,
+        default: Some("false"),
+        help: "`true` lets webhooks reach loopback, private and link-local addresses (development)",
+    },
     Var { name: CHANNELS, default: Some("webhook"), help: "channels `herald worker` and `herald up` run" },
     Var { name: LOG_FORMAT, default: Some("text"), help: "`text` (human-readable) or `json`" },
     Var {
@@ -109,6 +115,9 @@ pub const VARS: &[Var] = &[
         help: "where a provisioned nats-server is kept; unset: ~/.cache/herald",
     },
 ];
+
+/// The largest `HERALD_MAX_BODY_BYTES` allowed.
+pub const MAX_BODY_LIMIT: usize = crate::intent::MAX_INTENT_BYTES / 2;
 
 /// How a channel retries transient failures.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,6 +177,9 @@ pub struct Config {
     pub webhook_timeout: Duration,
     /// Webhook sends in flight per process.
     pub webhook_concurrency: usize,
+    /// Whether webhooks may reach loopback, private and link-local addresses. Off by default:
+    /// webhook URLs come from API callers, and the receiver's answer shows in `last_error`.
+    pub webhook_allow_private: bool,
     /// Channels this process's workers serve.
     pub channels: Vec<Channel>,
     /// Log output format.
@@ -238,7 +250,11 @@ impl Config {
                 }
             })?,
             max_body_bytes: parse_with(MAX_BODY_BYTES, &required(MAX_BODY_BYTES), |s| {
-                s.parse().map_err(|e| format!("{e}"))
+                match s.parse::<usize>() {
+                    // Half the intent limit: an accepted body always makes an intent workers take.
+                    Ok(n @ 1024..=MAX_BODY_LIMIT) => Ok(n),
+                    _ => Err(format!("expected 1024 to {MAX_BODY_LIMIT} bytes")),
+                }
             })?,
             nats_timeout: parse_with(NATS_TIMEOUT, &required(NATS_TIMEOUT), parse_duration)?,
             webhook_timeout: parse_with(WEBHOOK_TIMEOUT, &required(WEBHOOK_TIMEOUT), parse_duration)?,
@@ -248,6 +264,15 @@ impl Config {
                     _ => Err("expected a whole number of at least 1".into()),
                 }
             })?,
+            webhook_allow_private: parse_with(
+                WEBHOOK_ALLOW_PRIVATE,
+                &required(WEBHOOK_ALLOW_PRIVATE),
+                |s| match s {
+                    "true" => Ok(true),
+                    "false" => Ok(false),
+                    _ => Err("expected `true` or `false`".into()),
+                },
+            )?,
             channels: parse_with(CHANNELS, &required(CHANNELS), |s| {
                 s.split(',').map(|c| c.trim().parse::<Channel>()).collect::<Result<Vec<_>, _>>()
             })?,
@@ -338,6 +363,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_variable_has_an_entry_in_the_table() {
+        let source = include_str!("config.rs");
+        for line in source.lines().filter(|l| l.starts_with("pub const ") && l.contains("\"HERALD_")) {
+            let name = line.split('"').nth(1).unwrap();
+            assert!(VARS.iter().any(|v| v.name == name), "{name} is missing from VARS");
+        }
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let c = Config::from_pairs(&[]).unwrap();
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");
@@ -377,6 +411,8 @@ mod tests {
             (CHANNELS, "webhook,pigeon"),
             (LOG_FORMAT, "xml"),
             (WEBHOOK_CONCURRENCY, "-1"),
+            (MAX_BODY_BYTES, "10000000"),
+            (WEBHOOK_ALLOW_PRIVATE, "yes"),
         ] {
             let err = Config::from_pairs(&[(name, value)]).unwrap_err();
             assert_eq!(err.name, name, "{err}");

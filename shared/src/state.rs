@@ -186,11 +186,26 @@ pub enum StateError {
     Corrupt(String, String),
 }
 
+/// One attempt, as recorded.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub outcome: Outcome,
+    /// 1-based attempt number (the message's delivery count).
+    pub number: u32,
+    /// HERALD_INTENTS sequence of the message.
+    pub sequence: u64,
+    pub error: Option<String>,
+}
+
 /// A worker's key: one channel's state plus what identifies the notification.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChannelEntry {
     #[serde(flatten)]
     pub state: ChannelState,
+    /// HERALD_INTENTS sequence of the message the latest attempt handled: tells a redelivery of
+    /// a dead-lettered message (terminate it) from a new message for the same notification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -271,11 +286,10 @@ impl Notifications {
     pub async fn record_attempt(
         &self,
         intent: &Intent,
-        outcome: Outcome,
-        attempt: u32,
-        error: Option<String>,
+        attempt: Attempt,
         previous: Option<ChannelEntry>,
     ) -> Result<(), StateError> {
+        let Attempt { outcome, number: attempt, sequence, error } = attempt;
         let channel = intent.channel();
         let now = Utc::now();
         let event = StatusEvent {
@@ -304,6 +318,7 @@ impl Notifications {
                 updated_at: now,
                 delivered_at: (outcome == Outcome::Delivered).then_some(now),
             },
+            sequence: Some(sequence),
             correlation_id: intent.correlation_id.clone(),
             tenant: intent.tenant.clone(),
             created_at: intent.created_at.unwrap_or(now),

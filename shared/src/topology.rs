@@ -31,6 +31,11 @@ pub const BENCH_STREAM: &str = "HERALD_BENCH";
 pub const BENCH_SUBJECT: &str = "herald.bench";
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
+/// How long HERALD_INTENTS keeps a message (a pending schedule included).
+pub const INTENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The furthest `send_at` the gateway accepts: a day short of [`INTENTS_MAX_AGE`], so a
+/// schedule always fires before the stream would drop it.
+pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(6 * 24 * 3600);
 
 /// `herald.intent.<channel>`: where intents are published.
 pub fn intent_subject(channel: Channel) -> String {
@@ -76,7 +81,7 @@ pub fn intents_stream_config(duplicate_window: Duration, replicas: usize) -> str
         // the duplicate window to hold (see NATS-NOTES).
         retention: RetentionPolicy::Limits,
         storage: StorageType::File,
-        max_age: 7 * DAY,
+        max_age: INTENTS_MAX_AGE,
         duplicate_window,
         allow_direct: true,
         allow_message_schedules: true,
@@ -105,6 +110,9 @@ fn dlq_stream_config(replicas: usize) -> stream::Config {
         storage: StorageType::File,
         // Kept until an operator replays or discards them.
         discard: DiscardPolicy::Old,
+        // Long enough that a worker and the advisory mover parking the same message, even
+        // minutes apart, store it once (dead letters are few, so the ids cost little).
+        duplicate_window: Duration::from_secs(3600),
         allow_direct: true,
         ..Default::default()
     }
@@ -146,16 +154,20 @@ pub fn bench_stream_config() -> stream::Config {
 /// The durable pull consumer of one channel.
 ///
 /// `max_deliver` is the retry policy's attempt count. The `backoff` list only matters when a
-/// worker dies holding a message (ack-wait expiry); each step is at least twice `send_timeout`
-/// plus a second, so a slow but live attempt (send, then record) is never redelivered
-/// underneath itself. Transient failures are retried with `Nak(delay)` by the worker.
+/// worker dies holding a message (ack-wait expiry). Each step is at least twice the longest a
+/// live worker can hold a message — one whole handling (ledger read, send, record, each bounded
+/// by `nats_timeout` or `send_timeout`) — plus a second: a message can also wait in the pull
+/// buffer for one handling before its own starts, and must not be redelivered underneath a
+/// live worker. Transient failures are retried with `Nak(delay)` by the worker.
 pub fn channel_consumer_config(
     channel: Channel,
     retry: &RetryPolicy,
     send_timeout: Duration,
+    nats_timeout: Duration,
     max_ack_pending: usize,
 ) -> pull::Config {
-    let floor = send_timeout * 2 + Duration::from_secs(1);
+    let handling = send_timeout + nats_timeout * 3;
+    let floor = handling * 2 + Duration::from_secs(1);
     let backoff = retry.backoff.iter().take(retry.max_attempts as usize).map(|d| (*d).max(floor)).collect();
     pull::Config {
         durable_name: Some(channel.to_string()),
@@ -181,6 +193,18 @@ fn dlq_mover_config() -> pull::Config {
     }
 }
 
+/// The consumer of `channel` as `config` wants it. The worker keeps at most
+/// `webhook_concurrency` messages in flight and as many in its pull buffer.
+pub fn channel_consumer(channel: Channel, config: &Config) -> pull::Config {
+    channel_consumer_config(
+        channel,
+        &config.retry,
+        config.webhook_timeout,
+        config.nats_timeout,
+        config.webhook_concurrency * 2,
+    )
+}
+
 /// Every stream Herald ensures, in creation order.
 pub fn stream_configs(config: &Config) -> Vec<stream::Config> {
     let r = config.stream_replicas;
@@ -203,12 +227,7 @@ pub fn definitions(config: &Config) -> Vec<(String, serde_json::Value)> {
         })
         .collect();
     for &channel in &config.channels {
-        let c = channel_consumer_config(
-            channel,
-            &config.retry,
-            config.webhook_timeout,
-            config.webhook_concurrency * 2,
-        );
+        let c = channel_consumer(channel, config);
         out.push((
             format!("consumer.{INTENTS_STREAM}.{channel}.json"),
             serde_json::to_value(&c).expect("consumer configs serialize"),
@@ -237,16 +256,8 @@ impl Topology {
         &self,
         channel: Channel,
         config: &Config,
-        max_ack_pending: usize,
     ) -> Result<PullConsumer, jetstream::stream::ConsumerError> {
-        self.intents
-            .create_consumer(channel_consumer_config(
-                channel,
-                &config.retry,
-                config.webhook_timeout,
-                max_ack_pending,
-            ))
-            .await
+        self.intents.create_consumer(channel_consumer(channel, config)).await
     }
 
     /// The durable consumer of max-delivery advisories.

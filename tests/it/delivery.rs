@@ -74,6 +74,17 @@ async fn same_idempotency_key_sends_once_and_answers_the_original_id() {
     let (_, third) = stack.post(webhook_body(&sink.url), Some("key-2")).await;
     assert_ne!(third["id"], first["id"]);
     sink.wait_for(2).await;
+
+    // Keys belong to tenants, even when a tenant name and a key could be spliced together.
+    let secret = &stack.config.jwt_secret;
+    let scopes = herald_shared::auth::DEFAULT_SCOPES;
+    let a = herald_shared::auth::mint(secret, "svc:a", None, scopes, Duration::from_secs(60));
+    let b = herald_shared::auth::mint(secret, "svc", None, scopes, Duration::from_secs(60));
+    let body = webhook_body(&sink.url).to_string();
+    let (_, from_a) = stack.post_raw(&body, Some("x"), Some(&a)).await;
+    let (_, from_b) = stack.post_raw(&body, Some("a:x"), Some(&b)).await;
+    assert_eq!((&from_a["duplicate"], &from_b["duplicate"]), (&json!(false), &json!(false)));
+    assert_ne!(from_a["id"], from_b["id"]);
 }
 
 #[tokio::test]
@@ -258,4 +269,64 @@ async fn graceful_shutdown_finishes_in_flight_deliveries() {
     // After shutdown returns, the delivery is recorded (nothing left half-done).
     let record = stack.record(&id).await.unwrap();
     assert_eq!(record.overall(), herald_shared::state::Status::Delivered);
+}
+
+#[tokio::test]
+async fn private_addresses_are_refused_unless_allowed() {
+    let stack = Stack::start_with(&[(herald_shared::config::WEBHOOK_ALLOW_PRIVATE, "false")]).await;
+    let sink = Sink::ok().await;
+    let by_name = sink.url.replace("127.0.0.1", "localhost");
+    let by_address = stack.send(webhook_body(&sink.url), None).await;
+    let by_name = stack.send(webhook_body(&by_name), None).await;
+    let dl = stack.wait_dead_letters(2).await;
+    for m in &dl {
+        assert_eq!(header(m, dlq::REASON), "rejected");
+        assert!(header(m, dlq::LAST_ERROR).contains("private"), "{}", header(m, dlq::LAST_ERROR));
+    }
+    for id in [by_address, by_name] {
+        let status = stack.wait_status(&id, "dead_lettered").await;
+        assert_eq!(status["channels"][0]["attempts"], 1, "refused at once, not retried");
+    }
+    assert!(sink.received().is_empty(), "nothing may reach a private address");
+}
+
+#[tokio::test]
+async fn a_delivered_notification_is_not_sent_again_by_a_later_message() {
+    let stack = Stack::start().await;
+    let sink = Sink::ok().await;
+    let intent = json!({"id": "once", "recipient": {"webhook_url": sink.url}, "content": {"body": "b"}});
+    stack.publish_intent(intent.to_string().into_bytes(), Some("once-a"), None).await;
+    stack.wait_status("once", "delivered").await;
+    // The same notification again under another message id (past the duplicate window, say).
+    stack.publish_intent(intent.to_string().into_bytes(), Some("once-b"), None).await;
+    let done = herald_shared::topology::INTENTS_STREAM;
+    crate::support::eventually(Duration::from_secs(10), "the second message to be acknowledged", || async {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stack.js.get_consumer_from_stream("webhook", done).await.ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.ack_floor.stream_sequence >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(sink.received().len(), 1);
+}
+
+#[tokio::test]
+async fn a_recreated_consumer_replays_the_stream_without_sending_again() {
+    let stack = Stack::start().await;
+    let sink = Sink::ok().await;
+    let first = stack.send(webhook_body(&sink.url), None).await;
+    let second = stack.send(webhook_body(&sink.url), None).await;
+    stack.wait_status(&first, "delivered").await;
+    stack.wait_status(&second, "delivered").await;
+    // An operator deletes the consumer; the worker recreates it, from the stream's start.
+    let intents = stack.js.get_stream(herald_shared::topology::INTENTS_STREAM).await.unwrap();
+    intents.delete_consumer("webhook").await.unwrap();
+    crate::support::eventually(Duration::from_secs(15), "the consumer to be back and caught up", || async {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            intents.get_consumer("webhook").await.ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.ack_floor.stream_sequence >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(sink.received().len(), 2, "replayed messages were sent again");
 }

@@ -20,6 +20,7 @@ impl WorkerProcess {
             .arg("worker")
             .env(config::NATS_URL, stack.nats.url())
             .env(config::WEBHOOK_SECRET, crate::support::WEBHOOK_SECRET)
+            .env(config::WEBHOOK_ALLOW_PRIVATE, "true")
             .env(config::JWT_SECRET, "unused")
             .env(config::MAX_ATTEMPTS, "2")
             .env(config::RETRY_BACKOFF, "50ms")

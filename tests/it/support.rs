@@ -75,6 +75,8 @@ impl Stack {
             (config::NATS_TIMEOUT, "1s"),
             (config::MAX_BODY_BYTES, "16384"),
             (config::WEBHOOK_SECRET, WEBHOOK_SECRET),
+            // The test receivers listen on 127.0.0.1.
+            (config::WEBHOOK_ALLOW_PRIVATE, "true"),
         ];
         all.retain(|(k, _)| !pairs.iter().any(|(p, _)| p == k));
         all.extend_from_slice(pairs);

@@ -6,14 +6,16 @@
 //!
 //! 1. Decode and validate; a message that fails is parked in HERALD_DLQ (`undecodable` or
 //!    `invalid`) and terminated, never retried.
-//! 2. An intent past `expires_at` is parked as `expired`.
-//! 3. The ledger: on a redelivery, if the channel's entry says delivered, the message was sent
-//!    already (the worker died or the ack was lost after the send); it is acked, not resent.
+//! 2. The ledger: if the channel's entry says delivered, the message was sent already (the
+//!    worker died or the ack was lost after the send, or the consumer was recreated); it is
+//!    acked, not resent. If it says this very message was dead-lettered, it is terminated.
+//! 3. An intent past `expires_at` is parked as `expired`.
 //! 4. Deliver. Success: record, ack. Transient failure with attempts left: record, `Nak` with
 //!    the backoff (or the provider's `Retry-After`). Permanent failure, or the last attempt:
 //!    park, record, terminate.
 //!
-//! If parking fails (NATS is down), the message is `Nak`ed, not terminated, so nothing is lost.
+//! If the ledger cannot be read or parking fails (NATS is down), the message is `Nak`ed on the
+//! retry backoff, not terminated, so nothing is lost.
 
 use std::{sync::Arc, time::Duration};
 
@@ -26,7 +28,7 @@ use futures::StreamExt;
 use herald_shared::{
     Channel, Config, Intent,
     deadletter::{DeadLetter, ErrorClass, Reason},
-    state::{ChannelEntry, Outcome, Status},
+    state::{Attempt, ChannelEntry, Outcome, Status},
     topology::Topology,
 };
 use tokio::sync::{Semaphore, watch};
@@ -57,8 +59,7 @@ impl<D: Deliver> ChannelWorker<D> {
         tracing::info!(channel = %this.channel, concurrency, "worker started");
         'outer: while !*stop.borrow() {
             let pull = async {
-                let consumer =
-                    this.topology.channel_consumer(this.channel, &this.config, concurrency * 2).await?;
+                let consumer = this.topology.channel_consumer(this.channel, &this.config).await?;
                 let messages = consumer
                     .stream()
                     .max_messages_per_batch(concurrency)
@@ -79,7 +80,8 @@ impl<D: Deliver> ChannelWorker<D> {
                 }
             };
             loop {
-                // Wait for room before taking a message, so nothing waits unacked in memory.
+                // Wait for room before taking the next message. The pull buffer still holds up to
+                // `concurrency` more, delivered and waiting; the consumer's ack wait allows for it.
                 let permit = tokio::select! {
                     p = limit.clone().acquire_owned() => p.expect("the semaphore is never closed"),
                     _ = stop.changed() => break 'outer,
@@ -160,6 +162,31 @@ impl<D: Deliver> ChannelWorker<D> {
     }
 
     async fn handle_intent(&self, message: Message, intent: Intent, sequence: u64, attempt: u32) {
+        // The ledger, read on every delivery: a redelivery after a crash or a lost ack, and a
+        // consumer recreated from the start of the stream, both bring back messages that were
+        // already handled.
+        let previous = match self.topology.notifications.channel_entry(&intent.id, self.channel).await {
+            Ok(Some(entry)) if entry.state.status == Status::Delivered => {
+                tracing::info!("already delivered; acknowledging without sending again");
+                self.ack(&message, AckKind::Ack).await;
+                return;
+            }
+            Ok(Some(entry))
+                if entry.state.status == Status::DeadLettered && entry.sequence == Some(sequence) =>
+            {
+                tracing::info!("this message is already in the DLQ; terminating it without sending");
+                self.ack(&message, AckKind::Term).await;
+                return;
+            }
+            Ok(entry) => entry,
+            Err(e) => {
+                // Without the ledger a send could repeat one: wait for the store instead.
+                let delay = self.config.retry.jittered_delay_after(attempt);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot read the delivery ledger");
+                self.ack(&message, AckKind::Nak(Some(delay))).await;
+                return;
+            }
+        };
         if intent.expires_at.is_some_and(|t| t <= Utc::now()) {
             tracing::warn!("expired before delivery");
             self.dead_letter(
@@ -174,30 +201,10 @@ impl<D: Deliver> ChannelWorker<D> {
             .await;
             return;
         }
-        // The ledger. Only a message delivered before can have been sent before (a crash after
-        // the send, a lost ack), so the first delivery skips the read.
-        let previous = if attempt > 1 {
-            match self.topology.notifications.channel_entry(&intent.id, self.channel).await {
-                Ok(Some(entry)) if entry.state.status == Status::Delivered => {
-                    tracing::info!("already delivered; acknowledging the redelivery without sending");
-                    self.ack(&message, AckKind::Ack).await;
-                    return;
-                }
-                Ok(entry) => entry,
-                Err(e) => {
-                    // Without the ledger a send could repeat one: wait for the store instead.
-                    tracing::warn!(error = %e, "cannot read the delivery ledger; retrying later");
-                    self.ack(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                    return;
-                }
-            }
-        } else {
-            None
-        };
         match self.deliver.deliver(&intent).await {
             Ok(()) => {
                 tracing::info!("delivered");
-                self.record(&intent, Outcome::Delivered, attempt, None, previous).await;
+                self.record(&intent, Outcome::Delivered, attempt, sequence, None, previous).await;
                 self.ack(&message, AckKind::Ack).await;
             }
             Err(DeliveryError::Transient { message: error, retry_after })
@@ -207,7 +214,7 @@ impl<D: Deliver> ChannelWorker<D> {
                     .map(|d| d.min(MAX_RETRY_AFTER))
                     .unwrap_or_else(|| self.config.retry.jittered_delay_after(attempt));
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "attempt failed; will retry");
-                self.record(&intent, Outcome::Retrying, attempt, Some(error), previous).await;
+                self.record(&intent, Outcome::Retrying, attempt, sequence, Some(error), previous).await;
                 self.ack(&message, AckKind::Nak(Some(delay))).await;
             }
             Err(DeliveryError::Transient { message: error, .. }) => {
@@ -263,8 +270,9 @@ impl<D: Deliver> ChannelWorker<D> {
             park(&self.topology.js, self.channel, message.payload.clone(), message.headers.as_ref(), &letter)
                 .await
         {
+            let delay = self.config.retry.jittered_delay_after(attempt);
             tracing::error!(error = %e, sequence, "cannot park in the DLQ; the message stays and will be redelivered");
-            self.ack(message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            self.ack(message, AckKind::Nak(Some(delay))).await;
             return;
         }
         if let Some(intent) = intent {
@@ -272,6 +280,7 @@ impl<D: Deliver> ChannelWorker<D> {
                 intent,
                 Outcome::DeadLettered,
                 attempt,
+                sequence,
                 Some(format!("{}: {last_error}", reason.as_str())),
                 None,
             )
@@ -285,13 +294,13 @@ impl<D: Deliver> ChannelWorker<D> {
         intent: &Intent,
         outcome: Outcome,
         attempt: u32,
+        sequence: u64,
         error: Option<String>,
         previous: Option<ChannelEntry>,
     ) {
-        if let Err(e) =
-            self.topology.notifications.record_attempt(intent, outcome, attempt, error, previous).await
-        {
-            tracing::error!(error = %e, %outcome, "cannot record the attempt");
+        let attempt = Attempt { outcome, number: attempt, sequence, error };
+        if let Err(e) = self.topology.notifications.record_attempt(intent, attempt, previous).await {
+            tracing::error!(error = %e, "cannot record the attempt");
         }
     }
 

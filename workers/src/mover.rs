@@ -3,17 +3,19 @@
 //! A worker parks what it cannot deliver itself. Only when a worker dies holding a message on
 //! its last attempt does the server stop redelivering it without anyone parking it; the server
 //! then emits a MAX_DELIVERIES advisory, which HERALD_ADVISORIES keeps. This mover reads those
-//! advisories, copies the intent into HERALD_DLQ with reason `max_deliveries` (the dead letter's
-//! message id makes a repeat harmless) and records it.
+//! advisories (for channel consumers only), checks the delivery ledger (the last attempt may have
+//! been delivered with only its ack lost), copies the intent into HERALD_DLQ with reason
+//! `max_deliveries` and records it. A read that fails for any reason but "not found" is retried.
 
 use std::time::Duration;
 
+use async_nats::{header::NATS_MESSAGE_ID, jetstream::stream::DirectGetErrorKind};
 use futures::StreamExt;
 use herald_shared::{
-    Intent,
+    Channel, Intent,
     deadletter::{DeadLetter, ErrorClass, Reason},
-    state::Outcome,
-    topology::{Topology, channel_of_intent_subject},
+    state::{Attempt, Outcome, Status},
+    topology::Topology,
 };
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -23,6 +25,8 @@ use crate::park::park;
 /// The fields of `io.nats.jetstream.advisory.v1.max_deliver` used here.
 #[derive(Debug, Deserialize)]
 struct MaxDeliveries {
+    /// The consumer that gave up: only channel workers' durables are Herald's to act on.
+    consumer: String,
     stream_seq: u64,
     deliveries: u32,
 }
@@ -72,23 +76,48 @@ async fn move_one(topology: &Topology, advisory: &[u8]) -> bool {
         tracing::warn!("unreadable max-deliveries advisory; skipped");
         return true;
     };
-    let original = match topology.intents.direct_get(advisory.stream_seq).await {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::error!(sequence = advisory.stream_seq, error = %e, "max-delivered intent is no longer stored");
-            return true;
-        }
-    };
-    let Some(channel) = channel_of_intent_subject(&original.subject) else {
+    let Ok(channel) = advisory.consumer.parse::<Channel>() else {
+        // Someone else's consumer on HERALD_INTENTS (an operator's, say): not a delivery.
         return true;
     };
+    let sequence = advisory.stream_seq;
+    let original = match topology.intents.direct_get(sequence).await {
+        Ok(m) => m,
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+            tracing::error!(sequence, "max-delivered intent is no longer stored; nothing to park");
+            return true;
+        }
+        Err(e) => {
+            tracing::warn!(sequence, error = %e, "cannot read a max-delivered intent; will retry");
+            return false;
+        }
+    };
+    let msg_id = original.headers.get(NATS_MESSAGE_ID).map(|v| v.as_str().to_owned());
+    let intent =
+        Intent::from_message(&original.payload, Some(&original.headers), channel, msg_id.as_deref()).ok();
+    if let Some(intent) = &intent {
+        // The last attempt may have been delivered and recorded with only its ack lost.
+        match topology.notifications.channel_entry(&intent.id, channel).await {
+            Ok(Some(entry))
+                if entry.state.status == Status::Delivered
+                    || (entry.state.status == Status::DeadLettered && entry.sequence == Some(sequence)) =>
+            {
+                return true;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(sequence, error = %e, "cannot read the delivery ledger; will retry");
+                return false;
+            }
+        }
+    }
     let letter = DeadLetter {
         reason: Reason::MaxDeliveries,
         error_class: ErrorClass::Transient,
         attempts: advisory.deliveries,
         last_error: "no worker finished the last attempt (ack wait expired)".into(),
         original_subject: original.subject.to_string(),
-        original_sequence: advisory.stream_seq,
+        original_sequence: sequence,
     };
     if let Err(e) =
         park(&topology.js, channel, original.payload.clone(), Some(&original.headers), &letter).await
@@ -96,14 +125,15 @@ async fn move_one(topology: &Topology, advisory: &[u8]) -> bool {
         tracing::warn!(error = %e, "cannot park a max-delivered intent; will retry");
         return false;
     }
-    tracing::warn!(sequence = advisory.stream_seq, %channel, "dead-lettered an intent the server stopped redelivering");
-    if let Ok(intent) = Intent::from_message(&original.payload, Some(&original.headers), channel, None) {
-        let error = Some(format!("{}: {}", Reason::MaxDeliveries.as_str(), letter.last_error));
-        if let Err(e) = topology
-            .notifications
-            .record_attempt(&intent, Outcome::DeadLettered, advisory.deliveries, error, None)
-            .await
-        {
+    tracing::warn!(sequence, %channel, "dead-lettered an intent the server stopped redelivering");
+    if let Some(intent) = &intent {
+        let attempt = Attempt {
+            outcome: Outcome::DeadLettered,
+            number: advisory.deliveries,
+            sequence,
+            error: Some(format!("{}: {}", Reason::MaxDeliveries.as_str(), letter.last_error)),
+        };
+        if let Err(e) = topology.notifications.record_attempt(intent, attempt, None).await {
             tracing::warn!(error = %e, "cannot record the dead letter");
         }
     }

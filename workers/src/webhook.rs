@@ -5,8 +5,18 @@
 //! `Herald-Notification-Id` (both the notification id: a receiver that sees one twice has seen
 //! the same notification), `Herald-Timestamp` and `Herald-Signature` (see
 //! `herald_shared::signature`). Redirects are not followed: a POST must reach its URL.
+//!
+//! Webhook URLs come from API callers, so unless `HERALD_WEBHOOK_ALLOW_PRIVATE` is set a
+//! delivery may only reach public addresses: names are resolved by [`PublicOnly`], which drops
+//! loopback, private, link-local and other special addresses at connect time (no window for DNS
+//! rebinding), and literal addresses are checked before sending. Only the first KiB of an error
+//! answer is read.
 
-use std::time::Duration;
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use chrono::Utc;
 use herald_shared::{Config, Intent, signature};
@@ -40,11 +50,17 @@ pub struct WebhookSender {
     http: reqwest::Client,
     /// HMAC key for `Herald-Signature`.
     secret: String,
+    /// `HERALD_WEBHOOK_ALLOW_PRIVATE`.
+    allow_private: bool,
 }
 
 impl WebhookSender {
     pub fn new(config: &Config) -> anyhow::Result<WebhookSender> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if !config.webhook_allow_private {
+            builder = builder.dns_resolver(Arc::new(PublicOnly));
+        }
+        let http = builder
             .timeout(config.webhook_timeout)
             .connect_timeout(config.webhook_timeout.min(Duration::from_secs(5)))
             .redirect(reqwest::redirect::Policy::none())
@@ -54,7 +70,11 @@ impl WebhookSender {
             .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(config.webhook_concurrency)
             .build()?;
-        Ok(WebhookSender { http, secret: config.webhook_secret.clone() })
+        Ok(WebhookSender {
+            http,
+            secret: config.webhook_secret.clone(),
+            allow_private: config.webhook_allow_private,
+        })
     }
 }
 
@@ -65,6 +85,18 @@ impl Deliver for WebhookSender {
             .webhook_url
             .as_deref()
             .ok_or_else(|| DeliveryError::Permanent { message: "recipient has no webhook_url".into() })?;
+        if !self.allow_private {
+            let parsed =
+                url::Url::parse(url).map_err(|e| DeliveryError::Permanent { message: e.to_string() })?;
+            let literal = match parsed.host() {
+                Some(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
+                Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
+                _ => None,
+            };
+            if literal.is_some_and(|ip| !is_public(ip)) {
+                return Err(DeliveryError::Permanent { message: PrivateAddress.to_string() });
+            }
+        }
         let body = serde_json::to_vec(&WebhookBody {
             id: &intent.id,
             channel: "webhook",
@@ -91,16 +123,106 @@ impl Deliver for WebhookSender {
             .body(body)
             .send()
             .await
-            .map_err(|e| DeliveryError::Transient { message: describe(&e), retry_after: None })?;
+            .map_err(|e| {
+                if caused_by_private_address(&e) {
+                    DeliveryError::Permanent { message: PrivateAddress.to_string() }
+                } else {
+                    DeliveryError::Transient { message: describe(&e), retry_after: None }
+                }
+            })?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
         }
         let retry_after =
             response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
-        let text = response.text().await.unwrap_or_default();
+        let text = first_bytes(response, ERROR_BODY_BYTES).await;
         let message = format!("HTTP {status}: {}", text.chars().take(200).collect::<String>().trim());
         Err(classify(status, message, retry_after))
+    }
+}
+
+/// How much of an error answer is read (for `last_error`); a receiver cannot make the worker
+/// buffer more.
+const ERROR_BODY_BYTES: usize = 1024;
+
+/// Up to `limit` bytes of the body, as text.
+async fn first_bytes(mut response: reqwest::Response, limit: usize) -> String {
+    let mut body = Vec::new();
+    while body.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(limit - body.len())]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// Why a delivery to a non-public address was refused.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "webhook_url leads to a loopback, private or link-local address (set HERALD_WEBHOOK_ALLOW_PRIVATE=true to allow)"
+)]
+pub struct PrivateAddress;
+
+/// The system resolver, minus every address that is not public.
+pub struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let public: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.filter(|a| is_public(a.ip())).collect();
+            if public.is_empty() {
+                return Err(Box::new(PrivateAddress) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+fn caused_by_private_address(e: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<PrivateAddress>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Whether an address is an ordinary public one (not loopback, private, link-local, shared,
+/// documentation, multicast, unspecified, or an IPv4 one of those mapped into IPv6).
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_multicast()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && v4.octets()[2] == 0)
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || first == 0x2001 && v6.segments()[1] == 0x0db8)
+        }
     }
 }
 
@@ -153,6 +275,29 @@ mod tests {
         ] {
             let e = classify(StatusCode::from_u16(code).unwrap(), String::new(), None);
             assert_eq!(matches!(e, DeliveryError::Transient { .. }), transient, "{code}");
+        }
+    }
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        for (ip, public) in [
+            ("93.184.216.34", true),
+            ("2606:2800:220:1:248:1893:25c8:1946", true),
+            ("127.0.0.1", false),
+            ("10.1.2.3", false),
+            ("172.16.0.1", false),
+            ("192.168.1.1", false),
+            ("169.254.169.254", false),
+            ("100.64.0.1", false),
+            ("0.0.0.0", false),
+            ("255.255.255.255", false),
+            ("::1", false),
+            ("fd00::1", false),
+            ("fe80::1", false),
+            ("::ffff:127.0.0.1", false),
+            ("::ffff:8.8.8.8", true),
+        ] {
+            assert_eq!(is_public(ip.parse().unwrap()), public, "{ip}");
         }
     }
 

@@ -6,6 +6,7 @@ use herald_shared::{
     auth::{SCOPE_READ, SCOPE_SEND},
     intent::{self, Content, Priority, Recipient, Rejection},
     state::{ChannelState, NotificationRecord, Status},
+    topology::MAX_SCHEDULE_AHEAD,
 };
 use poem::web::Data;
 use poem_openapi::{
@@ -113,6 +114,7 @@ pub struct NotificationRequest {
     /// Who receives it.
     recipient: RecipientBody,
     /// Channels to deliver on. Omitted: every channel the recipient has an address for.
+    #[oai(validator(min_items = 1))]
     channels: Option<Vec<ApiChannel>>,
     /// What to say.
     content: Option<ContentBody>,
@@ -122,7 +124,7 @@ pub struct NotificationRequest {
     priority: Option<ApiPriority>,
     /// Category, for preferences and filtering (at most 256 characters).
     category: Option<String>,
-    /// Deliver no earlier than this instant (RFC 3339).
+    /// Deliver no earlier than this instant (RFC 3339), at most 6 days ahead.
     send_at: Option<DateTime<Utc>>,
     /// Give up (dead-letter as `expired`) if not delivered by this instant (RFC 3339).
     expires_at: Option<DateTime<Utc>>,
@@ -396,6 +398,13 @@ fn into_intents(
     let now = Utc::now();
     if req.expires_at.is_some_and(|t| t <= now) {
         return Err(ApiError::invalid("expires_at", "is in the past"));
+    }
+    let furthest = now + chrono::Duration::from_std(MAX_SCHEDULE_AHEAD).expect("a few days fit");
+    if req.send_at.is_some_and(|t| t > furthest) {
+        return Err(ApiError::invalid(
+            "send_at",
+            format!("is more than {} days ahead", MAX_SCHEDULE_AHEAD.as_secs() / 86_400),
+        ));
     }
     let id = intent::new_id();
     channels
