@@ -226,6 +226,7 @@ async fn up(mut config: Config, started: Instant) -> anyhow::Result<()> {
     let gateway = herald_gateway::Gateway::connect(config.clone()).await?;
     let (_client, js) = topology::connect(&config, "herald-worker").await?;
     let topology = topology::ensure_with_retry(&js, &config).await?;
+    gateway.ready().await;
 
     let stop = shared_stop();
     let token =

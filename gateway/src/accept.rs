@@ -19,7 +19,7 @@ use chrono::{SecondsFormat, Utc};
 use herald_shared::{
     Intent, NotificationRecord,
     intent::headers,
-    topology::{intent_subject, schedule_subject},
+    topology::{Topology, intent_subject, schedule_subject},
 };
 
 use crate::{AppState, errors::ApiError, metrics::ChannelLabel};
@@ -44,21 +44,22 @@ impl AppState {
         if self.client.connection_state() != State::Connected {
             return Err(unavailable());
         }
+        let topology = self.topology()?;
         let started = Instant::now();
         let key = key.map(str::to_owned).unwrap_or_else(|| intents[0].id.clone());
         // The tenant's length keeps ids apart when a tenant or key contains ':'.
         let msg_id = |intent: &Intent| format!("{}:{tenant}:{key}:{}", tenant.len(), intent.channel());
 
-        let first = self.publish(&intents[0], msg_id(&intents[0])).await?;
+        let first = self.publish(topology, &intents[0], msg_id(&intents[0])).await?;
         let duplicate = first.duplicate;
         if duplicate {
-            let original = self.original_id(first.sequence).await?;
+            let original = self.original_id(topology, first.sequence).await?;
             for intent in &mut intents {
                 intent.id.clone_from(&original);
             }
         }
         let rest = futures::future::try_join_all(
-            intents[1..].iter().map(|intent| self.publish(intent, msg_id(intent))),
+            intents[1..].iter().map(|intent| self.publish(topology, intent, msg_id(intent))),
         )
         .await?;
         self.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
@@ -81,8 +82,7 @@ impl AppState {
         }
         if !duplicate {
             // The intents are safe; a missing record is recreated by the worker's first attempt.
-            if let Err(e) = self.topology.notifications.create(&NotificationRecord::accepted(&intents)).await
-            {
+            if let Err(e) = topology.notifications.create(&NotificationRecord::accepted(&intents)).await {
                 tracing::warn!(notification_id = %intents[0].id, error = %e, "could not write the notification record");
             }
         }
@@ -90,7 +90,12 @@ impl AppState {
     }
 
     /// Publishes one intent and waits for JetStream's ack, within the NATS timeout.
-    async fn publish(&self, intent: &Intent, msg_id: String) -> Result<PublishAck, ApiError> {
+    async fn publish(
+        &self,
+        topology: &Topology,
+        intent: &Intent,
+        msg_id: String,
+    ) -> Result<PublishAck, ApiError> {
         let mut headers = intent.headers();
         headers.insert(NATS_MESSAGE_ID, msg_id.as_str());
         let channel = intent.channel();
@@ -106,7 +111,7 @@ impl AppState {
             _ => intent_subject(channel),
         };
         let payload = intent.encode().into();
-        let publish = async { self.topology.js.publish_with_headers(subject, headers, payload).await?.await };
+        let publish = async { topology.js.publish_with_headers(subject, headers, payload).await?.await };
         match tokio::time::timeout(self.config.nats_timeout, publish).await {
             Ok(Ok(ack)) => Ok(ack),
             Ok(Err(e)) => {
@@ -121,9 +126,8 @@ impl AppState {
     }
 
     /// The id of the notification stored at `sequence` (the original of a duplicate).
-    async fn original_id(&self, sequence: u64) -> Result<String, ApiError> {
-        let lookup =
-            tokio::time::timeout(self.config.nats_timeout, self.topology.intents.direct_get(sequence));
+    async fn original_id(&self, topology: &Topology, sequence: u64) -> Result<String, ApiError> {
+        let lookup = tokio::time::timeout(self.config.nats_timeout, topology.intents.direct_get(sequence));
         match lookup.await {
             Ok(Ok(message)) => {
                 if let Some(id) = message.headers.get(headers::NOTIFICATION_ID) {

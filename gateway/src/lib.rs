@@ -29,15 +29,26 @@ use herald_shared::{
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, listener::TcpAcceptor};
 use poem_openapi::OpenApiService;
 
-use crate::{metrics::Metrics, payload::BodyLimit};
+use crate::{errors::ApiError, metrics::Metrics, payload::BodyLimit};
 
 /// Everything a request handler needs, shared by all of them.
 pub struct AppState {
     pub config: Config,
     /// The NATS client, for its connection state.
     pub client: async_nats::Client,
-    pub topology: Topology,
+    /// Set once the streams and bucket are ensured. The gateway serves from the start (so
+    /// `/health` answers and requests get a quick 503) even when NATS is not reachable yet.
+    topology: tokio::sync::OnceCell<Topology>,
     pub metrics: Metrics,
+}
+
+impl AppState {
+    /// The ensured topology, or 503 while NATS has not been reached yet.
+    pub fn topology(&self) -> Result<&Topology, ApiError> {
+        self.topology.get().ok_or_else(|| {
+            ApiError::Unavailable("NATS has not been reached yet; Herald's streams are not ready".into())
+        })
+    }
 }
 
 /// The correlation id of the current request (from `X-Correlation-Id` or generated).
@@ -69,11 +80,34 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Connects to NATS and ensures the topology (waiting for NATS if it is not up yet).
+    /// Starts connecting to NATS and returns at once; the topology is ensured in the background
+    /// (retried until NATS answers), and requests that need it answer 503 until then.
     pub async fn connect(config: Config) -> anyhow::Result<Gateway> {
         let (client, js) = topology::connect(&config, "herald-gateway").await?;
-        let topology = topology::ensure_with_retry(&js, &config).await?;
-        Ok(Gateway { state: Arc::new(AppState { config, client, topology, metrics: Metrics::default() }) })
+        let state = Arc::new(AppState {
+            config,
+            client,
+            topology: tokio::sync::OnceCell::new(),
+            metrics: Metrics::default(),
+        });
+        let background = state.clone();
+        tokio::spawn(async move {
+            match topology::ensure_with_retry(&js, &background.config).await {
+                Ok(t) => {
+                    let _ = background.topology.set(t);
+                }
+                Err(e) => tracing::error!(error = format!("{e:#}"), "cannot ensure the JetStream topology"),
+            }
+        });
+        Ok(Gateway { state })
+    }
+
+    /// Resolves once the topology is ensured (for `herald up` and tests, which want a ready
+    /// gateway before they announce it).
+    pub async fn ready(&self) {
+        while self.state.topology.get().is_none() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// The router with every route and middleware.

@@ -89,6 +89,7 @@ impl Stack {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let gateway = herald_gateway::Gateway::connect(config.clone()).await.unwrap();
+        gateway.ready().await;
         let (_client, js) = topology::connect(&config, "test-worker").await.unwrap();
         let topo = topology::ensure(&js, &config).await.unwrap();
         let tasks = vec![

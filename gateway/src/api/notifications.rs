@@ -279,7 +279,8 @@ impl NotificationsApi {
         if !intent::is_valid_id(&id.0) {
             return Err(not_found().into());
         }
-        let lookup = tokio::time::timeout(state.config.nats_timeout, state.topology.notifications.get(&id.0));
+        let lookup =
+            tokio::time::timeout(state.config.nats_timeout, state.topology()?.notifications.get(&id.0));
         let record = match lookup.await {
             Ok(Ok(Some(r))) => r,
             Ok(Ok(None)) => return Err(not_found().into()),

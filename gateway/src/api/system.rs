@@ -44,10 +44,11 @@ impl SystemApi {
         if state.client.connection_state() != State::Connected {
             return ReadyResponse::NotReady(Json(HealthBody { status: "not connected to NATS".into() }));
         }
-        let check = tokio::time::timeout(
-            state.config.nats_timeout,
-            state.topology.js.get_stream_no_info(INTENTS_STREAM),
-        );
+        let Ok(topology) = state.topology() else {
+            return ReadyResponse::NotReady(Json(HealthBody { status: "streams not ensured yet".into() }));
+        };
+        let check =
+            tokio::time::timeout(state.config.nats_timeout, topology.js.get_stream_no_info(INTENTS_STREAM));
         match check.await {
             Ok(Ok(_)) => ReadyResponse::Ready(Json(HealthBody { status: "ready".into() })),
             Ok(Err(e)) => {
