@@ -2,7 +2,7 @@
 //!
 //! Each channel's intent is published to `herald.intent.<channel>` (or, with a future
 //! `send_at`, as a schedule that the server fires into that subject) with
-//! `Nats-Msg-Id = <tenant>:<idempotency key>:<channel>`. The request is answered only once
+//! `Nats-Msg-Id = <length of tenant>:<tenant>:<idempotency key>:<channel>`. The request is answered only once
 //! every intent is acknowledged. When JetStream reports the first intent as a duplicate, the
 //! original notification's id is read back from the stored message and the rest of the
 //! channels are published under that id (their own duplicates are dropped by the server), so a
@@ -18,7 +18,7 @@ use async_nats::{
 use chrono::{SecondsFormat, Utc};
 use herald_shared::{
     Intent, NotificationRecord,
-    intent::headers,
+    intent::{MAX_INTENT_BYTES, headers},
     topology::{Topology, intent_subject, schedule_subject},
 };
 
@@ -80,11 +80,11 @@ impl AppState {
                     .inc();
             }
         }
-        if !duplicate {
-            // The intents are safe; a missing record is recreated by the worker's first attempt.
-            if let Err(e) = topology.notifications.create(&NotificationRecord::accepted(&intents)).await {
-                tracing::warn!(notification_id = %intents[0].id, error = %e, "could not write the notification record");
-            }
+        // Create-only, so a duplicate request leaves the original record alone, and also writes
+        // it when the original request's answer was lost (a 503 after the intent was stored).
+        // The intents are safe either way: the record is for `GET /v1/notifications/{id}`.
+        if let Err(e) = topology.notifications.create(&NotificationRecord::accepted(&intents)).await {
+            tracing::warn!(notification_id = %intents[0].id, error = %e, "could not write the notification record");
         }
         Ok(Accepted { id: intents[0].id.clone(), duplicate })
     }
@@ -101,6 +101,11 @@ impl AppState {
         let channel = intent.channel();
         let subject = match intent.send_at {
             Some(at) if at > Utc::now() => {
+                // Schedules have whole seconds: round up, never fire early.
+                let at = match at.timestamp_subsec_nanos() {
+                    0 => at,
+                    nanos => at + chrono::Duration::nanoseconds(1_000_000_000 - i64::from(nanos)),
+                };
                 headers.insert(
                     NATS_SCHEDULE,
                     format!("@at {}", at.to_rfc3339_opts(SecondsFormat::Secs, true)).as_str(),
@@ -110,7 +115,15 @@ impl AppState {
             }
             _ => intent_subject(channel),
         };
-        let payload = intent.encode().into();
+        let payload = intent.encode();
+        // JSON numbers can grow in MessagePack: check the stored size, not just the body's.
+        if payload.len() > MAX_INTENT_BYTES {
+            return Err(ApiError::TooLarge(format!(
+                "the notification is {} bytes once encoded, over the limit of {MAX_INTENT_BYTES}",
+                payload.len()
+            )));
+        }
+        let payload = payload.into();
         let publish = async { topology.js.publish_with_headers(subject, headers, payload).await?.await };
         match tokio::time::timeout(self.config.nats_timeout, publish).await {
             Ok(Ok(ack)) => Ok(ack),

@@ -68,8 +68,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("body is larger than the limit of {0} bytes")]
-    TooLarge(usize),
+    #[error("{0}")]
+    TooLarge(String),
     #[error("{message}")]
     Invalid { field: String, message: String },
     #[error("{0}")]

@@ -52,14 +52,14 @@ impl<T: Type + DeserializeOwned> ParsePayload for StrictJson<T> {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
         if declared.is_some_and(|n| n > limit) {
-            return Err(ApiError::TooLarge(limit).into());
+            return Err(too_large(limit).into());
         }
         let mut stream = body.take()?.into_bytes_stream();
         let mut data = Vec::with_capacity(declared.unwrap_or(1024).min(limit));
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| ApiError::malformed(None, format!("reading the body: {e}")))?;
             if data.len() + chunk.len() > limit {
-                return Err(ApiError::TooLarge(limit).into());
+                return Err(too_large(limit).into());
             }
             data.extend_from_slice(&chunk);
         }
@@ -90,6 +90,10 @@ impl<T: Type + DeserializeOwned> ParsePayload for StrictJson<T> {
         de.end().map_err(|e| ApiError::malformed(None, format!("the body is not valid JSON: {e}")))?;
         Ok(StrictJson(value))
     }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::TooLarge(format!("body is larger than the limit of {limit} bytes"))
 }
 
 poem_openapi::impl_apirequest_for_payload!(StrictJson<T>, T: Type + DeserializeOwned + Send);

@@ -251,7 +251,8 @@ impl Config {
             })?,
             max_body_bytes: parse_with(MAX_BODY_BYTES, &required(MAX_BODY_BYTES), |s| {
                 match s.parse::<usize>() {
-                    // Half the intent limit: an accepted body always makes an intent workers take.
+                    // Half the intent limit, so a body near the limit still makes an intent workers
+                    // take (the gateway also checks each encoded intent).
                     Ok(n @ 1024..=MAX_BODY_LIMIT) => Ok(n),
                     _ => Err(format!("expected 1024 to {MAX_BODY_LIMIT} bytes")),
                 }

@@ -262,13 +262,21 @@ impl Notifications {
         Ok(record)
     }
 
-    /// The latest attempt's entry of one channel, if any attempt was made.
+    /// The latest attempt's entry of one channel, if any attempt was made. An entry that cannot
+    /// be read (written by hand, say) counts as none: the next attempt overwrites it, instead of
+    /// blocking the notification forever.
     pub async fn channel_entry(
         &self,
         id: &str,
         channel: Channel,
     ) -> Result<Option<ChannelEntry>, StateError> {
-        self.read(&channel_key(id, channel)).await
+        match self.read(&channel_key(id, channel)).await {
+            Err(StateError::Corrupt(key, error)) => {
+                tracing::error!(%key, %error, "unreadable notification entry; treating it as absent");
+                Ok(None)
+            }
+            other => other,
+        }
     }
 
     async fn read<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StateError> {

@@ -193,6 +193,12 @@ fn dlq_mover_config() -> pull::Config {
     }
 }
 
+/// Messages of one channel that may wait for a delayed retry at once, beyond those being
+/// handled. A message `Nak`ed with a delay still counts against the consumer's
+/// `max_ack_pending`, so with a small limit a few hundred notifications to one failing receiver
+/// would stop the whole channel; in-flight work is bounded by the worker, not by this.
+pub const MAX_WAITING_RETRIES: usize = 10_000;
+
 /// The consumer of `channel` as `config` wants it. The worker keeps at most
 /// `webhook_concurrency` messages in flight and as many in its pull buffer.
 pub fn channel_consumer(channel: Channel, config: &Config) -> pull::Config {
@@ -201,7 +207,7 @@ pub fn channel_consumer(channel: Channel, config: &Config) -> pull::Config {
         &config.retry,
         config.webhook_timeout,
         config.nats_timeout,
-        config.webhook_concurrency * 2,
+        config.webhook_concurrency * 2 + MAX_WAITING_RETRIES,
     )
 }
 

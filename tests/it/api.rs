@@ -275,3 +275,19 @@ fn committed_openapi_json_is_current() {
         "openapi.json is stale: run `cargo run -- openapi` and commit the result"
     );
 }
+
+#[tokio::test]
+async fn a_body_within_the_limit_that_grows_past_the_intent_limit_is_refused() {
+    let limit = herald_shared::config::MAX_BODY_LIMIT.to_string();
+    let stack = Stack::start_with(&[(herald_shared::config::MAX_BODY_BYTES, limit.as_str())]).await;
+    // `1e1` is 3 bytes of JSON and 9 of MessagePack (a float).
+    let numbers = vec!["1e1"; 32_000].join(",");
+    let body =
+        format!(r#"{{"recipient":{{"webhook_url":"http://127.0.0.1:9/x"}},"data":{{"n":[{numbers}]}}}}"#);
+    assert!(body.len() < herald_shared::config::MAX_BODY_LIMIT);
+    let (status, answer) = stack.post_raw(&body, None, Some(&stack.token)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("encoded"), "{answer}");
+    let mut intents = stack.js.get_stream("HERALD_INTENTS").await.unwrap();
+    assert_eq!(intents.info().await.unwrap().state.messages, 0);
+}

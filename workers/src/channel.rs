@@ -97,19 +97,24 @@ impl<D: Deliver> ChannelWorker<D> {
                             worker.handle(message).await;
                             drop(permit);
                         });
+                        continue;
                     }
                     Some(Err(e)) => {
                         use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
-                        match e.kind() {
-                            K::ConsumerDeleted | K::NoResponders | K::PushBasedConsumer => {
-                                tracing::warn!(channel = %this.channel, error = %e, "pull stream ended; recreating");
-                                continue 'outer;
-                            }
-                            _ => tracing::debug!(channel = %this.channel, error = %e, "pull error"),
+                        if !matches!(e.kind(), K::ConsumerDeleted | K::NoResponders | K::PushBasedConsumer) {
+                            tracing::debug!(channel = %this.channel, error = %e, "pull error");
+                            continue;
                         }
+                        tracing::warn!(channel = %this.channel, error = %e, "pull stream ended; recreating");
                     }
-                    None => continue 'outer,
+                    None => tracing::warn!(channel = %this.channel, "pull stream ended; recreating"),
                 }
+                // A recreated consumer may start over from the stream's first message: let every
+                // in-flight delivery record its outcome first, so the ledger knows it when its
+                // message comes round again.
+                drop(permit);
+                drop(limit.acquire_many(concurrency as u32).await);
+                continue 'outer;
             }
         }
         // Every permit back means every in-flight delivery has finished.
@@ -172,7 +177,8 @@ impl<D: Deliver> ChannelWorker<D> {
                 return;
             }
             Ok(Some(entry))
-                if entry.state.status == Status::DeadLettered && entry.sequence == Some(sequence) =>
+                if entry.state.status == Status::DeadLettered
+                    && entry.sequence.is_none_or(|s| s == sequence) =>
             {
                 tracing::info!("this message is already in the DLQ; terminating it without sending");
                 self.ack(&message, AckKind::Term).await;

@@ -215,13 +215,19 @@ pub fn is_public(ip: IpAddr) -> bool {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
-            !(v6.is_loopback()
+            let [first, second, ..] = v6.segments();
+            // NAT64 (64:ff9b::/96), 6to4 (2002::/16) and IPv4-compatible (::/96) addresses
+            // lead to an IPv4 address: refuse them rather than decode each scheme.
+            let embeds_ipv4 = (first == 0x64 && second == 0xff9b)
+                || first == 0x2002
+                || v6.segments()[..6].iter().all(|s| *s == 0);
+            !(embeds_ipv4
+                || v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00
                 || (first & 0xffc0) == 0xfe80
-                || first == 0x2001 && v6.segments()[1] == 0x0db8)
+                || first == 0x2001 && second == 0x0db8)
         }
     }
 }
@@ -296,6 +302,9 @@ mod tests {
             ("fe80::1", false),
             ("::ffff:127.0.0.1", false),
             ("::ffff:8.8.8.8", true),
+            ("64:ff9b::a00:1", false),
+            ("2002:a00:1::1", false),
+            ("::10.0.0.1", false),
         ] {
             assert_eq!(is_public(ip.parse().unwrap()), public, "{ip}");
         }
