@@ -172,10 +172,10 @@ pub enum Rejection {
 
 impl Rejection {
     /// The reason recorded in the dead-letter queue.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> crate::deadletter::Reason {
         match self {
-            Rejection::Undecodable(_) => "undecodable",
-            Rejection::Invalid { .. } => "invalid",
+            Rejection::Undecodable(_) => crate::deadletter::Reason::Undecodable,
+            Rejection::Invalid { .. } => crate::deadletter::Reason::Invalid,
         }
     }
 

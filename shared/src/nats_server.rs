@@ -206,14 +206,6 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// Kills the server (as a crash would) and waits for it to exit. The store stays.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -39,23 +39,6 @@ pub enum Status {
     DeadLettered,
 }
 
-impl Status {
-    /// Whether nothing more will happen on this channel without an operator.
-    pub fn is_final(self) -> bool {
-        matches!(self, Status::Delivered | Status::DeadLettered)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Accepted => "accepted",
-            Status::Scheduled => "scheduled",
-            Status::Retrying => "retrying",
-            Status::Delivered => "delivered",
-            Status::DeadLettered => "dead_lettered",
-        }
-    }
-}
-
 /// The outcome of one attempt, as published on `herald.status.<channel>.<outcome>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -42,11 +42,6 @@ pub fn intent_subject(channel: Channel) -> String {
     format!("herald.intent.{channel}")
 }
 
-/// The channel named by an intent subject.
-pub fn channel_of_intent_subject(subject: &str) -> Option<Channel> {
-    subject.strip_prefix("herald.intent.")?.parse().ok()
-}
-
 /// `herald.schedule.<channel>.<id>`: the schedule that fires an intent at `send_at`.
 pub fn schedule_subject(channel: Channel, id: &str) -> String {
     format!("herald.schedule.{channel}.{id}")
@@ -251,7 +246,6 @@ pub fn definitions(config: &Config) -> Vec<(String, serde_json::Value)> {
 pub struct Topology {
     pub js: jetstream::Context,
     pub intents: stream::Stream,
-    pub dlq: stream::Stream,
     pub advisories: stream::Stream,
     pub notifications: Notifications,
 }
@@ -286,7 +280,6 @@ pub async fn ensure(js: &jetstream::Context, config: &Config) -> anyhow::Result<
     Ok(Topology {
         js: js.clone(),
         intents: js.get_stream(INTENTS_STREAM).await?,
-        dlq: js.get_stream(DLQ_STREAM).await?,
         advisories: js.get_stream(ADVISORIES_STREAM).await?,
         notifications: Notifications::new(js.clone(), kv),
     })

@@ -141,8 +141,8 @@ impl<D: Deliver> ChannelWorker<D> {
         ) {
             Ok(intent) => intent,
             Err(rejection) => {
-                tracing::warn!(channel = %self.channel, sequence, reason = rejection.reason(), error = %rejection, "parking a message that cannot be delivered");
-                let reason = Reason::parse(rejection.reason()).unwrap_or(Reason::Invalid);
+                tracing::warn!(channel = %self.channel, sequence, reason = rejection.reason().as_str(), error = %rejection, "parking a message that cannot be delivered");
+                let reason = rejection.reason();
                 self.dead_letter(
                     &message,
                     None,
