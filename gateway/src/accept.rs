@@ -17,9 +17,9 @@ use async_nats::{
 };
 use chrono::{SecondsFormat, Utc};
 use herald_shared::{
-    Intent, NotificationRecord,
+    Intent,
     intent::{MAX_INTENT_BYTES, headers},
-    topology::{Topology, intent_subject, schedule_subject},
+    topology::{Topology, intent_subject, is_storage_full, schedule_subject},
 };
 
 use crate::{AppState, errors::ApiError, metrics::ChannelLabel};
@@ -80,13 +80,40 @@ impl AppState {
                     .inc();
             }
         }
-        // Create-only, so a duplicate request leaves the original record alone, and also writes
-        // it when the original request's answer was lost (a 503 after the intent was stored).
-        // The intents are safe either way: the record is for `GET /v1/notifications/{id}`.
-        if let Err(e) = topology.notifications.create(&NotificationRecord::accepted(&intents)).await {
-            tracing::warn!(notification_id = %intents[0].id, error = %e, "could not write the notification record");
-        }
+        self.record(topology, &intents).await?;
         Ok(Accepted { id: intents[0].id.clone(), duplicate })
+    }
+
+    /// Writes the ledger entries of stored intents: a `202` promises the notification can be
+    /// found with `GET`, so this is retried until it lands or the NATS timeout passes, and then
+    /// the request fails (the intents are stored; a retry with the same key finds them as
+    /// duplicates and writes the record). Create-only, so a duplicate request leaves the
+    /// original entries alone.
+    async fn record(&self, topology: &Topology, intents: &[Intent]) -> Result<(), ApiError> {
+        let deadline = Instant::now() + self.config.nats_timeout;
+        let mut delay = std::time::Duration::from_millis(20);
+        loop {
+            let error = match tokio::time::timeout_at(deadline.into(), topology.ledger.accept(intents)).await
+            {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_owned(),
+            };
+            if Instant::now() + delay >= deadline {
+                tracing::warn!(notification_id = %intents[0].id, %error, "the intents are stored but their record is not");
+                if is_storage_full(&error) {
+                    self.note_storage_full(true);
+                    return Err(storage_full());
+                }
+                return Err(ApiError::Unavailable(
+                    "the notification is stored but its record could not be written in time; retry with the \
+                     same Idempotency-Key"
+                        .into(),
+                ));
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
     }
 
     /// Publishes one intent and waits for JetStream's ack, within the NATS timeout.
@@ -126,7 +153,15 @@ impl AppState {
         let payload = payload.into();
         let publish = async { topology.js.publish_with_headers(subject, headers, payload).await?.await };
         match tokio::time::timeout(self.config.nats_timeout, publish).await {
-            Ok(Ok(ack)) => Ok(ack),
+            Ok(Ok(ack)) => {
+                self.note_storage_full(false);
+                Ok(ack)
+            }
+            Ok(Err(e)) if is_storage_full(&e) => {
+                tracing::warn!(notification_id = %intent.id, error = %e, "HERALD_INTENTS is full");
+                self.note_storage_full(true);
+                Err(storage_full())
+            }
             Ok(Err(e)) => {
                 tracing::warn!(notification_id = %intent.id, error = %e, "publish failed");
                 Err(unavailable())
@@ -168,6 +203,14 @@ fn rmp_id(payload: &[u8]) -> Option<String> {
         id: String,
     }
     rmp_serde::from_slice::<IdOnly>(payload).ok().map(|i| i.id).filter(|id| !id.is_empty())
+}
+
+fn storage_full() -> ApiError {
+    ApiError::StorageFull(
+        "Herald's storage is full: new notifications are refused until deliveries or retention free room; \
+         nothing already accepted is lost"
+            .into(),
+    )
 }
 
 fn unavailable() -> ApiError {

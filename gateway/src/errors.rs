@@ -49,8 +49,9 @@ pub enum ErrorResponse {
     /// Well-formed, but a value cannot be used (unsupported channel, bad URL, past expiry).
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
-    /// NATS is unreachable or too slow. The notification may or may not have been stored:
-    /// retry with the same `Idempotency-Key`, which makes the retry safe.
+    /// NATS is unreachable or too slow (`unavailable`), or Herald's storage is full
+    /// (`storage_full`). The notification may or may not have been stored: retry with the same
+    /// `Idempotency-Key`, which makes the retry safe.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
 }
@@ -74,6 +75,8 @@ pub enum ApiError {
     Invalid { field: String, message: String },
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    StorageFull(String),
 }
 
 impl ApiError {
@@ -96,6 +99,7 @@ impl ApiError {
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::Invalid { .. } => "invalid_field",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::StorageFull(_) => "storage_full",
         }
     }
 
@@ -120,6 +124,7 @@ impl From<ApiError> for ErrorResponse {
             ApiError::TooLarge(_) => ErrorResponse::PayloadTooLarge(body),
             ApiError::Invalid { .. } => ErrorResponse::Unprocessable(body),
             ApiError::Unavailable(_) => ErrorResponse::Unavailable(body, 1),
+            ApiError::StorageFull(_) => ErrorResponse::Unavailable(body, 30),
         }
     }
 }

@@ -40,6 +40,9 @@ pub struct AppState {
     /// `/health` answers and requests get a quick 503) even when NATS is not reachable yet.
     topology: tokio::sync::OnceCell<Topology>,
     pub metrics: Metrics,
+    /// Set when JetStream last refused a write for want of room, cleared by the next stored
+    /// intent; `/ready` reports it.
+    storage_full: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
@@ -48,6 +51,14 @@ impl AppState {
         self.topology.get().ok_or_else(|| {
             ApiError::Unavailable("NATS has not been reached yet; Herald's streams are not ready".into())
         })
+    }
+
+    pub(crate) fn note_storage_full(&self, full: bool) {
+        self.storage_full.store(full, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn storage_full(&self) -> bool {
+        self.storage_full.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -89,6 +100,7 @@ impl Gateway {
             client,
             topology: tokio::sync::OnceCell::new(),
             metrics: Metrics::default(),
+            storage_full: Default::default(),
         });
         let background = state.clone();
         tokio::spawn(async move {
@@ -96,7 +108,7 @@ impl Gateway {
                 Ok(t) => {
                     let _ = background.topology.set(t);
                 }
-                Err(e) => tracing::error!(error = format!("{e:#}"), "cannot ensure the JetStream topology"),
+                Err(e) => tracing::error!(error = %e, "cannot use the JetStream topology"),
             }
         });
         Ok(Gateway { state })

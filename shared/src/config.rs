@@ -38,6 +38,8 @@ pub const LOG_FORMAT: &str = "HERALD_LOG_FORMAT";
 pub const NATS_SERVER: &str = "HERALD_NATS_SERVER";
 pub const TOOLS_DIR: &str = "HERALD_TOOLS_DIR";
 pub const STREAM_REPLICAS: &str = "HERALD_STREAM_REPLICAS";
+pub const UNCERTAIN: &str = "HERALD_UNCERTAIN";
+pub const MAX_STORAGE: &str = "HERALD_MAX_STORAGE";
 
 pub const VARS: &[Var] = &[
     Var {
@@ -64,7 +66,7 @@ pub const VARS: &[Var] = &[
     Var {
         name: RETRY_BACKOFF,
         default: Some("5s,30s,2m,10m,30m"),
-        help: "delays between attempts of a transient failure (ms, s, m, h); jitter of up to 20% is added",
+        help: "delays between attempts of a transient failure (ms, s, m, h); each is jittered by up to ±5%",
     },
     Var {
         name: MAX_ATTEMPTS,
@@ -79,7 +81,17 @@ pub const VARS: &[Var] = &[
     Var {
         name: STREAM_REPLICAS,
         default: Some("1"),
-        help: "replicas of every stream and bucket (3 on a 3-node cluster)",
+        help: "replicas of every stream and bucket (3 on a 3-node cluster); only `herald topology apply` changes existing ones",
+    },
+    Var {
+        name: UNCERTAIN,
+        default: Some("resend"),
+        help: "a send whose worker died before recording it: `resend` (at least once) or `park` (at most once, dead-lettered as `uncertain`); per channel: `resend,webhook=park`",
+    },
+    Var {
+        name: MAX_STORAGE,
+        default: Some("8GB"),
+        help: "JetStream storage Herald's streams and bucket may use in all (KB, MB, GB, TB; KiB…), split between them",
     },
     Var {
         name: MAX_BODY_BYTES,
@@ -135,11 +147,51 @@ impl RetryPolicy {
         self.backoff.get(index).or(self.backoff.last()).copied().unwrap_or(Duration::from_secs(1))
     }
 
-    /// The delay with up to 20% random jitter added, so that a burst of failures spreads out.
+    /// The delay moved by up to 5% either way at random, so that a burst of failures spreads
+    /// out while the average stays what was configured.
     pub fn jittered_delay_after(&self, attempt: u32) -> Duration {
         let base = self.delay_after(attempt);
-        let jitter = base.mul_f64(rand::random::<f64>() * 0.2);
-        base + jitter
+        base.mul_f64(1.0 + (rand::random::<f64>() - 0.5) * 0.1)
+    }
+}
+
+/// What a worker does with a send whose outcome nobody recorded: the worker that claimed it
+/// died (or lost its claim) between starting the send and writing the result, so the receiver
+/// may or may not have it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UncertainPolicy {
+    /// Send again (at least once); the stable `Idempotency-Key` lets the receiver drop the repeat.
+    Resend,
+    /// Dead-letter it as `uncertain` and never send it again on its own (at most once).
+    Park,
+}
+
+/// [`UncertainPolicy`] per channel: a default and overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UncertainPolicies {
+    pub default: UncertainPolicy,
+    pub overrides: Vec<(Channel, UncertainPolicy)>,
+}
+
+impl UncertainPolicies {
+    pub fn for_channel(&self, channel: Channel) -> UncertainPolicy {
+        self.overrides.iter().find(|(c, _)| *c == channel).map_or(self.default, |(_, p)| *p)
+    }
+
+    fn parse(s: &str) -> Result<UncertainPolicies, String> {
+        let mode = |m: &str| match m.trim() {
+            "resend" => Ok(UncertainPolicy::Resend),
+            "park" => Ok(UncertainPolicy::Park),
+            other => Err(format!("{other:?} is neither `resend` nor `park`")),
+        };
+        let mut policies = UncertainPolicies { default: UncertainPolicy::Resend, overrides: Vec::new() };
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            match item.split_once('=') {
+                Some((channel, m)) => policies.overrides.push((channel.trim().parse()?, mode(m)?)),
+                None => policies.default = mode(item)?,
+            }
+        }
+        Ok(policies)
     }
 }
 
@@ -169,6 +221,10 @@ pub struct Config {
     pub duplicate_window: Duration,
     /// Replicas of every stream and bucket.
     pub stream_replicas: usize,
+    /// What to do with a send whose outcome was never recorded, per channel.
+    pub uncertain: UncertainPolicies,
+    /// JetStream storage all of Herald's streams and its bucket may use together.
+    pub max_storage: u64,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// Bound on every JetStream call made while a client waits.
@@ -249,6 +305,12 @@ impl Config {
                     _ => Err("expected 1 to 5".into()),
                 }
             })?,
+            uncertain: parse_with(UNCERTAIN, &required(UNCERTAIN), UncertainPolicies::parse)?,
+            max_storage: parse_with(MAX_STORAGE, &required(MAX_STORAGE), |s| match parse_bytes(s) {
+                Ok(n) if n >= MIN_STORAGE => Ok(n),
+                Ok(_) => Err(format!("at least {MIN_STORAGE} bytes")),
+                Err(e) => Err(e),
+            })?,
             max_body_bytes: parse_with(MAX_BODY_BYTES, &required(MAX_BODY_BYTES), |s| {
                 match s.parse::<usize>() {
                     // Half the intent limit, so a body near the limit still makes an intent workers
@@ -298,6 +360,43 @@ impl Config {
             })
         })
     }
+}
+
+/// The smallest `HERALD_MAX_STORAGE`: every stream still holds a few of the largest messages.
+pub const MIN_STORAGE: u64 = 4 * 1024 * 1024;
+
+impl Config {
+    /// How long a worker's claim on a delivery lasts, which is also the consumers' ack wait: the
+    /// longest a live worker needs to send (`HERALD_WEBHOOK_TIMEOUT`) and record the outcome (two
+    /// JetStream calls), plus two seconds. A live worker keeps its message with progress acks
+    /// for as long as it needs; only a dead one lets the ack wait expire, and by then its claim
+    /// has expired too.
+    pub fn claim_ttl(&self) -> Duration {
+        self.webhook_timeout + self.nats_timeout * 2 + Duration::from_secs(2)
+    }
+}
+
+/// Parses `8GB`, `512MiB` or a plain number of bytes (KB, MB, GB, TB are powers of 1000;
+/// KiB, MiB, GiB, TiB powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let bad = || format!("{s:?} is not a size like 512MB, 8GB or 1GiB");
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let multiple: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(multiple).ok_or_else(bad)
 }
 
 fn parse_with<T>(
@@ -414,6 +513,10 @@ mod tests {
             (WEBHOOK_CONCURRENCY, "-1"),
             (MAX_BODY_BYTES, "10000000"),
             (WEBHOOK_ALLOW_PRIVATE, "yes"),
+            (UNCERTAIN, "maybe"),
+            (UNCERTAIN, "pigeon=park"),
+            (MAX_STORAGE, "1MB"),
+            (MAX_STORAGE, "lots"),
         ] {
             let err = Config::from_pairs(&[(name, value)]).unwrap_err();
             assert_eq!(err.name, name, "{err}");
@@ -434,11 +537,38 @@ mod tests {
     }
 
     #[test]
-    fn jitter_stays_within_a_fifth() {
+    fn jitter_stays_within_five_percent_either_way() {
         let p = RetryPolicy { backoff: vec![Duration::from_millis(1000)], max_attempts: 3 };
-        for _ in 0..100 {
-            let d = p.jittered_delay_after(1);
-            assert!(d >= Duration::from_millis(1000) && d <= Duration::from_millis(1200), "{d:?}");
+        let delays: Vec<Duration> = (0..200).map(|_| p.jittered_delay_after(1)).collect();
+        for d in &delays {
+            assert!(*d >= Duration::from_millis(950) && *d <= Duration::from_millis(1050), "{d:?}");
         }
+        assert!(delays.iter().any(|d| *d < Duration::from_millis(1000)), "never earlier");
+        assert!(delays.iter().any(|d| *d > Duration::from_millis(1000)), "never later");
+    }
+
+    #[test]
+    fn uncertain_policy_has_a_default_and_per_channel_overrides() {
+        let c = Config::from_pairs(&[]).unwrap();
+        assert_eq!(c.uncertain.for_channel(Channel::Webhook), UncertainPolicy::Resend);
+        let c = Config::from_pairs(&[(UNCERTAIN, "park, email=resend")]).unwrap();
+        assert_eq!(c.uncertain.for_channel(Channel::Webhook), UncertainPolicy::Park);
+        assert_eq!(c.uncertain.for_channel(Channel::Email), UncertainPolicy::Resend);
+        let c = Config::from_pairs(&[(UNCERTAIN, "webhook=park")]).unwrap();
+        assert_eq!(c.uncertain.for_channel(Channel::Webhook), UncertainPolicy::Park);
+        assert_eq!(c.uncertain.for_channel(Channel::Sms), UncertainPolicy::Resend);
+    }
+
+    #[test]
+    fn sizes_are_parsed() {
+        for (text, bytes) in
+            [("8GB", 8_000_000_000), ("512MiB", 512 << 20), ("4194304", 4 << 20), ("5 MB", 5_000_000)]
+        {
+            assert_eq!(parse_bytes(text), Ok(bytes), "{text}");
+        }
+        for text in ["", "8 parsecs", "GB", "99999999999TB"] {
+            assert!(parse_bytes(text).is_err(), "{text}");
+        }
+        assert_eq!(Config::from_pairs(&[]).unwrap().max_storage, 8_000_000_000);
     }
 }

@@ -16,10 +16,19 @@ pub mod headers {
     pub const ORIGINAL_SUBJECT: &str = "Herald-Dlq-Original-Subject";
     pub const ORIGINAL_SEQUENCE: &str = "Herald-Dlq-Original-Sequence";
     pub const DEAD_AT: &str = "Herald-Dlq-Dead-At";
+    /// The original message's `Nats-Msg-Id` (its idempotency key), kept for a replay.
+    pub const ORIGINAL_MSG_ID: &str = "Herald-Dlq-Original-Msg-Id";
+    /// Set when the payload is not the whole original: its length in bytes. Only a message too
+    /// large to park whole (near the server's max payload) is cut, to [`super::TRUNCATED_BYTES`].
+    pub const TRUNCATED_FROM: &str = "Herald-Dlq-Truncated-From";
 }
 
+/// How much of a payload too large to park whole is kept.
+pub const TRUNCATED_BYTES: usize = 4096;
+
 /// Why a message was parked. The string forms are stable: operators filter on them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// Not MessagePack or JSON of the intent's shape.
     Undecodable,
@@ -33,6 +42,10 @@ pub enum Reason {
     AttemptsExhausted,
     /// The server gave up redelivering it (a worker died holding it on its last attempt).
     MaxDeliveries,
+    /// A worker started sending it and died before recording the outcome: the receiver may or
+    /// may not have it. Parked instead of resent under `HERALD_UNCERTAIN=park`, and always when
+    /// that was the last attempt.
+    Uncertain,
 }
 
 impl Reason {
@@ -44,6 +57,7 @@ impl Reason {
             Reason::Rejected => "rejected",
             Reason::AttemptsExhausted => "attempts_exhausted",
             Reason::MaxDeliveries => "max_deliveries",
+            Reason::Uncertain => "uncertain",
         }
     }
 
@@ -55,6 +69,7 @@ impl Reason {
             Reason::Rejected,
             Reason::AttemptsExhausted,
             Reason::MaxDeliveries,
+            Reason::Uncertain,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -62,7 +77,8 @@ impl Reason {
 }
 
 /// What kind of failure the last error was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorClass {
     /// Retrying could have helped (timeouts, 5xx, 429), but attempts ran out.
     Transient,
@@ -102,7 +118,14 @@ impl DeadLetter {
         if let Some(original) = original {
             for (name, values) in original.iter() {
                 let name: &str = name.as_ref();
-                if name.eq_ignore_ascii_case("Nats-Msg-Id") || name.starts_with("Nats-") {
+                if name.eq_ignore_ascii_case("Nats-Msg-Id") {
+                    if let Some(id) = values.first() {
+                        h.insert(headers::ORIGINAL_MSG_ID, id.as_str());
+                    }
+                    continue;
+                }
+                // Server-set and scheduling headers would act again on the DLQ stream.
+                if name.starts_with("Nats-") {
                     continue;
                 }
                 for v in values {
@@ -165,6 +188,7 @@ mod tests {
         original.insert("Herald-Correlation-Id", "c1");
         let h = dl.headers(Some(&original));
         assert!(h.get("Nats-Msg-Id").is_none());
+        assert_eq!(h.get(headers::ORIGINAL_MSG_ID).unwrap().as_str(), "k1");
         assert_eq!(h.get("Herald-Correlation-Id").unwrap().as_str(), "c1");
         assert_eq!(h.get(headers::LAST_ERROR).unwrap().as_str(), "400 Bad Request:  no such user");
         let back = DeadLetter::from_headers(&h).unwrap();

@@ -28,6 +28,12 @@ pub mod headers {
 
 /// Largest encoded intent a worker accepts; anything larger is dead-lettered as invalid.
 pub const MAX_INTENT_BYTES: usize = 256 * 1024;
+/// Most metadata entries an intent may carry.
+pub const MAX_METADATA_ENTRIES: usize = 64;
+/// Longest category, tenant, metadata key (and a quarter of the longest metadata value).
+pub const MAX_SHORT_TEXT: usize = 256;
+/// Longest title or subject, in characters.
+pub const MAX_TITLE: usize = 1024;
 
 /// A delivery channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -150,7 +156,7 @@ pub struct Intent {
     pub expires_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
-    /// When the gateway accepted it (or, for direct publishes, when the worker first saw it).
+    /// When the gateway accepted it (for direct publishes without it, when JetStream stored it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<DateTime<Utc>>,
 }
@@ -278,7 +284,8 @@ impl Intent {
         Ok(intent)
     }
 
-    /// The checks every entry point shares (the gateway answers 422 with the same field).
+    /// The checks every entry point shares: the gateway answers 422 with the same field, a
+    /// worker dead-letters a direct publish that fails them as `invalid`.
     pub fn validate(&self) -> Result<(), Rejection> {
         if self.version > SCHEMA_VERSION {
             return Err(Rejection::invalid(
@@ -307,6 +314,50 @@ impl Intent {
                 ));
             }
         }
+        if let Some(t) = &self.tenant
+            && !is_valid_tenant(t)
+        {
+            return Err(Rejection::invalid("tenant", "must be 1 to 256 visible ASCII characters"));
+        }
+        if self.content == Content::default() && self.data.is_empty() {
+            return Err(Rejection::invalid("content", "give content (title, subject, body or html) or data"));
+        }
+        for (field, value, max) in [
+            ("content.title", &self.content.title, MAX_TITLE),
+            ("content.subject", &self.content.subject, MAX_TITLE),
+            ("category", &self.category, MAX_SHORT_TEXT),
+            ("correlation_id", &self.correlation_id, 128),
+        ] {
+            if value.as_ref().is_some_and(|v| v.chars().count() > max) {
+                return Err(Rejection::invalid(field, format!("longer than {max} characters")));
+            }
+        }
+        if self.metadata.len() > MAX_METADATA_ENTRIES {
+            return Err(Rejection::invalid("metadata", format!("more than {MAX_METADATA_ENTRIES} entries")));
+        }
+        if let Some((k, _)) = self
+            .metadata
+            .iter()
+            .find(|(k, v)| k.is_empty() || k.len() > MAX_SHORT_TEXT || v.len() > MAX_SHORT_TEXT * 4)
+        {
+            return Err(Rejection::invalid(
+                format!("metadata.{k}"),
+                "keys are 1 to 256 bytes and values at most 1024",
+            ));
+        }
+        if let Some(at) = self.send_at {
+            let furthest = Utc::now()
+                + chrono::Duration::from_std(crate::topology::MAX_SCHEDULE_AHEAD).expect("days fit");
+            if at > furthest {
+                return Err(Rejection::invalid(
+                    "send_at",
+                    format!(
+                        "is more than {} days ahead",
+                        crate::topology::MAX_SCHEDULE_AHEAD.as_secs() / 86_400
+                    ),
+                ));
+            }
+        }
         if let (Some(send), Some(expires)) = (self.send_at, self.expires_at)
             && expires <= send
         {
@@ -314,6 +365,11 @@ impl Intent {
         }
         Ok(())
     }
+}
+
+/// Tenants become message headers and ledger keys: visible ASCII, bounded.
+pub fn is_valid_tenant(tenant: &str) -> bool {
+    (1..=MAX_SHORT_TEXT).contains(&tenant.len()) && tenant.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// A fresh notification id: a UUIDv7, so ids sort by creation time.
@@ -430,23 +486,48 @@ mod tests {
         check(br#"{"recipient":"not an object"}"#, None, Err("undecodable: json"));
         check(br#"{"id":"a"}"#, None, Err("undecodable: json"));
         check(format!(r#"{{"id":"a b",{ok_url}}}"#).as_bytes(), None, Err("invalid: id"));
-        check(br#"{"recipient":{}}"#, None, Err("invalid: recipient.webhook_url"));
-        check(br#"{"recipient":{"webhook_url":"ftp://h/"}}"#, None, Err("invalid: recipient.webhook_url"));
+        check(br#"{"recipient":{},"data":{"a":1}}"#, None, Err("invalid: recipient.webhook_url"));
         check(
-            br#"{"recipient":{"webhook_url":"http://u:p@h/"}}"#,
+            br#"{"recipient":{"webhook_url":"ftp://h/"},"data":{"a":1}}"#,
+            None,
+            Err("invalid: recipient.webhook_url"),
+        );
+        check(
+            br#"{"recipient":{"webhook_url":"http://u:p@h/"},"data":{"a":1}}"#,
             None,
             Err("invalid: recipient.webhook_url"),
         );
         check(format!(r#"{{"channel":"email",{ok_url}}}"#).as_bytes(), None, Err("invalid: channel"));
         check(format!(r#"{{"version":99,{ok_url}}}"#).as_bytes(), None, Err("invalid: version"));
         check(
-            format!(r#"{{"send_at":"2030-01-02T00:00:00Z","expires_at":"2030-01-01T00:00:00Z",{ok_url}}}"#)
+            format!(r#"{{"send_at":"2030-01-02T00:00:00Z","expires_at":"2030-01-01T00:00:00Z","data":{{"a":1}},{ok_url}}}"#)
                 .as_bytes(),
             None,
             Err("invalid: expires_at"),
         );
         check(&vec![b' '; MAX_INTENT_BYTES + 1], None, Err("invalid: payload"));
-        check(format!(r#"{{{ok_url}}}"#).as_bytes(), None, Ok(()));
+        // The gateway's limits hold for direct publishes too.
+        let body = r#""content":{"body":"b"}"#;
+        check(format!(r#"{{{ok_url}}}"#).as_bytes(), None, Err("invalid: content"));
+        let long = "t".repeat(MAX_TITLE + 1);
+        check(
+            format!(r#"{{{ok_url},"content":{{"title":"{long}"}}}}"#).as_bytes(),
+            None,
+            Err("invalid: content.title"),
+        );
+        let many: Vec<String> = (0..=MAX_METADATA_ENTRIES).map(|i| format!(r#""k{i}":"v""#)).collect();
+        check(
+            format!(r#"{{{ok_url},{body},"metadata":{{{}}}}}"#, many.join(",")).as_bytes(),
+            None,
+            Err("invalid: metadata"),
+        );
+        check(
+            format!(r#"{{{ok_url},{body},"send_at":"2999-01-01T00:00:00Z"}}"#).as_bytes(),
+            None,
+            Err("invalid: send_at"),
+        );
+        check(format!(r#"{{{ok_url},{body},"tenant":"a b"}}"#).as_bytes(), None, Err("invalid: tenant"));
+        check(format!(r#"{{{ok_url},{body}}}"#).as_bytes(), None, Ok(()));
     }
 
     #[test]

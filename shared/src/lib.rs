@@ -2,8 +2,10 @@
 //!
 //! - [`intent`]: the versioned [`Intent`] and its codec (MessagePack with named fields, or JSON
 //!   from people publishing with the `nats` CLI), and the validation every entry point shares.
-//! - [`state`]: what Herald knows about a notification: [`NotificationRecord`] in the
-//!   `herald_notifications` bucket and the [`StatusEvent`] published for every attempt.
+//! - [`ledger`]: the delivery ledger in the `herald_notifications` bucket: claimed before a
+//!   send, settled after it, with compare-and-set; also what `GET` reads.
+//! - [`state`]: what Herald tells about a notification: [`NotificationRecord`] and the
+//!   [`StatusEvent`] published for every settled attempt.
 //! - [`deadletter`]: how a dead letter is written into HERALD_DLQ and read back.
 //! - [`topology`]: every stream, consumer and bucket, declared once and ensured at start.
 //! - [`config`]: every `HERALD_*` variable, read in one place into [`Config`].
@@ -13,13 +15,14 @@
 //!   (used by `herald up`, the benchmark and every test).
 //! - [`telemetry`]: tracing set-up, human-readable or JSON.
 //!
-//! `shared` does no network I/O except through [`topology`] (JetStream) and [`nats_server`]
-//! (the child process).
+//! `shared` does no network I/O except through [`topology`] and [`ledger`] (JetStream) and
+//! [`nats_server`] (the child process).
 
 pub mod auth;
 pub mod config;
 pub mod deadletter;
 pub mod intent;
+pub mod ledger;
 pub mod nats_server;
 pub mod signature;
 pub mod state;

@@ -13,11 +13,7 @@ use async_nats::jetstream::{
     stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
 };
 
-use crate::{
-    config::{Config, RetryPolicy},
-    intent::Channel,
-    state::{Notifications, Outcome},
-};
+use crate::{config::Config, intent::Channel, ledger::Ledger, state::Outcome};
 
 pub const INTENTS_STREAM: &str = "HERALD_INTENTS";
 pub const STATUS_STREAM: &str = "HERALD_STATUS";
@@ -33,9 +29,41 @@ pub const BENCH_SUBJECT: &str = "herald.bench";
 const DAY: Duration = Duration::from_secs(24 * 3600);
 /// How long HERALD_INTENTS keeps a message (a pending schedule included).
 pub const INTENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-/// The furthest `send_at` the gateway accepts: a day short of [`INTENTS_MAX_AGE`], so a
-/// schedule always fires before the stream would drop it.
+/// The furthest `send_at` accepted: a day short of [`INTENTS_MAX_AGE`], so a schedule always
+/// fires before the stream would drop it.
 pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(6 * 24 * 3600);
+/// How long the ledger keeps an entry: longer than HERALD_INTENTS keeps the intent, so any
+/// message still stored, replayed or redelivered finds its notification's outcome.
+pub const LEDGER_MAX_AGE: Duration = Duration::from_secs(8 * 24 * 3600);
+/// How long status events are kept: a log to follow, not a record to keep.
+pub const STATUS_MAX_AGE: Duration = Duration::from_secs(3 * 24 * 3600);
+/// How long advisories are kept: the mover handles them within seconds; a day covers workers
+/// that were all down.
+pub const ADVISORIES_MAX_AGE: Duration = DAY;
+/// At most this many advisories per kind and consumer: a flood of retries (`MSG_NAKED`) cannot
+/// push out a max-deliveries advisory of another kind, and stays bounded.
+pub const ADVISORIES_PER_SUBJECT: i64 = 100_000;
+/// The DLQ's duplicate window: a worker and the mover parking the same message do so within
+/// seconds of each other (the ledger keeps them apart beyond that); a long window would cost
+/// the server memory per dead letter.
+pub const DLQ_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// The status stream's duplicate window, for a retried event publish.
+pub const STATUS_DUPLICATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// The share of `HERALD_MAX_STORAGE`, in percent, each stream and the bucket may use.
+pub const STORAGE_SHARES: [(&str, u64); 5] = [
+    (INTENTS_STREAM, 50),
+    (NOTIFICATIONS_BUCKET, 20),
+    (DLQ_STREAM, 15),
+    (STATUS_STREAM, 10),
+    (ADVISORIES_STREAM, 5),
+];
+
+/// The bytes `name` may use out of `max_storage`.
+pub fn storage_share(name: &str, max_storage: u64) -> i64 {
+    let percent = STORAGE_SHARES.iter().find(|(n, _)| *n == name).map_or(0, |(_, p)| *p);
+    (max_storage / 100 * percent) as i64
+}
 
 /// `herald.intent.<channel>`: where intents are published.
 pub fn intent_subject(channel: Channel) -> String {
@@ -66,7 +94,7 @@ pub fn advisory_subjects() -> Vec<String> {
         .collect()
 }
 
-pub fn intents_stream_config(duplicate_window: Duration, replicas: usize) -> stream::Config {
+pub fn intents_stream_config(duplicate_window: Duration, replicas: usize, max_bytes: i64) -> stream::Config {
     stream::Config {
         num_replicas: replicas,
         name: INTENTS_STREAM.into(),
@@ -77,6 +105,10 @@ pub fn intents_stream_config(duplicate_window: Duration, replicas: usize) -> str
         retention: RetentionPolicy::Limits,
         storage: StorageType::File,
         max_age: INTENTS_MAX_AGE,
+        max_bytes,
+        // Full means new intents are refused (the gateway answers 503 `storage_full`), never
+        // that stored ones are dropped.
+        discard: DiscardPolicy::New,
         duplicate_window,
         allow_direct: true,
         allow_message_schedules: true,
@@ -84,54 +116,64 @@ pub fn intents_stream_config(duplicate_window: Duration, replicas: usize) -> str
     }
 }
 
-fn status_stream_config(replicas: usize) -> stream::Config {
+fn status_stream_config(replicas: usize, max_bytes: i64) -> stream::Config {
     stream::Config {
         num_replicas: replicas,
         name: STATUS_STREAM.into(),
-        description: Some("one event per delivery attempt".into()),
+        description: Some("one event per settled delivery attempt".into()),
         subjects: vec!["herald.status.>".into()],
         storage: StorageType::File,
-        max_age: 7 * DAY,
+        max_age: STATUS_MAX_AGE,
+        max_bytes,
+        // A log: when full, the oldest events make room.
+        discard: DiscardPolicy::Old,
+        duplicate_window: STATUS_DUPLICATE_WINDOW,
         ..Default::default()
     }
 }
 
-fn dlq_stream_config(replicas: usize) -> stream::Config {
+fn dlq_stream_config(replicas: usize, max_bytes: i64) -> stream::Config {
     stream::Config {
         num_replicas: replicas,
         name: DLQ_STREAM.into(),
         description: Some("dead letters: the original intent plus why it was parked".into()),
         subjects: vec!["herald.dlq.>".into()],
         storage: StorageType::File,
-        // Kept until an operator replays or discards them.
-        discard: DiscardPolicy::Old,
-        // Long enough that a worker and the advisory mover parking the same message, even
-        // minutes apart, store it once (dead letters are few, so the ids cost little).
-        duplicate_window: Duration::from_secs(3600),
+        // Kept until an operator replays or discards them. When full, parking fails and the
+        // worker keeps the message in HERALD_INTENTS (retrying), so nothing is lost.
+        max_bytes,
+        discard: DiscardPolicy::New,
+        duplicate_window: DLQ_DUPLICATE_WINDOW,
         allow_direct: true,
         ..Default::default()
     }
 }
 
-fn advisories_stream_config(replicas: usize) -> stream::Config {
+fn advisories_stream_config(replicas: usize, max_bytes: i64) -> stream::Config {
     stream::Config {
         num_replicas: replicas,
         name: ADVISORIES_STREAM.into(),
         description: Some("consumer advisories about HERALD_INTENTS".into()),
         subjects: advisory_subjects(),
         storage: StorageType::File,
-        max_age: 7 * DAY,
+        max_age: ADVISORIES_MAX_AGE,
+        max_bytes,
+        max_messages_per_subject: ADVISORIES_PER_SUBJECT,
+        discard: DiscardPolicy::Old,
         ..Default::default()
     }
 }
 
-fn notifications_bucket_config(replicas: usize) -> kv::Config {
+fn notifications_bucket_config(replicas: usize, max_bytes: i64) -> kv::Config {
     kv::Config {
         num_replicas: replicas,
         bucket: NOTIFICATIONS_BUCKET.into(),
-        description: "notification id -> per-channel status".into(),
+        description: "the delivery ledger: (tenant, notification, channel) -> state".into(),
         history: 1,
-        max_age: 30 * DAY,
+        max_age: LEDGER_MAX_AGE,
+        // Full means ledger writes fail: the gateway answers 503 and workers hold their
+        // messages until there is room; nothing is dropped.
+        max_bytes,
         storage: StorageType::File,
         ..Default::default()
     }
@@ -142,39 +184,39 @@ pub fn bench_stream_config() -> stream::Config {
         name: BENCH_STREAM.into(),
         subjects: vec![BENCH_SUBJECT.into()],
         storage: StorageType::File,
-        ..intents_stream_config(Duration::from_secs(120), 1)
+        ..intents_stream_config(Duration::from_secs(120), 1, -1)
     }
 }
 
 /// The durable pull consumer of one channel.
 ///
-/// `max_deliver` is the retry policy's attempt count. The `backoff` list only matters when a
-/// worker dies holding a message (ack-wait expiry). Each step is at least twice the longest a
-/// live worker can hold a message — one whole handling (ledger read, send, record, each bounded
-/// by `nats_timeout` or `send_timeout`) — plus a second: a message can also wait in the pull
-/// buffer for one handling before its own starts, and must not be redelivered underneath a
-/// live worker. Transient failures are retried with `Nak(delay)` by the worker.
-pub fn channel_consumer_config(
-    channel: Channel,
-    retry: &RetryPolicy,
-    send_timeout: Duration,
-    nats_timeout: Duration,
-    max_ack_pending: usize,
-) -> pull::Config {
-    let handling = send_timeout + nats_timeout * 3;
-    let floor = handling * 2 + Duration::from_secs(1);
-    let backoff = retry.backoff.iter().take(retry.max_attempts as usize).map(|d| (*d).max(floor)).collect();
+/// Herald retries with `Nak(delay)`, so the consumer has no `backoff` list (nats-server
+/// backdates a delayed Nak by the first backoff step and then waits for the step of the next
+/// redelivery, which stretched every later retry). The ack wait is the claim's lifetime: a
+/// live worker holds its message with progress acks for as long as it needs, so the ack wait
+/// only decides how soon a dead worker's message comes back. `max_deliver` leaves room for
+/// redeliveries that are not attempts (a busy claim, a shutdown, a scheduled wait); attempts
+/// are counted by the ledger. `start` resumes a recreated consumer after the old one's ack floor.
+pub fn channel_consumer_config(channel: Channel, config: &Config, start: Option<u64>) -> pull::Config {
     pull::Config {
         durable_name: Some(channel.to_string()),
         description: Some(format!("{channel} worker")),
         filter_subject: intent_subject(channel),
         ack_policy: AckPolicy::Explicit,
-        deliver_policy: DeliverPolicy::All,
-        max_deliver: retry.max_attempts as i64,
-        backoff,
-        max_ack_pending: max_ack_pending as i64,
+        deliver_policy: match start {
+            Some(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
+            None => DeliverPolicy::All,
+        },
+        ack_wait: config.claim_ttl(),
+        max_deliver: max_deliveries(config.retry.max_attempts),
+        max_ack_pending: (config.webhook_concurrency * 2 + MAX_WAITING_RETRIES) as i64,
         ..Default::default()
     }
+}
+
+/// Deliveries of one message the server allows: two per attempt plus five.
+pub fn max_deliveries(max_attempts: u32) -> i64 {
+    i64::from(max_attempts) * 2 + 5
 }
 
 fn dlq_mover_config() -> pull::Config {
@@ -194,27 +236,23 @@ fn dlq_mover_config() -> pull::Config {
 /// would stop the whole channel; in-flight work is bounded by the worker, not by this.
 pub const MAX_WAITING_RETRIES: usize = 10_000;
 
-/// The consumer of `channel` as `config` wants it. The worker keeps at most
-/// `webhook_concurrency` messages in flight and as many in its pull buffer.
-pub fn channel_consumer(channel: Channel, config: &Config) -> pull::Config {
-    channel_consumer_config(
-        channel,
-        &config.retry,
-        config.webhook_timeout,
-        config.nats_timeout,
-        config.webhook_concurrency * 2 + MAX_WAITING_RETRIES,
-    )
-}
-
 /// Every stream Herald ensures, in creation order.
 pub fn stream_configs(config: &Config) -> Vec<stream::Config> {
     let r = config.stream_replicas;
+    let share = |name| storage_share(name, config.max_storage);
     vec![
-        intents_stream_config(config.duplicate_window, r),
-        status_stream_config(r),
-        dlq_stream_config(r),
-        advisories_stream_config(r),
+        intents_stream_config(config.duplicate_window, r, share(INTENTS_STREAM)),
+        status_stream_config(r, share(STATUS_STREAM)),
+        dlq_stream_config(r, share(DLQ_STREAM)),
+        advisories_stream_config(r, share(ADVISORIES_STREAM)),
     ]
+}
+
+fn bucket_config(config: &Config) -> kv::Config {
+    notifications_bucket_config(
+        config.stream_replicas,
+        storage_share(NOTIFICATIONS_BUCKET, config.max_storage),
+    )
 }
 
 /// The topology as JetStream API JSON documents (`nats stream add --config <file>`,
@@ -228,7 +266,7 @@ pub fn definitions(config: &Config) -> Vec<(String, serde_json::Value)> {
         })
         .collect();
     for &channel in &config.channels {
-        let c = channel_consumer(channel, config);
+        let c = channel_consumer_config(channel, config, None);
         out.push((
             format!("consumer.{INTENTS_STREAM}.{channel}.json"),
             serde_json::to_value(&c).expect("consumer configs serialize"),
@@ -247,17 +285,29 @@ pub struct Topology {
     pub js: jetstream::Context,
     pub intents: stream::Stream,
     pub advisories: stream::Stream,
-    pub notifications: Notifications,
+    /// The delivery ledger in `herald_notifications`.
+    pub ledger: Ledger,
 }
 
 impl Topology {
-    /// The durable consumer of `channel`, created or updated to match `config`.
+    /// The durable consumer of `channel`. An existing one is used as it is (only `herald
+    /// topology apply` changes it); a missing one is created, starting after `resume_after`
+    /// when the worker knows where a deleted one had got to.
     pub async fn channel_consumer(
         &self,
         channel: Channel,
         config: &Config,
-    ) -> Result<PullConsumer, jetstream::stream::ConsumerError> {
-        self.intents.create_consumer(channel_consumer(channel, config)).await
+        resume_after: Option<u64>,
+    ) -> Result<PullConsumer, async_nats::Error> {
+        use jetstream::context::ConsumerInfoErrorKind;
+        match self.intents.consumer_info(channel.as_str()).await {
+            Ok(_) => self.intents.get_consumer(channel.as_str()).await,
+            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+                let start = resume_after.map(|floor| floor + 1);
+                Ok(self.intents.create_consumer(channel_consumer_config(channel, config, start)).await?)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The durable consumer of max-delivery advisories.
@@ -266,23 +316,147 @@ impl Topology {
     }
 }
 
-/// Creates or updates every stream and bucket.
-pub async fn ensure(js: &jetstream::Context, config: &Config) -> anyhow::Result<Topology> {
-    use anyhow::Context as _;
-    for stream in stream_configs(config) {
-        let name = stream.name.clone();
-        js.create_or_update_stream(stream).await.with_context(|| format!("ensuring stream {name}"))?;
+/// Why the topology could not be ensured.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// NATS did not answer or refused a request: worth retrying.
+    #[error("{0}")]
+    Nats(String),
+    /// What exists differs from this process's configuration in a way it must not change on
+    /// its own (replicas): starting would silently reconfigure every other process.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+fn nats(context: &str) -> impl Fn(&dyn std::fmt::Display) -> TopologyError + '_ {
+    move |e| TopologyError::Nats(format!("{context}: {e}"))
+}
+
+/// Creates what is missing and checks what exists. Existing streams and the bucket are not
+/// changed: a process configured differently (say a worker started without
+/// `HERALD_STREAM_REPLICAS=3` against a cluster) must not reconfigure what every other process
+/// uses. A replica count that differs is refused with [`TopologyError::Mismatch`]; other
+/// differences are logged with the advice to run `herald topology apply`, which is the one
+/// command that changes existing definitions.
+pub async fn ensure(js: &jetstream::Context, config: &Config) -> Result<Topology, TopologyError> {
+    for want in stream_configs(config) {
+        let name = want.name.clone();
+        match js.get_stream(&name).await {
+            Ok(mut existing) => {
+                let have = existing.info().await.map_err(|e| nats(&name)(&e))?.config.clone();
+                check_drift(&want, &have)?;
+            }
+            Err(e) if stream_not_found(&e) => {
+                js.create_stream(want).await.map_err(|e| nats(&name)(&e))?;
+            }
+            Err(e) => return Err(nats(&name)(&e)),
+        }
+    }
+    let bucket = bucket_config(config);
+    let kv_stream = format!("KV_{NOTIFICATIONS_BUCKET}");
+    let kv = match js.get_stream(&kv_stream).await {
+        Ok(mut existing) => {
+            let have = existing.info().await.map_err(|e| nats(&kv_stream)(&e))?.config.clone();
+            let want = stream::Config {
+                name: kv_stream.clone(),
+                num_replicas: bucket.num_replicas,
+                max_bytes: bucket.max_bytes,
+                max_age: bucket.max_age,
+                ..have.clone()
+            };
+            check_drift(&want, &have)?;
+            js.get_key_value(NOTIFICATIONS_BUCKET).await.map_err(|e| nats(NOTIFICATIONS_BUCKET)(&e))?
+        }
+        Err(e) if stream_not_found(&e) => {
+            js.create_key_value(bucket).await.map_err(|e| nats(NOTIFICATIONS_BUCKET)(&e))?
+        }
+        Err(e) => return Err(nats(&kv_stream)(&e)),
+    };
+    handles(js, config, kv).await
+}
+
+/// Creates or updates every stream, the bucket and every consumer to match `config`: what
+/// `herald topology apply` runs after a change of replicas, storage or retries. A consumer keeps
+/// its position (its deliver policy cannot change).
+pub async fn apply(js: &jetstream::Context, config: &Config) -> Result<Topology, TopologyError> {
+    for want in stream_configs(config) {
+        let name = want.name.clone();
+        js.create_or_update_stream(want).await.map_err(|e| nats(&name)(&e))?;
     }
     let kv = js
-        .create_or_update_key_value(notifications_bucket_config(config.stream_replicas))
+        .create_or_update_key_value(bucket_config(config))
         .await
-        .context("ensuring bucket herald_notifications")?;
+        .map_err(|e| nats(NOTIFICATIONS_BUCKET)(&e))?;
+    let topology = handles(js, config, kv).await?;
+    for &channel in &config.channels {
+        let mut want = channel_consumer_config(channel, config, None);
+        if let Ok(mut existing) = topology.intents.get_consumer::<pull::Config>(channel.as_str()).await {
+            let info = existing.info().await.map_err(|e| nats(channel.as_str())(&e))?;
+            want.deliver_policy = info.config.deliver_policy;
+        }
+        topology.intents.create_consumer(want).await.map_err(|e| nats(channel.as_str())(&e))?;
+    }
+    topology
+        .advisories
+        .create_consumer(dlq_mover_config())
+        .await
+        .map_err(|e| nats(DLQ_MOVER_CONSUMER)(&e))?;
+    Ok(topology)
+}
+
+async fn handles(js: &jetstream::Context, config: &Config, kv: kv::Store) -> Result<Topology, TopologyError> {
     Ok(Topology {
         js: js.clone(),
-        intents: js.get_stream(INTENTS_STREAM).await?,
-        advisories: js.get_stream(ADVISORIES_STREAM).await?,
-        notifications: Notifications::new(js.clone(), kv),
+        intents: js.get_stream(INTENTS_STREAM).await.map_err(|e| nats(INTENTS_STREAM)(&e))?,
+        advisories: js.get_stream(ADVISORIES_STREAM).await.map_err(|e| nats(ADVISORIES_STREAM)(&e))?,
+        ledger: Ledger::new(js.clone(), kv, config.claim_ttl()),
     })
+}
+
+/// Whether a JetStream error says a stream or bucket is full (its `max_bytes`, or the server's
+/// storage, is used up). Both a refused publish and a refused KV write say it this way.
+pub fn is_storage_full(error: &dyn std::fmt::Display) -> bool {
+    let text = error.to_string().to_lowercase();
+    ["maximum bytes exceeded", "maximum messages exceeded", "insufficient resources", "resources exceeded"]
+        .iter()
+        .any(|needle| text.contains(needle))
+}
+
+fn stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// Refuses a replica count that differs; warns about other differences.
+fn check_drift(want: &stream::Config, have: &stream::Config) -> Result<(), TopologyError> {
+    if want.num_replicas != have.num_replicas {
+        return Err(TopologyError::Mismatch(format!(
+            "stream {} has {} replica(s) but HERALD_STREAM_REPLICAS is {}: refusing to start rather than \
+             reconfigure it for every other process; set HERALD_STREAM_REPLICAS={} or change it with \
+             `herald topology apply`",
+            want.name, have.num_replicas, want.num_replicas, have.num_replicas
+        )));
+    }
+    let differs: Vec<&str> = [
+        ("max_bytes", want.max_bytes != have.max_bytes),
+        ("max_age", want.max_age != have.max_age),
+        (
+            "duplicate_window",
+            want.duplicate_window != have.duplicate_window && want.duplicate_window != Duration::ZERO,
+        ),
+        ("discard", want.discard != have.discard),
+    ]
+    .into_iter()
+    .filter_map(|(field, differs)| differs.then_some(field))
+    .collect();
+    if !differs.is_empty() {
+        tracing::warn!(
+            stream = %want.name,
+            fields = ?differs,
+            "the stream differs from this process's configuration; using it as it is (`herald topology apply` updates it)"
+        );
+    }
+    Ok(())
 }
 
 /// Connects to the configured NATS servers and builds the JetStream context every service uses.
@@ -327,14 +501,16 @@ pub async fn connect(
     Ok((client, js))
 }
 
-/// [`ensure`], retried until NATS answers (a service may start before its server).
-pub async fn ensure_with_retry(js: &jetstream::Context, config: &Config) -> anyhow::Result<Topology> {
+/// [`ensure`], retried until NATS answers (a service may start before its server). A
+/// [`TopologyError::Mismatch`] is returned at once.
+pub async fn ensure_with_retry(js: &jetstream::Context, config: &Config) -> Result<Topology, TopologyError> {
     let mut delay = Duration::from_millis(100);
     loop {
         match ensure(js, config).await {
             Ok(t) => return Ok(t),
+            Err(e @ TopologyError::Mismatch(_)) => return Err(e),
             Err(e) => {
-                tracing::warn!(error = format!("{e:#}"), "JetStream topology not ready; retrying");
+                tracing::warn!(error = %e, "JetStream topology not ready; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }

@@ -1,21 +1,27 @@
 //! The loop every channel worker runs.
 //!
-//! One durable pull consumer per channel. At most `concurrency` deliveries are in flight (a
-//! semaphore; the consumer's `max_ack_pending` is twice that), so a slow provider slows only
-//! its own channel and memory stays bounded. For each message:
+//! One durable pull consumer per channel. The worker pulls exactly as many messages as it has
+//! free delivery slots (`HERALD_WEBHOOK_CONCURRENCY`) and starts each as it arrives, so no
+//! message waits in a buffer while its ack wait runs, and memory stays bounded. While a message
+//! is handled the worker sends progress acks, so the server redelivers only what a dead worker
+//! held. For each message:
 //!
 //! 1. Decode and validate; a message that fails is parked in HERALD_DLQ (`undecodable` or
 //!    `invalid`) and terminated, never retried.
-//! 2. The ledger: if the channel's entry says delivered, the message was sent already (the
-//!    worker died or the ack was lost after the send, or the consumer was recreated); it is
-//!    acked, not resent. If it says this very message was dead-lettered, it is terminated.
-//! 3. An intent past `expires_at` is parked as `expired`.
-//! 4. Deliver. Success: record, ack. Transient failure with attempts left: record, `Nak` with
-//!    the backoff (or the provider's `Retry-After`). Permanent failure, or the last attempt:
-//!    park, record, terminate.
+//! 2. A future `send_at` (a direct publish; the gateway schedules its own) waits with a `Nak`.
+//! 3. The ledger decides ([`herald_shared::ledger::decide`]): acknowledge what was delivered,
+//!    terminate what is in the DLQ, wait for another worker's live claim, park what must be
+//!    parked (expired, attempts used up, an uncertain send under `HERALD_UNCERTAIN=park`), or
+//!    claim it and send.
+//! 4. After the send, the outcome is settled in the ledger — retried for as long as it takes,
+//!    the message held meanwhile — and only then acknowledged (`double_ack`, confirmed by the
+//!    server): delivered → ack; transient failure with attempts left → `Nak` with the backoff
+//!    (or the provider's longer `Retry-After`); permanent failure or the last attempt → park,
+//!    settle, terminate.
 //!
-//! If the ledger cannot be read or parking fails (NATS is down), the message is `Nak`ed on the
-//! retry backoff, not terminated, so nothing is lost.
+//! On shutdown the worker stops pulling, `Nak`s what arrives unstarted, and lets deliveries in
+//! flight finish (for at most [`SHUTDOWN_GRACE`], after which an unrecorded one is left to be
+//! redelivered as uncertain).
 
 use std::{sync::Arc, time::Duration};
 
@@ -27,28 +33,42 @@ use chrono::Utc;
 use futures::StreamExt;
 use herald_shared::{
     Channel, Config, Intent,
+    config::UncertainPolicy,
     deadletter::{DeadLetter, ErrorClass, Reason},
-    state::{Attempt, ChannelEntry, Outcome, Status},
+    intent::Rejection,
+    ledger::{Begin, Held, Settle, Settled},
+    state::Status,
     topology::Topology,
 };
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::Instrument;
 
 use crate::{Deliver, DeliveryError, park::park};
 
 /// Longest `Retry-After` honoured; a provider asking for more is retried after this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// How long a pull request waits for messages before the worker asks again.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// How long deliveries in flight may take to finish after a stop is asked for.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How often the consumer's ack floor is noted, to resume a recreated consumer after it.
+const FLOOR_EVERY: Duration = Duration::from_secs(5);
+/// Effectively forever: a ledger write is retried until it is stored (or shutdown gives up).
+const UNTIL_STORED: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub struct ChannelWorker<D> {
     channel: Channel,
     config: Config,
     topology: Topology,
     deliver: Arc<D>,
+    /// `HERALD_UNCERTAIN` for this channel.
+    uncertain: UncertainPolicy,
 }
 
 impl<D: Deliver> ChannelWorker<D> {
     pub fn new(channel: Channel, config: Config, topology: Topology, deliver: Arc<D>) -> ChannelWorker<D> {
-        ChannelWorker { channel, config, topology, deliver }
+        let uncertain = config.uncertain.for_channel(channel);
+        ChannelWorker { channel, config, topology, deliver, uncertain }
     }
 
     /// Pulls and delivers until `stop` turns true, then waits for in-flight deliveries.
@@ -56,65 +76,88 @@ impl<D: Deliver> ChannelWorker<D> {
         let concurrency = self.config.webhook_concurrency;
         let limit = Arc::new(Semaphore::new(concurrency));
         let this = Arc::new(self);
-        tracing::info!(channel = %this.channel, concurrency, "worker started");
-        'outer: while !*stop.borrow() {
-            let pull = async {
-                let consumer = this.topology.channel_consumer(this.channel, &this.config).await?;
-                let messages = consumer
-                    .stream()
-                    .max_messages_per_batch(concurrency)
-                    .heartbeat(Duration::from_secs(5))
-                    .expires(Duration::from_secs(30))
-                    .messages()
-                    .await?;
-                Ok::<_, async_nats::Error>(messages)
-            };
-            let mut messages = match pull.await {
-                Ok(m) => m,
+        // The ack floor of the consumer as last seen: where a recreated one resumes.
+        let mut floor: Option<u64> = None;
+        tracing::info!(channel = %this.channel, concurrency, uncertain = ?this.uncertain, "worker started");
+        let mut stopping = *stop.borrow();
+        'outer: while !stopping {
+            let mut consumer = match this.topology.channel_consumer(this.channel, &this.config, floor).await {
+                Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(channel = %this.channel, error = %e, "cannot pull; retrying");
+                    tracing::warn!(channel = %this.channel, error = %e, "cannot reach the consumer; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                         _ = stop.changed() => break,
                     }
                 }
             };
+            let mut noted = tokio::time::Instant::now() - FLOOR_EVERY;
             loop {
-                // Wait for room before taking the next message. The pull buffer still holds up to
-                // `concurrency` more, delivered and waiting; the consumer's ack wait allows for it.
-                let permit = tokio::select! {
+                if noted.elapsed() >= FLOOR_EVERY {
+                    if let Ok(info) = consumer.info().await {
+                        floor = Some(info.ack_floor.stream_sequence);
+                    }
+                    noted = tokio::time::Instant::now();
+                }
+                // Pull as many as there are free slots, at least one.
+                let first = tokio::select! {
                     p = limit.clone().acquire_owned() => p.expect("the semaphore is never closed"),
                     _ = stop.changed() => break 'outer,
                 };
-                let next = tokio::select! {
-                    n = messages.next() => n,
-                    _ = stop.changed() => break 'outer,
-                };
-                match next {
-                    Some(Ok(message)) => {
-                        let worker = this.clone();
-                        tokio::spawn(async move {
-                            worker.handle(message).await;
-                            drop(permit);
-                        });
-                        continue;
+                let mut permits = vec![first];
+                while permits.len() < concurrency {
+                    match limit.clone().try_acquire_owned() {
+                        Ok(p) => permits.push(p),
+                        Err(_) => break,
                     }
-                    Some(Err(e)) => {
-                        use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
-                        if !matches!(e.kind(), K::ConsumerDeleted | K::NoResponders | K::PushBasedConsumer) {
-                            tracing::debug!(channel = %this.channel, error = %e, "pull error");
-                            continue;
-                        }
-                        tracing::warn!(channel = %this.channel, error = %e, "pull stream ended; recreating");
-                    }
-                    None => tracing::warn!(channel = %this.channel, "pull stream ended; recreating"),
                 }
-                // A recreated consumer may start over from the stream's first message: let every
-                // in-flight delivery record its outcome first, so the ledger knows it when its
-                // message comes round again.
-                drop(permit);
-                drop(limit.acquire_many(concurrency as u32).await);
-                continue 'outer;
+                let batch =
+                    consumer.batch().max_messages(permits.len()).expires(PULL_EXPIRES).messages().await;
+                let mut batch = match batch {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(channel = %this.channel, error = %e, "cannot pull; retrying");
+                        drop(permits);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue 'outer;
+                    }
+                };
+                let mut failed = false;
+                loop {
+                    let next = if stopping {
+                        batch.next().await
+                    } else {
+                        tokio::select! {
+                            n = batch.next() => n,
+                            _ = stop.changed() => { stopping = true; continue; }
+                        }
+                    };
+                    match next {
+                        None => break,
+                        Some(Ok(message)) if stopping => {
+                            // Pulled, not started: hand it back at once rather than let it wait
+                            // out an ack wait.
+                            let _ = message.ack_with(AckKind::Nak(None)).await;
+                        }
+                        Some(Ok(message)) => {
+                            let permit = permits.pop().expect("a batch never brings more than it asked for");
+                            tokio::spawn(this.clone().handle(message, permit, stop.clone()));
+                        }
+                        Some(Err(e)) => {
+                            tracing::debug!(channel = %this.channel, error = %e, "pull error");
+                            failed = true;
+                        }
+                    }
+                }
+                drop(permits);
+                if stopping {
+                    break 'outer;
+                }
+                if failed {
+                    // The consumer may be gone (deleted, or lost with a server): look it up again,
+                    // recreating it after the last known ack floor if it is missing.
+                    continue 'outer;
+                }
             }
         }
         // Every permit back means every in-flight delivery has finished.
@@ -123,9 +166,38 @@ impl<D: Deliver> ChannelWorker<D> {
         Ok(())
     }
 
-    async fn handle(&self, message: Message) {
-        let (sequence, attempt) = match message.info() {
-            Ok(info) => (info.stream_sequence, info.delivered.max(1) as u32),
+    /// Handles one message, sending progress acks while it works, and gives up (leaving the
+    /// message to be redelivered) only if a stop was asked for and [`SHUTDOWN_GRACE`] passed.
+    async fn handle(
+        self: Arc<Self>,
+        message: Message,
+        permit: OwnedSemaphorePermit,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let progress_every = self.config.claim_ttl() / 3;
+        let keepalive = async {
+            let mut tick = tokio::time::interval(progress_every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        };
+        let grace = async {
+            let _ = stop.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            _ = self.handle_message(&message) => {}
+            _ = keepalive => {}
+            _ = grace => tracing::warn!(channel = %self.channel, "gave up on a delivery at shutdown; it will be redelivered"),
+        }
+        drop(permit);
+    }
+
+    async fn handle_message(&self, message: &Message) {
+        let (sequence, published) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.published),
             Err(e) => {
                 tracing::error!(error = %e, "message without JetStream metadata");
                 return;
@@ -133,186 +205,215 @@ impl<D: Deliver> ChannelWorker<D> {
         };
         let fallback_id =
             message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|v| v.as_str().to_owned());
-        let intent = match Intent::from_message(
+        let mut intent = match Intent::from_message(
             &message.payload,
             message.headers.as_ref(),
             self.channel,
             fallback_id.as_deref(),
         ) {
             Ok(intent) => intent,
-            Err(rejection) => {
-                tracing::warn!(channel = %self.channel, sequence, reason = rejection.reason().as_str(), error = %rejection, "parking a message that cannot be delivered");
-                let reason = rejection.reason();
-                self.dead_letter(
-                    &message,
-                    None,
-                    sequence,
-                    attempt,
-                    reason,
-                    ErrorClass::Permanent,
-                    rejection.to_string(),
-                )
-                .await;
-                return;
-            }
+            Err(rejection) => return self.reject(message, sequence, rejection).await,
         };
+        // A direct publish without `created_at` was created when JetStream stored it.
+        if intent.created_at.is_none() {
+            let at = chrono::DateTime::from_timestamp(published.unix_timestamp(), published.nanosecond());
+            intent.created_at = at.or(Some(Utc::now()));
+        }
         let span = tracing::info_span!(
             "deliver",
             channel = %self.channel,
             notification_id = %intent.id,
             correlation_id = intent.correlation_id.as_deref().unwrap_or(""),
-            attempt,
+            sequence,
         );
-        self.handle_intent(message, intent, sequence, attempt).instrument(span).await;
+        self.handle_intent(message, intent, sequence).instrument(span).await;
     }
 
-    async fn handle_intent(&self, message: Message, intent: Intent, sequence: u64, attempt: u32) {
-        // The ledger, read on every delivery: a redelivery after a crash or a lost ack, and a
-        // consumer recreated from the start of the stream, both bring back messages that were
-        // already handled.
-        let previous = match self.topology.notifications.channel_entry(&intent.id, self.channel).await {
-            Ok(Some(entry)) if entry.state.status == Status::Delivered => {
-                tracing::info!("already delivered; acknowledging without sending again");
-                self.ack(&message, AckKind::Ack).await;
-                return;
-            }
-            Ok(Some(entry))
-                if entry.state.status == Status::DeadLettered
-                    && entry.sequence.is_none_or(|s| s == sequence) =>
-            {
-                tracing::info!("this message is already in the DLQ; terminating it without sending");
-                self.ack(&message, AckKind::Term).await;
-                return;
-            }
-            Ok(entry) => entry,
+    /// A message that cannot be delivered as it is: park it, then terminate it.
+    async fn reject(&self, message: &Message, sequence: u64, rejection: Rejection) {
+        tracing::warn!(channel = %self.channel, sequence, reason = rejection.reason().as_str(), error = %rejection, "parking a message that cannot be delivered");
+        let letter = DeadLetter {
+            reason: rejection.reason(),
+            error_class: ErrorClass::Permanent,
+            attempts: 0,
+            last_error: rejection.to_string(),
+            original_subject: message.subject.to_string(),
+            original_sequence: sequence,
+        };
+        match park(
+            &self.topology.js,
+            self.channel,
+            message.payload.clone(),
+            message.headers.as_ref(),
+            &letter,
+        )
+        .await
+        {
+            Ok(()) => self.ack(message, AckKind::Term).await,
             Err(e) => {
-                // Without the ledger a send could repeat one: wait for the store instead.
-                let delay = self.config.retry.jittered_delay_after(attempt);
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot read the delivery ledger");
-                self.ack(&message, AckKind::Nak(Some(delay))).await;
-                return;
+                tracing::error!(error = %e, sequence, "cannot park in the DLQ; the message stays and will be redelivered");
+                self.nak(message, self.config.retry.jittered_delay_after(1)).await;
+            }
+        }
+    }
+
+    async fn handle_intent(&self, message: &Message, intent: Intent, sequence: u64) {
+        let ledger = &self.topology.ledger;
+        if let Some(wait) = intent
+            .send_at
+            .and_then(|t| (t - Utc::now()).to_std().ok())
+            .filter(|w| *w > Duration::from_secs(1))
+        {
+            // Published straight to the subject with a future `send_at`: wait for it here.
+            if let Err(e) = ledger.note_scheduled(&intent).await {
+                tracing::warn!(error = %e, "cannot note the schedule in the ledger");
+            }
+            tracing::info!(wait_ms = wait.as_millis() as u64, "scheduled; waiting for send_at");
+            return self.nak(message, wait).await;
+        }
+        let max_attempts = self.config.retry.max_attempts;
+        let begin = match ledger.begin(&intent, sequence, max_attempts, self.uncertain, false).await {
+            Ok(b) => b,
+            Err(e) => {
+                // Nothing was sent; without the ledger nothing may be.
+                let delay = self.config.retry.jittered_delay_after(1);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot claim the delivery in the ledger");
+                return self.nak(message, delay).await;
             }
         };
-        if intent.expires_at.is_some_and(|t| t <= Utc::now()) {
-            tracing::warn!("expired before delivery");
-            self.dead_letter(
-                &message,
-                Some(&intent),
-                sequence,
-                attempt,
-                Reason::Expired,
-                ErrorClass::Permanent,
-                "expires_at passed before delivery".into(),
-            )
-            .await;
-            return;
-        }
+        let mut held = match begin {
+            Begin::Delivered => {
+                tracing::info!("already delivered; acknowledging without sending again");
+                return self.ack(message, AckKind::Ack).await;
+            }
+            Begin::InDlq => {
+                tracing::info!("this message is already in the DLQ; terminating it without sending");
+                return self.ack(message, AckKind::Term).await;
+            }
+            Begin::Busy(left) => {
+                tracing::info!(wait_ms = left.as_millis() as u64, "another worker holds the claim; waiting");
+                return self.nak(message, left + Duration::from_millis(100)).await;
+            }
+            Begin::Park { held, reason, error_class, error } => {
+                tracing::warn!(reason = reason.as_str(), %error, "dead-lettering without sending");
+                return self.dead_letter(message, held, reason, error_class, error, true).await;
+            }
+            Begin::Send { held, takeover } => {
+                if takeover {
+                    tracing::warn!(
+                        "resending: the worker that sent the last attempt died before recording its outcome (HERALD_UNCERTAIN=resend)"
+                    );
+                }
+                held
+            }
+        };
+        let attempt = held.round_attempt();
         match self.deliver.deliver(&intent).await {
             Ok(()) => {
-                tracing::info!("delivered");
-                self.record(&intent, Outcome::Delivered, attempt, sequence, None, previous).await;
-                self.ack(&message, AckKind::Ack).await;
+                tracing::info!(attempt, "delivered");
+                match ledger.settle(&mut held, Settle::Delivered, UNTIL_STORED).await {
+                    Ok(_) => self.ack(message, AckKind::Ack).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record the delivery; leaving the message unacknowledged")
+                    }
+                }
             }
-            Err(DeliveryError::Transient { message: error, retry_after })
-                if attempt < self.config.retry.max_attempts =>
-            {
-                let delay = retry_after
-                    .map(|d| d.min(MAX_RETRY_AFTER))
-                    .unwrap_or_else(|| self.config.retry.jittered_delay_after(attempt));
-                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "attempt failed; will retry");
-                self.record(&intent, Outcome::Retrying, attempt, sequence, Some(error), previous).await;
-                self.ack(&message, AckKind::Nak(Some(delay))).await;
+            Err(DeliveryError::Transient { message: error, retry_after }) if attempt < max_attempts => {
+                // The provider's Retry-After is a floor, not a replacement: `Retry-After: 0`
+                // must not burn the remaining attempts in a moment.
+                let backoff = self.config.retry.jittered_delay_after(attempt);
+                let delay = retry_after.map_or(backoff, |d| d.min(MAX_RETRY_AFTER).max(backoff));
+                tracing::warn!(attempt, %error, retry_in_ms = delay.as_millis() as u64, "attempt failed; will retry");
+                match ledger.settle(&mut held, Settle::Retrying { error }, UNTIL_STORED).await {
+                    Ok(Settled::Superseded(Status::Delivered)) => self.ack(message, AckKind::Ack).await,
+                    Ok(_) => self.nak(message, delay).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record the attempt; leaving the message unacknowledged")
+                    }
+                }
             }
             Err(DeliveryError::Transient { message: error, .. }) => {
-                tracing::warn!(%error, "last attempt failed; dead-lettering");
+                tracing::warn!(attempt, %error, "last attempt failed; dead-lettering");
                 self.dead_letter(
-                    &message,
-                    Some(&intent),
-                    sequence,
-                    attempt,
+                    message,
+                    held,
                     Reason::AttemptsExhausted,
                     ErrorClass::Transient,
                     error,
+                    false,
                 )
                 .await;
             }
             Err(DeliveryError::Permanent { message: error }) => {
-                tracing::warn!(%error, "refused for good; dead-lettering");
-                self.dead_letter(
-                    &message,
-                    Some(&intent),
-                    sequence,
-                    attempt,
-                    Reason::Rejected,
-                    ErrorClass::Permanent,
-                    error,
-                )
-                .await;
+                tracing::warn!(attempt, %error, "refused for good; dead-lettering");
+                self.dead_letter(message, held, Reason::Rejected, ErrorClass::Permanent, error, false).await;
             }
         }
     }
 
-    /// Parks the message, records it, then terminates it (in that order).
-    #[allow(clippy::too_many_arguments, reason = "each argument is a distinct fact of the dead letter")]
+    /// Records that the notification is being dead-lettered (unless `recorded`), parks the
+    /// message, records the parking, then terminates the message — in that order, so a crash at
+    /// any point parks it again on redelivery instead of sending it.
     async fn dead_letter(
         &self,
         message: &Message,
-        intent: Option<&Intent>,
-        sequence: u64,
-        attempt: u32,
+        mut held: Held,
         reason: Reason,
         error_class: ErrorClass,
-        last_error: String,
+        error: String,
+        recorded: bool,
     ) {
+        let ledger = &self.topology.ledger;
+        if !recorded {
+            let parking = Settle::Parking { reason, error_class, error: error.clone() };
+            match ledger.settle(&mut held, parking, UNTIL_STORED).await {
+                Ok(Settled::Written) => {}
+                Ok(Settled::Superseded(Status::Delivered)) => return self.ack(message, AckKind::Ack).await,
+                Ok(Settled::Superseded(_)) => {
+                    // Another handler took the notification over; the message comes back to it.
+                    return self.nak(message, self.config.retry.jittered_delay_after(1)).await;
+                }
+                Err(e) => {
+                    return tracing::error!(error = %e, "cannot record the dead letter; leaving the message unacknowledged");
+                }
+            }
+        }
         let letter = DeadLetter {
             reason,
             error_class,
-            attempts: attempt,
-            last_error: last_error.clone(),
+            attempts: held.entry.attempts,
+            last_error: error,
             original_subject: message.subject.to_string(),
-            original_sequence: sequence,
+            original_sequence: held.sequence,
         };
         if let Err(e) =
             park(&self.topology.js, self.channel, message.payload.clone(), message.headers.as_ref(), &letter)
                 .await
         {
-            let delay = self.config.retry.jittered_delay_after(attempt);
-            tracing::error!(error = %e, sequence, "cannot park in the DLQ; the message stays and will be redelivered");
-            self.ack(message, AckKind::Nak(Some(delay))).await;
-            return;
+            // The ledger says "parking": the redelivery parks it, it is never sent again.
+            let delay = self.config.retry.jittered_delay_after(1);
+            tracing::error!(error = %e, "cannot park in the DLQ; the message stays and will be redelivered");
+            return self.nak(message, delay).await;
         }
-        if let Some(intent) = intent {
-            self.record(
-                intent,
-                Outcome::DeadLettered,
-                attempt,
-                sequence,
-                Some(format!("{}: {last_error}", reason.as_str())),
-                None,
-            )
-            .await;
-        }
-        self.ack(message, AckKind::Term).await;
-    }
-
-    async fn record(
-        &self,
-        intent: &Intent,
-        outcome: Outcome,
-        attempt: u32,
-        sequence: u64,
-        error: Option<String>,
-        previous: Option<ChannelEntry>,
-    ) {
-        let attempt = Attempt { outcome, number: attempt, sequence, error };
-        if let Err(e) = self.topology.notifications.record_attempt(intent, attempt, previous).await {
-            tracing::error!(error = %e, "cannot record the attempt");
+        match ledger.settle(&mut held, Settle::Parked, UNTIL_STORED).await {
+            Ok(_) => self.ack(message, AckKind::Term).await,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record the parking; leaving the message unacknowledged")
+            }
         }
     }
 
+    /// Acknowledges (or terminates) and waits for the server to confirm it. Unconfirmed, the
+    /// message comes back and the ledger answers for it.
     async fn ack(&self, message: &Message, kind: AckKind) {
-        if let Err(e) = message.ack_with(kind).await {
-            tracing::warn!(error = %e, "ack failed; the server will redeliver");
+        if let Err(e) = message.double_ack_with(kind).await {
+            tracing::warn!(error = %e, "acknowledgement not confirmed; the server may redeliver (the ledger knows the outcome)");
+        }
+    }
+
+    async fn nak(&self, message: &Message, delay: Duration) {
+        if let Err(e) = message.ack_with(AckKind::Nak(Some(delay))).await {
+            tracing::warn!(error = %e, "nak failed; the server will redeliver after the ack wait");
         }
     }
 }

@@ -1,8 +1,8 @@
 //! Herald's channel workers.
 //!
 //! - [`channel`]: the loop every channel shares: a durable pull consumer, bounded in-flight
-//!   work, decoding, the delivery ledger, retries with `Nak(delay)`, dead-lettering, status
-//!   events, graceful shutdown.
+//!   work, decoding, the claim and settlement in the delivery ledger, progress acks, retries
+//!   with `Nak(delay)`, dead-lettering, graceful shutdown.
 //! - [`webhook`]: the webhook channel: a signed JSON POST.
 //! - [`park`]: copying a message into HERALD_DLQ (always before it is terminated).
 //! - [`mover`]: the advisory consumer that dead-letters intents the server stopped
@@ -61,7 +61,7 @@ pub async fn run(
             other => anyhow::bail!("channel {other} has no worker in this version of Herald"),
         }
     }
-    tasks.spawn(mover::run(topology.clone(), stop_rx.clone()));
+    tasks.spawn(mover::run(topology.clone(), config.retry.max_attempts, stop_rx.clone()));
     shutdown.await;
     tracing::info!("stopping workers: no new messages, finishing in-flight deliveries");
     let _ = stop_tx.send(true);

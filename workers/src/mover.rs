@@ -1,26 +1,40 @@
 //! Dead-letters intents the server gave up redelivering.
 //!
 //! A worker parks what it cannot deliver itself. Only when a worker dies holding a message on
-//! its last attempt does the server stop redelivering it without anyone parking it; the server
+//! its last delivery does the server stop redelivering it without anyone parking it; the server
 //! then emits a MAX_DELIVERIES advisory, which HERALD_ADVISORIES keeps. This mover reads those
-//! advisories (for channel consumers only), checks the delivery ledger (the last attempt may have
-//! been delivered with only its ack lost), copies the intent into HERALD_DLQ with reason
-//! `max_deliveries` and records it. A read that fails for any reason but "not found" is retried.
+//! advisories (for channel consumers only) and asks the ledger what to do, as a worker would
+//! for a message it may not send: acknowledge the advisory if the notification was delivered
+//! (only the ack was lost) or is parked already; wait while a live worker still holds the
+//! claim (a slow send, not a dead one); otherwise park the intent — as `uncertain` when a claim
+//! lapsed mid-send, as `max_deliveries` otherwise — and record that.
+//!
+//! It gives up into the DLQ rather than retrying forever: an intent no longer stored is parked
+//! as an empty marker letter, and an advisory that failed [`GIVE_UP_AFTER`] times is parked
+//! without consulting the ledger. Failures to reach NATS are retried.
 
 use std::time::Duration;
 
-use async_nats::{header::NATS_MESSAGE_ID, jetstream::stream::DirectGetErrorKind};
+use async_nats::{
+    header::NATS_MESSAGE_ID,
+    jetstream::{AckKind, stream::DirectGetErrorKind},
+};
+use bytes::Bytes;
 use futures::StreamExt;
 use herald_shared::{
     Channel, Intent,
+    config::UncertainPolicy,
     deadletter::{DeadLetter, ErrorClass, Reason},
-    state::{Attempt, Outcome, Status},
+    ledger::{Begin, Settle},
     topology::Topology,
 };
 use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::park::park;
+
+/// After this many deliveries of one advisory, park without the ledger's word.
+pub const GIVE_UP_AFTER: i64 = 10;
 
 /// The fields of `io.nats.jetstream.advisory.v1.max_deliver` used here.
 #[derive(Debug, Deserialize)]
@@ -31,7 +45,18 @@ struct MaxDeliveries {
     deliveries: u32,
 }
 
-pub async fn run(topology: Topology, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+/// What to do with an advisory.
+enum Next {
+    Ack,
+    /// Try again after this long.
+    Retry(Duration),
+}
+
+pub async fn run(
+    topology: Topology,
+    max_attempts: u32,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     while !*stop.borrow() {
         let messages = match topology.dlq_mover_consumer().await {
             Ok(c) => c.messages().await.map_err(|e| e.to_string()),
@@ -54,12 +79,16 @@ pub async fn run(topology: Topology, mut stop: watch::Receiver<bool>) -> anyhow:
             };
             match next {
                 Some(Ok(message)) => {
-                    if move_one(&topology, &message.payload).await {
-                        let _ = message.ack().await;
-                    } else {
-                        let _ = message
-                            .ack_with(async_nats::jetstream::AckKind::Nak(Some(Duration::from_secs(2))))
-                            .await;
+                    let delivered = message.info().map_or(1, |i| i.delivered);
+                    match move_one(&topology, &message.payload, max_attempts, delivered >= GIVE_UP_AFTER)
+                        .await
+                    {
+                        Next::Ack => {
+                            let _ = message.double_ack().await;
+                        }
+                        Next::Retry(delay) => {
+                            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                        }
                     }
                 }
                 Some(Err(e)) => tracing::debug!(error = %e, "dead-letter mover pull error"),
@@ -70,72 +99,75 @@ pub async fn run(topology: Topology, mut stop: watch::Receiver<bool>) -> anyhow:
     Ok(())
 }
 
-/// Returns false when the move should be tried again later.
-async fn move_one(topology: &Topology, advisory: &[u8]) -> bool {
+async fn move_one(topology: &Topology, advisory: &[u8], max_attempts: u32, give_up: bool) -> Next {
+    let retry = Next::Retry(Duration::from_secs(2));
     let Ok(advisory) = serde_json::from_slice::<MaxDeliveries>(advisory) else {
         tracing::warn!("unreadable max-deliveries advisory; skipped");
-        return true;
+        return Next::Ack;
     };
     let Ok(channel) = advisory.consumer.parse::<Channel>() else {
         // Someone else's consumer on HERALD_INTENTS (an operator's, say): not a delivery.
-        return true;
+        return Next::Ack;
     };
     let sequence = advisory.stream_seq;
-    let original = match topology.intents.direct_get(sequence).await {
-        Ok(m) => m,
+    let (payload, headers, subject) = match topology.intents.direct_get(sequence).await {
+        Ok(m) => (m.payload, Some(m.headers), m.subject.to_string()),
         Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
-            tracing::error!(sequence, "max-delivered intent is no longer stored; nothing to park");
-            return true;
+            // Aged out before anyone could park it (workers were down for days): park a marker
+            // so the loss is visible in the DLQ, not only in a log line.
+            tracing::error!(sequence, "max-delivered intent is no longer stored; parking a marker");
+            (Bytes::new(), None, herald_shared::topology::intent_subject(channel))
         }
         Err(e) => {
             tracing::warn!(sequence, error = %e, "cannot read a max-delivered intent; will retry");
-            return false;
+            return retry;
         }
     };
-    let msg_id = original.headers.get(NATS_MESSAGE_ID).map(|v| v.as_str().to_owned());
-    let intent =
-        Intent::from_message(&original.payload, Some(&original.headers), channel, msg_id.as_deref()).ok();
-    if let Some(intent) = &intent {
-        // The last attempt may have been delivered and recorded with only its ack lost.
-        match topology.notifications.channel_entry(&intent.id, channel).await {
-            Ok(Some(entry))
-                if entry.state.status == Status::Delivered
-                    || (entry.state.status == Status::DeadLettered && entry.sequence == Some(sequence)) =>
-            {
-                return true;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(sequence, error = %e, "cannot read the delivery ledger; will retry");
-                return false;
-            }
-        }
-    }
-    let letter = DeadLetter {
+    let msg_id = headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|v| v.as_str().to_owned());
+    let intent = Intent::from_message(&payload, headers.as_ref(), channel, msg_id.as_deref()).ok();
+    let mut letter = DeadLetter {
         reason: Reason::MaxDeliveries,
         error_class: ErrorClass::Transient,
         attempts: advisory.deliveries,
-        last_error: "no worker finished the last attempt (ack wait expired)".into(),
-        original_subject: original.subject.to_string(),
+        last_error: if payload.is_empty() {
+            "no worker finished the last attempt, and the intent is no longer stored".into()
+        } else {
+            "no worker finished the last attempt (ack wait expired)".into()
+        },
+        original_subject: subject,
         original_sequence: sequence,
     };
-    if let Err(e) =
-        park(&topology.js, channel, original.payload.clone(), Some(&original.headers), &letter).await
-    {
-        tracing::warn!(error = %e, "cannot park a max-delivered intent; will retry");
-        return false;
-    }
-    tracing::warn!(sequence, %channel, "dead-lettered an intent the server stopped redelivering");
-    if let Some(intent) = &intent {
-        let attempt = Attempt {
-            outcome: Outcome::DeadLettered,
-            number: advisory.deliveries,
-            sequence,
-            error: Some(format!("{}: {}", Reason::MaxDeliveries.as_str(), letter.last_error)),
-        };
-        if let Err(e) = topology.notifications.record_attempt(intent, attempt, None).await {
-            tracing::warn!(error = %e, "cannot record the dead letter");
+    let mut held = None;
+    if let (Some(intent), false) = (&intent, give_up) {
+        let ledger = &topology.ledger;
+        match ledger.begin(intent, sequence, max_attempts, UncertainPolicy::Park, true).await {
+            Ok(Begin::Delivered | Begin::InDlq) => return Next::Ack,
+            Ok(Begin::Busy(left)) => return Next::Retry(left + Duration::from_millis(100)),
+            Ok(Begin::Park { held: h, reason, error_class, error }) => {
+                letter.reason = reason;
+                letter.error_class = error_class;
+                letter.last_error = error;
+                letter.attempts = h.entry.attempts;
+                held = Some(h);
+            }
+            Ok(Begin::Send { .. }) => unreachable!("a final delivery is never sent"),
+            Err(e) => {
+                tracing::warn!(sequence, error = %e, "cannot read the delivery ledger; will retry");
+                return retry;
+            }
         }
     }
-    true
+    if let Err(e) = park(&topology.js, channel, payload, headers.as_ref(), &letter).await {
+        tracing::warn!(error = %e, "cannot park a max-delivered intent; will retry");
+        return retry;
+    }
+    tracing::warn!(sequence, %channel, reason = letter.reason.as_str(), "dead-lettered an intent the server stopped redelivering");
+    if let Some(mut held) = held
+        && let Err(e) = topology.ledger.settle(&mut held, Settle::Parked, Duration::from_secs(10)).await
+    {
+        // Parked, and the ledger says "parking": the next look parks it again (idempotently).
+        tracing::warn!(error = %e, "cannot record the dead letter; will retry");
+        return retry;
+    }
+    Next::Ack
 }

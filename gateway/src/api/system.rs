@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use async_nats::connection::State;
-use herald_shared::topology::INTENTS_STREAM;
+use herald_shared::{intent::MAX_INTENT_BYTES, topology::INTENTS_STREAM};
 use poem::web::Data;
 use poem_openapi::{
     ApiResponse, Object, OpenApi,
@@ -38,7 +38,7 @@ impl SystemApi {
         Json(HealthBody { status: "ok".into() })
     }
 
-    /// Readiness: NATS is connected and HERALD_INTENTS exists.
+    /// Readiness: NATS is connected, HERALD_INTENTS exists and has room for new notifications.
     #[oai(path = "/ready", method = "get", operation_id = "ready")]
     async fn ready(&self, state: Data<&Arc<AppState>>) -> ReadyResponse {
         if state.client.connection_state() != State::Connected {
@@ -47,10 +47,22 @@ impl SystemApi {
         let Ok(topology) = state.topology() else {
             return ReadyResponse::NotReady(Json(HealthBody { status: "streams not ensured yet".into() }));
         };
-        let check =
-            tokio::time::timeout(state.config.nats_timeout, topology.js.get_stream_no_info(INTENTS_STREAM));
+        let mut intents = topology.intents.clone();
+        let check = tokio::time::timeout(state.config.nats_timeout, intents.info());
         match check.await {
-            Ok(Ok(_)) => ReadyResponse::Ready(Json(HealthBody { status: "ready".into() })),
+            Ok(Ok(info)) => {
+                let (used, max) = (info.state.bytes, info.config.max_bytes);
+                let no_room = max > 0 && used + MAX_INTENT_BYTES as u64 > max as u64;
+                if state.storage_full() || no_room {
+                    return ReadyResponse::NotReady(Json(HealthBody {
+                        status: format!(
+                            "storage_full: new notifications are refused ({INTENTS_STREAM} holds {used} of {max} \
+                             bytes; see HERALD_MAX_STORAGE)"
+                        ),
+                    }));
+                }
+                ReadyResponse::Ready(Json(HealthBody { status: "ready".into() }))
+            }
             Ok(Err(e)) => {
                 ReadyResponse::NotReady(Json(HealthBody { status: format!("stream {INTENTS_STREAM}: {e}") }))
             }
