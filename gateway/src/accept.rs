@@ -45,6 +45,9 @@ impl AppState {
             return Err(unavailable());
         }
         let topology = self.topology()?;
+        if let Some(why) = self.storage_full() {
+            return Err(storage_full(&why));
+        }
         let started = Instant::now();
         let key = key.map(str::to_owned).unwrap_or_else(|| intents[0].id.clone());
         // The tenant's length keeps ids apart when a tenant or key contains ':'.
@@ -102,8 +105,8 @@ impl AppState {
             if Instant::now() + delay >= deadline {
                 tracing::warn!(notification_id = %intents[0].id, %error, "the intents are stored but their record is not");
                 if is_storage_full(&error) {
-                    self.note_storage_full(true);
-                    return Err(storage_full());
+                    self.note_ledger_full(true);
+                    return Err(storage_full(&format!("the ledger is full ({error})")));
                 }
                 return Err(ApiError::Unavailable(
                     "the notification is stored but its record could not be written in time; retry with the \
@@ -153,14 +156,10 @@ impl AppState {
         let payload = payload.into();
         let publish = async { topology.js.publish_with_headers(subject, headers, payload).await?.await };
         match tokio::time::timeout(self.config.nats_timeout, publish).await {
-            Ok(Ok(ack)) => {
-                self.note_storage_full(false);
-                Ok(ack)
-            }
+            Ok(Ok(ack)) => Ok(ack),
             Ok(Err(e)) if is_storage_full(&e) => {
                 tracing::warn!(notification_id = %intent.id, error = %e, "HERALD_INTENTS is full");
-                self.note_storage_full(true);
-                Err(storage_full())
+                Err(storage_full(&e.to_string()))
             }
             Ok(Err(e)) => {
                 tracing::warn!(notification_id = %intent.id, error = %e, "publish failed");
@@ -205,12 +204,11 @@ fn rmp_id(payload: &[u8]) -> Option<String> {
     rmp_serde::from_slice::<IdOnly>(payload).ok().map(|i| i.id).filter(|id| !id.is_empty())
 }
 
-fn storage_full() -> ApiError {
-    ApiError::StorageFull(
-        "Herald's storage is full: new notifications are refused until deliveries or retention free room; \
-         nothing already accepted is lost"
-            .into(),
-    )
+fn storage_full(why: &str) -> ApiError {
+    ApiError::StorageFull(format!(
+        "Herald's storage is full ({why}): new notifications are refused until deliveries or retention free \
+         room; nothing already accepted is lost"
+    ))
 }
 
 fn unavailable() -> ApiError {

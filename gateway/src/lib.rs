@@ -24,7 +24,7 @@ use std::{future::Future, sync::Arc};
 
 use herald_shared::{
     Config,
-    topology::{self, Topology},
+    topology::{self, NOTIFICATIONS_BUCKET, Topology},
 };
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, listener::TcpAcceptor};
 use poem_openapi::OpenApiService;
@@ -40,9 +40,17 @@ pub struct AppState {
     /// `/health` answers and requests get a quick 503) even when NATS is not reachable yet.
     topology: tokio::sync::OnceCell<Topology>,
     pub metrics: Metrics,
-    /// Set when JetStream last refused a write for want of room, cleared by the next stored
-    /// intent; `/ready` reports it.
-    storage_full: std::sync::atomic::AtomicBool,
+    /// Why new notifications are refused for want of room, if they are: HERALD_INTENTS near its
+    /// limit with its oldest message still needed (checked every second), or a ledger write
+    /// refused as full (cleared by the next one that lands). `/ready` reports it.
+    storage: std::sync::Mutex<Storage>,
+}
+
+/// What the gateway knows about storage room.
+#[derive(Debug, Default)]
+pub(crate) struct Storage {
+    pub intents_full: Option<String>,
+    pub ledger_full: bool,
 }
 
 impl AppState {
@@ -53,12 +61,41 @@ impl AppState {
         })
     }
 
-    pub(crate) fn note_storage_full(&self, full: bool) {
-        self.storage_full.store(full, std::sync::atomic::Ordering::Relaxed);
+    pub(crate) fn note_ledger_full(&self, full: bool) {
+        self.storage.lock().expect("never poisoned").ledger_full = full;
     }
 
-    pub(crate) fn storage_full(&self) -> bool {
-        self.storage_full.load(std::sync::atomic::Ordering::Relaxed)
+    /// Why new notifications cannot be stored now, if they cannot.
+    pub(crate) fn storage_full(&self) -> Option<String> {
+        let storage = self.storage.lock().expect("never poisoned");
+        storage
+            .intents_full
+            .clone()
+            .or_else(|| storage.ledger_full.then(|| format!("the {NOTIFICATIONS_BUCKET} bucket is full")))
+    }
+}
+
+/// Checks every second whether HERALD_INTENTS has room, until the gateway is gone.
+async fn watch_storage(state: std::sync::Weak<AppState>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(state) = state.upgrade() else { return };
+        let Ok(topology) = state.topology() else { continue };
+        match tokio::time::timeout(state.config.nats_timeout, topology::intents_full(topology)).await {
+            Ok(Ok(full)) => {
+                let mut storage = state.storage.lock().expect("never poisoned");
+                if full.is_some() && storage.intents_full.is_none() {
+                    tracing::warn!(
+                        reason = full.as_deref().unwrap_or_default(),
+                        "storage full: refusing new notifications"
+                    );
+                }
+                storage.intents_full = full;
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot check HERALD_INTENTS for room"),
+            Err(_) => tracing::debug!("checking HERALD_INTENTS for room timed out"),
+        }
     }
 }
 
@@ -100,7 +137,7 @@ impl Gateway {
             client,
             topology: tokio::sync::OnceCell::new(),
             metrics: Metrics::default(),
-            storage_full: Default::default(),
+            storage: Default::default(),
         });
         let background = state.clone();
         tokio::spawn(async move {
@@ -108,8 +145,9 @@ impl Gateway {
                 Ok(t) => {
                     let _ = background.topology.set(t);
                 }
-                Err(e) => tracing::error!(error = %e, "cannot use the JetStream topology"),
+                Err(e) => return tracing::error!(error = %e, "cannot use the JetStream topology"),
             }
+            watch_storage(Arc::downgrade(&background)).await;
         });
         Ok(Gateway { state })
     }

@@ -279,7 +279,7 @@ pub enum Settle {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Merge {
     /// Write this.
-    Write(Entry),
+    Write(Box<Entry>),
     /// Leave the entry alone: it already says something that must stand.
     Keep(Status),
 }
@@ -333,7 +333,7 @@ pub fn merge(current: &Entry, held_claim: Option<&Claim>, outcome: &Settle, now:
             }
         }
     }
-    Merge::Write(e)
+    Merge::Write(Box::new(e))
 }
 
 /// A delivery this handler holds: the entry as it last wrote it, and that write's revision.
@@ -519,7 +519,7 @@ impl Ledger {
                         unreachable!("a delivered entry is decided as delivered")
                     };
                     e.sequence = Some(sequence);
-                    (e, None)
+                    (*e, None)
                 }
             };
             let Some(revision) = self.write(&name, &entry, revision).await? else { continue };
@@ -611,7 +611,7 @@ impl Ledger {
         };
         let entry = match merge(&current, held.claim.as_ref(), outcome, now) {
             Merge::Keep(status) => return Ok(Some(Settled::Superseded(status))),
-            Merge::Write(e) => e,
+            Merge::Write(e) => *e,
         };
         match self.write(&held.key.kv_key(), &entry, revision).await {
             Ok(Some(rev)) => {

@@ -52,8 +52,8 @@ pub const STATUS_DUPLICATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// The share of `HERALD_MAX_STORAGE`, in percent, each stream and the bucket may use.
 pub const STORAGE_SHARES: [(&str, u64); 5] = [
-    (INTENTS_STREAM, 50),
-    (NOTIFICATIONS_BUCKET, 20),
+    (INTENTS_STREAM, 40),
+    (NOTIFICATIONS_BUCKET, 30),
     (DLQ_STREAM, 15),
     (STATUS_STREAM, 10),
     (ADVISORIES_STREAM, 5),
@@ -106,9 +106,11 @@ pub fn intents_stream_config(duplicate_window: Duration, replicas: usize, max_by
         storage: StorageType::File,
         max_age: INTENTS_MAX_AGE,
         max_bytes,
-        // Full means new intents are refused (the gateway answers 503 `storage_full`), never
-        // that stored ones are dropped.
-        discard: DiscardPolicy::New,
+        // nats-server allows message schedules only with discard Old: at the limit the oldest
+        // messages make room. Those are normally delivered ones, kept only for deduplication;
+        // the gateway stops accepting (503 `storage_full`) before the oldest one still needed
+        // would go (see `oldest_still_needed`).
+        discard: DiscardPolicy::Old,
         duplicate_window,
         allow_direct: true,
         allow_message_schedules: true,
@@ -411,6 +413,44 @@ async fn handles(js: &jetstream::Context, config: &Config, kv: kv::Store) -> Res
         advisories: js.get_stream(ADVISORIES_STREAM).await.map_err(|e| nats(ADVISORIES_STREAM)(&e))?,
         ledger: Ledger::new(js.clone(), kv, config.claim_ttl()),
     })
+}
+
+/// How full HERALD_INTENTS may get, in percent of its `max_bytes`, before the gateway refuses
+/// new notifications while the oldest stored message is still needed.
+pub const INTENTS_HIGH_WATER: u64 = 90;
+
+/// Whether HERALD_INTENTS is so full that accepting more could push out a message still
+/// needed: it holds [`INTENTS_HIGH_WATER`]% of its `max_bytes` or more, and its oldest message
+/// is a pending schedule or not yet acknowledged by its channel's consumer. Returns the reason.
+pub async fn intents_full(topology: &Topology) -> Result<Option<String>, async_nats::Error> {
+    let mut intents = topology.intents.clone();
+    let info = intents.info().await?;
+    let (used, max) = (info.state.bytes, info.config.max_bytes);
+    if max <= 0 || used * 100 < max as u64 * INTENTS_HIGH_WATER || info.state.messages == 0 {
+        return Ok(None);
+    }
+    let first = info.state.first_sequence;
+    let oldest = match topology.intents.direct_get(first).await {
+        Ok(m) => m.subject.to_string(),
+        // Aged out or discarded between the two reads: look again next time.
+        Err(_) => return Ok(None),
+    };
+    let needed = if oldest.starts_with("herald.schedule.") {
+        Some("a pending schedule".to_owned())
+    } else {
+        let channel = Channel::ALL.into_iter().find(|c| intent_subject(*c) == oldest);
+        match channel {
+            Some(c) => match topology.intents.consumer_info(c.as_str()).await {
+                Ok(consumer) if consumer.ack_floor.stream_sequence < first => {
+                    Some(format!("an intent the {c} worker has not finished"))
+                }
+                _ => None,
+            },
+            None => None,
+        }
+    };
+    Ok(needed
+        .map(|what| format!("{INTENTS_STREAM} holds {used} of {max} bytes and its oldest message is {what}")))
 }
 
 /// Whether a JetStream error says a stream or bucket is full (its `max_bytes`, or the server's

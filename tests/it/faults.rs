@@ -24,8 +24,10 @@ impl WorkerProcess {
             .env(config::JWT_SECRET, "unused")
             .env(config::MAX_ATTEMPTS, "2")
             .env(config::RETRY_BACKOFF, "50ms")
-            // Long enough to kill the worker mid-send; the crash backoff is then 2 × 1 s + 1 s.
+            // Long enough to kill the worker mid-send. A dead worker's message comes back after
+            // the claim's lifetime: 1 s + 2 × 1 s + 2 s = 5 s.
             .env(config::WEBHOOK_TIMEOUT, "1s")
+            .env(config::NATS_TIMEOUT, "1s")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -64,16 +66,16 @@ async fn a_worker_killed_on_every_attempt_still_ends_in_the_dlq() {
     let mut first = WorkerProcess::start(&stack);
     sink.wait_for(1).await;
     first.kill();
-    // Attempt 2 (the last), after the crash backoff: killed again.
+    // Its claim lapses with no outcome: uncertain, and resent (the default) as attempt 2, the
+    // last: killed again.
     let mut second = WorkerProcess::start(&stack);
     sink.wait_for(2).await;
     second.kill();
 
-    // The server gives up redelivering; the advisory waits in HERALD_ADVISORIES until a
-    // worker's dead-letter mover is back to park the intent.
+    // Uncertain again with no attempt left: the next worker parks it instead of sending.
     let _third = WorkerProcess::start(&stack);
     let dl = stack.wait_dead_letters(1).await;
-    assert_eq!(header(&dl[0], dlq::REASON), "max_deliveries");
+    assert_eq!(header(&dl[0], dlq::REASON), "uncertain");
     assert_eq!(header(&dl[0], dlq::ATTEMPTS), "2");
     let intent =
         herald_shared::Intent::from_message(&dl[0].payload, None, herald_shared::Channel::Webhook, None)
@@ -86,7 +88,7 @@ async fn a_worker_killed_on_every_attempt_still_ends_in_the_dlq() {
         })
         .await;
     let webhook = &record.channels[&herald_shared::Channel::Webhook];
-    assert!(webhook.last_error.as_deref().unwrap().starts_with("max_deliveries"), "{webhook:?}");
+    assert!(webhook.last_error.as_deref().unwrap().starts_with("uncertain"), "{webhook:?}");
     assert_eq!(webhook.attempts, 2);
     assert_eq!(sink.received().len(), 2, "no attempt beyond the maximum");
 }

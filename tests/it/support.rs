@@ -22,6 +22,8 @@ use sha2::Sha256;
 use tokio::{sync::watch, task::JoinHandle};
 
 pub const WEBHOOK_SECRET: &str = "test-webhook-secret";
+/// The tenant of the tests' token, and of their direct publishes.
+pub const TENANT: &str = "acme";
 
 /// Polls `check` every 20 ms until it returns `Some`, or panics after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
@@ -99,7 +101,7 @@ impl Stack {
         let token = auth::mint(
             &config.jwt_secret,
             "tests",
-            Some("acme"),
+            Some(TENANT),
             auth::DEFAULT_SCOPES,
             Duration::from_secs(600),
         );
@@ -185,10 +187,15 @@ impl Stack {
         .await
     }
 
-    /// The notification's record straight from the bucket (works with the gateway stopped).
-    pub async fn record(&self, id: &str) -> Option<herald_shared::NotificationRecord> {
+    /// The ledger, straight from the bucket (works with the gateway stopped).
+    pub async fn ledger(&self) -> herald_shared::ledger::Ledger {
         let kv = self.js.get_key_value(herald_shared::topology::NOTIFICATIONS_BUCKET).await.unwrap();
-        herald_shared::state::Notifications::new(self.js.clone(), kv).get(id).await.unwrap()
+        herald_shared::ledger::Ledger::new(self.js.clone(), kv, self.config.claim_ttl())
+    }
+
+    /// The notification's record of tenant `acme` (the tests' token) straight from the bucket.
+    pub async fn record(&self, id: &str) -> Option<herald_shared::NotificationRecord> {
+        self.ledger().await.record(Some(TENANT), id).await.unwrap()
     }
 
     /// Every status event so far, as (subject, event).
@@ -203,7 +210,7 @@ impl Stack {
         out
     }
 
-    /// Publishes straight to JetStream, as a `nats pub` user would.
+    /// Publishes straight to JetStream, as a `nats pub` user would, for the tests' tenant.
     pub async fn publish_intent(
         &self,
         payload: Vec<u8>,
@@ -211,6 +218,7 @@ impl Stack {
         content_type: Option<&str>,
     ) -> bool {
         let mut headers = async_nats::HeaderMap::new();
+        headers.insert(herald_shared::intent::headers::TENANT, TENANT);
         if let Some(id) = msg_id {
             headers.insert("Nats-Msg-Id", id);
         }

@@ -196,8 +196,8 @@ impl<D: Deliver> ChannelWorker<D> {
     }
 
     async fn handle_message(&self, message: &Message) {
-        let (sequence, published) = match message.info() {
-            Ok(info) => (info.stream_sequence, info.published),
+        let (sequence, published, delivered) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.published, info.delivered),
             Err(e) => {
                 tracing::error!(error = %e, "message without JetStream metadata");
                 return;
@@ -212,7 +212,7 @@ impl<D: Deliver> ChannelWorker<D> {
             fallback_id.as_deref(),
         ) {
             Ok(intent) => intent,
-            Err(rejection) => return self.reject(message, sequence, rejection).await,
+            Err(rejection) => return self.reject(message, sequence, delivered, rejection).await,
         };
         // A direct publish without `created_at` was created when JetStream stored it.
         if intent.created_at.is_none() {
@@ -230,12 +230,12 @@ impl<D: Deliver> ChannelWorker<D> {
     }
 
     /// A message that cannot be delivered as it is: park it, then terminate it.
-    async fn reject(&self, message: &Message, sequence: u64, rejection: Rejection) {
+    async fn reject(&self, message: &Message, sequence: u64, delivered: i64, rejection: Rejection) {
         tracing::warn!(channel = %self.channel, sequence, reason = rejection.reason().as_str(), error = %rejection, "parking a message that cannot be delivered");
         let letter = DeadLetter {
             reason: rejection.reason(),
             error_class: ErrorClass::Permanent,
-            attempts: 0,
+            attempts: delivered.max(1) as u32,
             last_error: rejection.to_string(),
             original_subject: message.subject.to_string(),
             original_sequence: sequence,

@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use async_nats::connection::State;
-use herald_shared::{intent::MAX_INTENT_BYTES, topology::INTENTS_STREAM};
+use herald_shared::topology::INTENTS_STREAM;
 use poem::web::Data;
 use poem_openapi::{
     ApiResponse, Object, OpenApi,
@@ -50,19 +50,14 @@ impl SystemApi {
         let mut intents = topology.intents.clone();
         let check = tokio::time::timeout(state.config.nats_timeout, intents.info());
         match check.await {
-            Ok(Ok(info)) => {
-                let (used, max) = (info.state.bytes, info.config.max_bytes);
-                let no_room = max > 0 && used + MAX_INTENT_BYTES as u64 > max as u64;
-                if state.storage_full() || no_room {
-                    return ReadyResponse::NotReady(Json(HealthBody {
-                        status: format!(
-                            "storage_full: new notifications are refused ({INTENTS_STREAM} holds {used} of {max} \
-                             bytes; see HERALD_MAX_STORAGE)"
-                        ),
-                    }));
-                }
-                ReadyResponse::Ready(Json(HealthBody { status: "ready".into() }))
-            }
+            Ok(Ok(_)) => match state.storage_full() {
+                Some(why) => ReadyResponse::NotReady(Json(HealthBody {
+                    status: format!(
+                        "storage_full: new notifications are refused: {why} (see HERALD_MAX_STORAGE)"
+                    ),
+                })),
+                None => ReadyResponse::Ready(Json(HealthBody { status: "ready".into() })),
+            },
             Ok(Err(e)) => {
                 ReadyResponse::NotReady(Json(HealthBody { status: format!("stream {INTENTS_STREAM}: {e}") }))
             }
