@@ -468,7 +468,7 @@ mod tests {
         h.insert("Content-Type", "application/json");
         h.insert(headers::CORRELATION_ID, "c-9");
         let i = Intent::from_message(
-            br#"{"id":"x1","recipient":{"webhook_url":"http://h/"}}"#,
+            br#"{"id":"x1","recipient":{"webhook_url":"http://h/"},"data":{"a":1}}"#,
             Some(&h),
             Channel::Webhook,
             None,
@@ -500,7 +500,7 @@ mod tests {
         check(format!(r#"{{"channel":"email",{ok_url}}}"#).as_bytes(), None, Err("invalid: channel"));
         check(format!(r#"{{"version":99,{ok_url}}}"#).as_bytes(), None, Err("invalid: version"));
         check(
-            format!(r#"{{"send_at":"2030-01-02T00:00:00Z","expires_at":"2030-01-01T00:00:00Z","data":{{"a":1}},{ok_url}}}"#)
+            format!(r#"{{"send_at":"2020-01-02T00:00:00Z","expires_at":"2020-01-01T00:00:00Z","data":{{"a":1}},{ok_url}}}"#)
                 .as_bytes(),
             None,
             Err("invalid: expires_at"),
