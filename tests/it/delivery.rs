@@ -67,7 +67,7 @@ async fn same_idempotency_key_sends_once_and_answers_the_original_id() {
 
     sink.wait_for(1).await;
     stack.wait_status(first["id"].as_str().unwrap(), "delivered").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    stack.wait_settled().await;
     assert_eq!(sink.received().len(), 1, "the duplicate was sent again");
 
     // A different key is a different notification.
@@ -171,7 +171,7 @@ async fn permanent_failure_goes_to_the_dlq_at_once() {
     )
     .unwrap();
     assert_eq!(intent.id, id);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.wait_settled().await;
     assert_eq!(sink.received().len(), 1, "a permanent failure was retried");
 }
 
@@ -207,7 +207,7 @@ async fn direct_json_publish_with_the_same_msg_id_delivers_once() {
     assert_eq!(got[0].body["body"], "from nats pub");
     let status = stack.wait_status("order-43", "delivered").await;
     assert_eq!(status["channels"][0]["attempts"], 1);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.wait_settled().await;
     assert_eq!(sink.received().len(), 1);
 }
 

@@ -6,5 +6,6 @@ mod api;
 mod cli;
 mod delivery;
 mod faults;
+mod ledger;
 mod outage;
 mod support;

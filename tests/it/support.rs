@@ -166,6 +166,22 @@ impl Stack {
         .await
     }
 
+    /// Waits until the channel's consumer has nothing pending, delivered or waiting: every
+    /// message so far was acknowledged or terminated, so nothing more will be sent for them.
+    pub async fn wait_settled(&self) {
+        let intents = self.js.get_stream(herald_shared::topology::INTENTS_STREAM).await.unwrap();
+        eventually(Duration::from_secs(15), "every message to be settled", || async {
+            let mut stream = intents.clone();
+            let last = stream.info().await.ok()?.state.last_sequence;
+            let mut consumer: jetstream::consumer::PullConsumer =
+                intents.get_consumer("webhook").await.ok()?;
+            let info = consumer.info().await.ok()?;
+            (info.num_pending == 0 && info.num_ack_pending == 0 && info.ack_floor.stream_sequence >= last)
+                .then_some(())
+        })
+        .await;
+    }
+
     /// Every message in HERALD_DLQ.
     pub async fn dead_letters(&self) -> Vec<StreamMessage> {
         let mut stream = self.js.get_stream(DLQ_STREAM).await.unwrap();
@@ -250,6 +266,8 @@ pub enum Reply {
     Hang,
     /// Answers 200 after this many milliseconds.
     Slow(u64),
+    /// Holds the request until [`Sink::open`] is called, then answers 200.
+    Held,
 }
 
 /// One request the sink received.
@@ -275,6 +293,8 @@ struct SinkState {
     /// Requests being answered right now, and the most there ever were at once.
     in_flight: std::sync::atomic::AtomicUsize,
     max_in_flight: std::sync::atomic::AtomicUsize,
+    /// Turns true when held requests may be answered.
+    open: watch::Sender<bool>,
 }
 
 /// A webhook receiver on a real HTTP server.
@@ -367,6 +387,10 @@ async fn answer(req: &Request, body: Vec<u8>, state: &SinkState) -> Response {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Response::builder().status(StatusCode::OK).finish()
         }
+        Reply::Held => {
+            let _ = state.open.subscribe().wait_for(|open| *open).await;
+            Response::builder().status(StatusCode::OK).finish()
+        }
         Reply::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             Response::builder().status(StatusCode::OK).finish()
@@ -383,6 +407,7 @@ impl Sink {
             received: Mutex::new(Vec::new()),
             in_flight: Default::default(),
             max_in_flight: Default::default(),
+            open: watch::channel(false).0,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
@@ -405,6 +430,16 @@ impl Sink {
 
     pub async fn ok() -> Sink {
         Sink::start(vec![], Reply::Status(200)).await
+    }
+
+    /// Answers every held request, and those that come later.
+    pub fn open(&self) {
+        self.state.open.send_replace(true);
+    }
+
+    /// Requests being answered right now.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The most requests the sink was ever answering at once.
