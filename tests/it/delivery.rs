@@ -330,3 +330,20 @@ async fn a_recreated_consumer_replays_the_stream_without_sending_again() {
     .await;
     assert_eq!(sink.received().len(), 2, "replayed messages were sent again");
 }
+
+#[tokio::test]
+async fn a_direct_publish_with_a_future_send_at_waits_for_it() {
+    let stack = Stack::start().await;
+    let sink = Sink::ok().await;
+    let at = chrono::Utc::now() + chrono::Duration::seconds(3);
+    let intent = json!({
+        "id": "later-direct", "recipient": {"webhook_url": sink.url},
+        "content": {"body": "b"}, "send_at": at.to_rfc3339()
+    });
+    stack.publish_intent(intent.to_string().into_bytes(), None, None).await;
+    stack.wait_status("later-direct", "scheduled").await;
+    sink.wait_for(1).await;
+    let now = chrono::Utc::now();
+    assert!(now >= at, "delivered early: {now} < {at}");
+    stack.wait_status("later-direct", "delivered").await;
+}
