@@ -44,6 +44,8 @@ pub struct AppState {
     /// limit with its oldest message still needed (checked every second), or a ledger write
     /// refused as full (cleared by the next one that lands). `/ready` reports it.
     storage: std::sync::Mutex<Storage>,
+    /// Why the topology cannot be used, if it cannot (a replica mismatch): `/ready` says it.
+    topology_error: std::sync::OnceLock<String>,
 }
 
 /// What the gateway knows about storage room.
@@ -59,6 +61,11 @@ impl AppState {
         self.topology.get().ok_or_else(|| {
             ApiError::Unavailable("NATS has not been reached yet; Herald's streams are not ready".into())
         })
+    }
+
+    /// Why the topology cannot be used, if that is known.
+    pub(crate) fn topology_error(&self) -> Option<&str> {
+        self.topology_error.get().map(String::as_str)
     }
 
     pub(crate) fn note_ledger_full(&self, full: bool) {
@@ -138,6 +145,7 @@ impl Gateway {
             topology: tokio::sync::OnceCell::new(),
             metrics: Metrics::default(),
             storage: Default::default(),
+            topology_error: Default::default(),
         });
         let background = state.clone();
         tokio::spawn(async move {
@@ -145,7 +153,11 @@ impl Gateway {
                 Ok(t) => {
                     let _ = background.topology.set(t);
                 }
-                Err(e) => return tracing::error!(error = %e, "cannot use the JetStream topology"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot use the JetStream topology");
+                    let _ = background.topology_error.set(e.to_string());
+                    return;
+                }
             }
             watch_storage(Arc::downgrade(&background)).await;
         });

@@ -347,3 +347,40 @@ async fn a_direct_publish_with_a_future_send_at_waits_for_it() {
     assert!(now >= at, "delivered early: {now} < {at}");
     stack.wait_status("later-direct", "delivered").await;
 }
+
+/// A stopped worker leaves nothing behind that must wait out an ack wait: it pulled only what
+/// it started, finished that, and the next worker takes the rest at once.
+#[tokio::test]
+async fn a_stopped_worker_leaves_nothing_waiting_for_its_ack_wait() {
+    let mut stack = Stack::start_with(&[
+        (herald_shared::config::WEBHOOK_CONCURRENCY, "1"),
+        (herald_shared::config::WEBHOOK_TIMEOUT, "3s"),
+    ])
+    .await;
+    let sink = Sink::start(vec![], Reply::Slow(700)).await;
+    for id in ["queued-1", "queued-2", "queued-3"] {
+        let intent = json!({"id": id, "recipient": {"webhook_url": sink.url}, "content": {"body": "b"}});
+        stack.publish_intent(intent.to_string().into_bytes(), None, None).await;
+    }
+    sink.wait_for(1).await;
+    stack.shutdown().await;
+    let restarted = std::time::Instant::now();
+    let topology = herald_shared::topology::ensure(&stack.js, &stack.config).await.unwrap();
+    let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(herald_workers::run(stack.config.clone(), topology, async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    }));
+    for id in ["queued-1", "queued-2", "queued-3"] {
+        crate::support::eventually(Duration::from_secs(20), id, || async {
+            let record = stack.record(id).await?;
+            (record.overall() == herald_shared::state::Status::Delivered).then_some(())
+        })
+        .await;
+    }
+    // A message stranded by the first worker would come back only after the ack wait.
+    let ack_wait = stack.config.claim_ttl();
+    assert!(restarted.elapsed() < ack_wait, "took {:?}; the ack wait is {ack_wait:?}", restarted.elapsed());
+    assert_eq!(sink.received().len(), 3);
+    stop.send_replace(true);
+    worker.await.unwrap().unwrap();
+}

@@ -52,7 +52,7 @@ const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// How long deliveries in flight may take to finish after a stop is asked for.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// How often the consumer's ack floor is noted, to resume a recreated consumer after it.
-const FLOOR_EVERY: Duration = Duration::from_secs(5);
+const FLOOR_EVERY: Duration = Duration::from_secs(1);
 /// Effectively forever: a ledger write is retried until it is stored (or shutdown gives up).
 const UNTIL_STORED: Duration = Duration::from_secs(365 * 24 * 3600);
 

@@ -45,7 +45,8 @@ impl SystemApi {
             return ReadyResponse::NotReady(Json(HealthBody { status: "not connected to NATS".into() }));
         }
         let Ok(topology) = state.topology() else {
-            return ReadyResponse::NotReady(Json(HealthBody { status: "streams not ensured yet".into() }));
+            let status = state.topology_error().unwrap_or("streams not ensured yet").to_owned();
+            return ReadyResponse::NotReady(Json(HealthBody { status }));
         };
         let mut intents = topology.intents.clone();
         let check = tokio::time::timeout(state.config.nats_timeout, intents.info());
