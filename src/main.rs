@@ -99,6 +99,12 @@ enum Command {
         /// Private stack: run only the gateway (no worker competing for the CPU; no end to end).
         #[arg(long)]
         gateway_only: bool,
+        /// Private stack: nats-server with `sync_interval: always` (an fsync for every write).
+        #[arg(long)]
+        sync_always: bool,
+        /// Private stack: a local 3-node nats cluster, every stream with 3 replicas.
+        #[arg(long)]
+        cluster: bool,
     },
 }
 
@@ -174,9 +180,21 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::Bench { url, connections, duration, rate, raw_messages, gateway_only } => {
+            Command::Bench {
+                url,
+                connections,
+                duration,
+                rate,
+                raw_messages,
+                gateway_only,
+                sync_always,
+                cluster,
+            } => {
                 let options = herald_gateway::bench::BenchOptions {
-                    nats_url: url.as_ref().and_then(|_| config.nats_urls.first().cloned()),
+                    nats_url: url
+                        .as_ref()
+                        .filter(|_| !config.nats_urls.is_empty())
+                        .map(|_| config.nats_urls.join(",")),
                     url,
                     connections,
                     duration,
@@ -184,6 +202,13 @@ fn main() -> anyhow::Result<()> {
                     raw_messages,
                     herald_exe: std::env::current_exe()?,
                     gateway_only,
+                    sync: if sync_always {
+                        herald_shared::nats_server::SyncPolicy::Always
+                    } else {
+                        herald_shared::nats_server::SyncPolicy::Periodic
+                    },
+                    cluster,
+                    replicas: config.stream_replicas,
                 };
                 let report = herald_gateway::bench::run(options, &config).await?;
                 println!("{report}");

@@ -12,11 +12,14 @@
 //!
 //! A run goes through these phases, one function each:
 //!
-//! - [`PrivateStack::start`] (unless a gateway URL is given): a real nats-server and a child
-//!   `herald up` pointed at it, so the measured process is exactly what users run.
+//! - [`PrivateStack::start`] (unless a gateway URL is given): a real nats-server (or, with
+//!   `--cluster`, a three-node cluster with every stream replicated three times; with
+//!   `--sync-always`, fsyncing every write) and a child `herald up` pointed at it, so the
+//!   measured process is exactly what users run.
 //! - [`Sink::start`]: a local webhook receiver every benchmark notification points at, so the
 //!   worker always has a live, fast receiver and delivery is what is measured.
-//! - [`raw_publish`]: JetStream publishes with the same payload size, straight from this process.
+//! - [`raw_publish`]: JetStream publishes with the same payload size and replica count, straight
+//!   from this process.
 //! - [`accept_phase`]: `connections` HTTP clients, closed loop or paced open loop.
 //! - [`await_delivery`]: waits until the sink has seen every accepted notification.
 //! - [`Memory::of_process`]: the child's peak and current resident set.
@@ -44,7 +47,7 @@ use herald_shared::{
     Channel, Config, Intent,
     auth::{self, DEFAULT_SCOPES},
     intent::{self, Content, Recipient},
-    nats_server::{self, Locator, NatsServer, ServerOptions},
+    nats_server::{self, CLUSTER_SIZE, Locator, NatsCluster, NatsServer, ServerOptions, SyncPolicy},
     topology::{self, BENCH_STREAM, BENCH_SUBJECT},
 };
 use http_body_util::{BodyExt, Full};
@@ -73,7 +76,8 @@ pub struct BenchOptions {
     /// Base URL of a running gateway (e.g. http://127.0.0.1:8080). None: start a private stack.
     /// Its webhook worker must reach this machine's 127.0.0.1, where the sink listens.
     pub url: Option<String>,
-    /// NATS URL for the raw JetStream measurement when `url` is given (None: skip the raw measurement).
+    /// NATS URL(s), comma separated, for the raw JetStream measurement when `url` is given
+    /// (None: skip the raw measurement).
     pub nats_url: Option<String>,
     /// Concurrent HTTP connections.
     pub connections: usize,
@@ -88,6 +92,12 @@ pub struct BenchOptions {
     /// Private stack only: run `herald gateway` instead of `herald up`, so the gateway has the
     /// machine to itself (no worker delivering at the same time); end to end is not measured.
     pub gateway_only: bool,
+    /// Private stack only: how the private nats-server syncs its store to disk.
+    pub sync: SyncPolicy,
+    /// Private stack only: a local three-node cluster, and `HERALD_STREAM_REPLICAS=3`.
+    pub cluster: bool,
+    /// Replicas of the raw measurement's stream when `url` is given (Herald's own setting).
+    pub replicas: usize,
 }
 
 /// Everything one run measured. [`fmt::Display`] prints it for people.
@@ -116,15 +126,47 @@ pub enum Target {
     PrivateStack {
         /// From spawning the child to its first 200 on `GET /ready`.
         ready_in: Duration,
+        /// The nats-server(s) the benchmark started for it.
+        nats: NatsSetup,
     },
     /// A gateway somebody else runs.
     External { url: String },
+}
+
+/// The NATS side of a private stack: what its durability is and so what the figures cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatsSetup {
+    /// 1, or [`CLUSTER_SIZE`] with every stream replicated on each node.
+    pub nodes: usize,
+    pub sync: SyncPolicy,
+}
+
+impl NatsSetup {
+    /// Replicas of Herald's streams and of the raw measurement's stream.
+    pub fn replicas(&self) -> usize {
+        self.nodes
+    }
+}
+
+impl fmt::Display for NatsSetup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.nodes {
+            1 => write!(f, "local nats-server")?,
+            n => write!(f, "local {n}-node nats cluster, streams R{n}")?,
+        }
+        match self.sync {
+            SyncPolicy::Periodic => Ok(()),
+            SyncPolicy::Always => write!(f, ", sync_interval always"),
+        }
+    }
 }
 
 /// The raw JetStream publish measurement.
 #[derive(Debug, Clone)]
 pub struct RawPublish {
     pub messages: usize,
+    /// Replicas of the stream published to.
+    pub replicas: usize,
     /// From the first publish to the last ack.
     pub elapsed: Duration,
 }
@@ -225,17 +267,22 @@ pub async fn run(options: BenchOptions, config: &Config) -> anyhow::Result<Bench
 
     let stack = match &options.url {
         Some(_) => None,
-        None => Some(PrivateStack::start(config, &options.herald_exe, options.gateway_only).await?),
+        None => {
+            let setup =
+                NatsSetup { nodes: if options.cluster { CLUSTER_SIZE } else { 1 }, sync: options.sync };
+            Some(PrivateStack::start(config, &options.herald_exe, options.gateway_only, setup).await?)
+        }
     };
-    let (base_url, nats_url, target) = match (&stack, &options.url) {
+    let (base_url, nats_url, replicas, target) = match (&stack, &options.url) {
         (Some(stack), _) => (
             stack.http_url.clone(),
-            Some(stack.nats.url()),
-            Target::PrivateStack { ready_in: stack.ready_in },
+            Some(stack.nats.urls()),
+            stack.setup.replicas(),
+            Target::PrivateStack { ready_in: stack.ready_in, nats: stack.setup },
         ),
         (None, Some(url)) => {
             let url = url.trim_end_matches('/').to_owned();
-            (url.clone(), options.nats_url.clone(), Target::External { url })
+            (url.clone(), options.nats_url.clone(), options.replicas, Target::External { url })
         }
         (None, None) => unreachable!("a private stack is started when no URL is given"),
     };
@@ -243,7 +290,7 @@ pub async fn run(options: BenchOptions, config: &Config) -> anyhow::Result<Bench
     let payload_bytes = sample_intent(&hook_url).encode().len();
     let raw = match nats_url {
         Some(nats_url) if options.raw_messages > 0 => {
-            Some(raw_publish(&nats_url, options.raw_messages, payload_bytes).await?)
+            Some(raw_publish(&nats_url, replicas, options.raw_messages, payload_bytes).await?)
         }
         _ => {
             eprintln!("bench: raw JetStream publish skipped (no NATS URL or --raw-messages 0)");
@@ -305,6 +352,9 @@ fn check_options(options: &BenchOptions) -> anyhow::Result<()> {
     if options.rate == Some(0) {
         bail!("--rate must be at least 1 request/s");
     }
+    if options.url.is_some() && (options.cluster || options.sync != SyncPolicy::Periodic) {
+        bail!("--cluster and --sync-always shape the private nats-server; they do not apply with --url");
+    }
     Ok(())
 }
 
@@ -316,14 +366,15 @@ fn per_second(count: u64, elapsed: Duration) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Private stack
 
-/// A nats-server and a `herald up` child using it, both killed on drop.
+/// A nats-server (or cluster) and a `herald up` child using it, all killed on drop.
 ///
 /// `herald up` with `HERALD_NATS_URL` set starts no nats-server of its own, so the child holds
 /// exactly the gateway and the webhook worker, and its memory is theirs.
 struct PrivateStack {
     /// Declared first so that it is dropped (killed) before the nats-server it uses.
     child: ChildGuard,
-    nats: NatsServer,
+    nats: PrivateNats,
+    setup: NatsSetup,
     http_url: String,
     ready_in: Duration,
     /// The child's data directory and log; dropped last.
@@ -331,14 +382,14 @@ struct PrivateStack {
 }
 
 impl PrivateStack {
-    async fn start(config: &Config, herald_exe: &Path, gateway_only: bool) -> anyhow::Result<PrivateStack> {
-        let locator = Locator::from_config(config);
-        // Finding (possibly provisioning) and starting the server blocks; keep it off the runtime.
-        let nats = tokio::task::spawn_blocking(move || NatsServer::start(&locator, ServerOptions::default()))
-            .await
-            .context("the nats-server start task failed")?
-            .context("starting nats-server for the private stack")?;
-        eprintln!("bench: nats-server running at {}", nats.url());
+    async fn start(
+        config: &Config,
+        herald_exe: &Path,
+        gateway_only: bool,
+        setup: NatsSetup,
+    ) -> anyhow::Result<PrivateStack> {
+        let nats = PrivateNats::start(config, setup).await?;
+        eprintln!("bench: {setup} running at {}", nats.urls());
 
         let dir = tempfile::Builder::new()
             .prefix("herald-bench-")
@@ -352,7 +403,8 @@ impl PrivateStack {
         let spawned_at = Instant::now();
         let child = Command::new(herald_exe)
             .arg(if gateway_only { "gateway" } else { "up" })
-            .env(herald_shared::config::NATS_URL, nats.url())
+            .env(herald_shared::config::NATS_URL, nats.urls())
+            .env(herald_shared::config::STREAM_REPLICAS, setup.replicas().to_string())
             .env(herald_shared::config::HTTP_ADDR, &http_addr)
             .env(herald_shared::config::DATA_DIR, dir.path().join("data"))
             .env(herald_shared::config::JWT_SECRET, &config.jwt_secret)
@@ -370,12 +422,46 @@ impl PrivateStack {
         wait_until_ready(&http_url, &mut child).await?;
         let ready_in = spawned_at.elapsed();
         eprintln!("bench: stack ready in {} ms (herald up at {http_url})", ready_in.as_millis());
-        Ok(PrivateStack { child, nats, http_url, ready_in, _dir: dir })
+        Ok(PrivateStack { child, nats, setup, http_url, ready_in, _dir: dir })
     }
 
     /// The child's memory now (it holds the gateway and the worker).
     fn memory(&self) -> anyhow::Result<Memory> {
         Memory::of_process(self.child.id())
+    }
+}
+
+/// The private stack's NATS: one server or a cluster.
+enum PrivateNats {
+    Single(NatsServer),
+    Cluster(NatsCluster),
+}
+
+impl PrivateNats {
+    async fn start(config: &Config, setup: NatsSetup) -> anyhow::Result<PrivateNats> {
+        let locator = Locator::from_config(config);
+        if setup.nodes > 1 {
+            let cluster = NatsCluster::start(&locator, setup.sync)
+                .await
+                .context("starting a nats cluster for the private stack")?;
+            return Ok(PrivateNats::Cluster(cluster));
+        }
+        // Finding (possibly provisioning) and starting the server blocks; keep it off the runtime.
+        let server = tokio::task::spawn_blocking(move || {
+            NatsServer::start_with_sync(&locator, ServerOptions::default(), setup.sync)
+        })
+        .await
+        .context("the nats-server start task failed")?
+        .context("starting nats-server for the private stack")?;
+        Ok(PrivateNats::Single(server))
+    }
+
+    /// Client URLs, comma separated.
+    fn urls(&self) -> String {
+        match self {
+            PrivateNats::Single(server) => server.url(),
+            PrivateNats::Cluster(cluster) => cluster.urls(),
+        }
     }
 }
 
@@ -552,26 +638,35 @@ fn sample_intent(hook_url: &str) -> Intent {
     }
 }
 
-/// Publishes `messages` messages of `payload_bytes` to a scratch stream, each with its own
-/// `Nats-Msg-Id` like the gateway's publishes, keeping [`RAW_IN_FLIGHT`] acks in flight. This
-/// is the ceiling the gateway's rates are compared against. The stream is deleted afterwards.
-async fn raw_publish(nats_url: &str, messages: usize, payload_bytes: usize) -> anyhow::Result<RawPublish> {
+/// Publishes `messages` messages of `payload_bytes` to a scratch stream with `replicas`
+/// replicas, each with its own `Nats-Msg-Id` like the gateway's publishes, keeping
+/// [`RAW_IN_FLIGHT`] acks in flight. This is the ceiling the gateway's rates are compared
+/// against. `nats_urls` is comma separated. The stream is deleted afterwards.
+async fn raw_publish(
+    nats_urls: &str,
+    replicas: usize,
+    messages: usize,
+    payload_bytes: usize,
+) -> anyhow::Result<RawPublish> {
+    let urls: Vec<&str> = nats_urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
     let client =
-        async_nats::connect(nats_url).await.with_context(|| format!("connecting to NATS at {nats_url}"))?;
+        async_nats::connect(urls).await.with_context(|| format!("connecting to NATS at {nats_urls}"))?;
     let js = async_nats::jetstream::new(client);
     // A stream left behind by an interrupted run would carry old messages and ids.
     let _ = js.delete_stream(BENCH_STREAM).await;
-    js.create_stream(topology::bench_stream_config())
+    let config =
+        async_nats::jetstream::stream::Config { num_replicas: replicas, ..topology::bench_stream_config() };
+    js.create_stream(config)
         .await
-        .with_context(|| format!("creating the scratch stream {BENCH_STREAM}"))?;
+        .with_context(|| format!("creating the scratch stream {BENCH_STREAM} (R{replicas})"))?;
     let result = publish_all(&js, messages, Bytes::from(vec![b'x'; payload_bytes])).await;
     if let Err(e) = js.delete_stream(BENCH_STREAM).await {
         eprintln!("bench: could not delete the scratch stream {BENCH_STREAM}: {e}");
     }
     let elapsed = result?;
-    let raw = RawPublish { messages, elapsed };
+    let raw = RawPublish { messages, replicas, elapsed };
     eprintln!(
-        "bench: raw JetStream publish: {messages} messages of {payload_bytes} B in {:.2} s = {:.0} msg/s",
+        "bench: raw JetStream publish (R{replicas}): {messages} messages of {payload_bytes} B in {:.2} s = {:.0} msg/s",
         elapsed.as_secs_f64(),
         raw.per_second()
     );
@@ -929,12 +1024,12 @@ impl BenchReport {
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.target {
-            Target::PrivateStack { ready_in } => {
+            Target::PrivateStack { ready_in, nats } => {
                 let what = match self.delivery {
                     Some(_) => "herald up = gateway + webhook worker",
                     None => "herald gateway only",
                 };
-                writeln!(f, "herald bench: private stack ({what}, local nats-server)")?;
+                writeln!(f, "herald bench: private stack ({what}, {nats})")?;
                 writeln!(f, "  stack ready in     {} ms", ready_in.as_millis())?;
             }
             Target::External { url } => writeln!(f, "herald bench: gateway at {url}")?,
@@ -953,10 +1048,11 @@ impl fmt::Display for BenchReport {
         match &self.raw {
             Some(raw) => writeln!(
                 f,
-                "  raw JetStream      {:.0} msg/s ({} publishes in {:.2} s)",
+                "  raw JetStream      {:.0} msg/s ({} publishes in {:.2} s, R{} stream)",
                 raw.per_second(),
                 raw.messages,
-                raw.elapsed.as_secs_f64()
+                raw.elapsed.as_secs_f64(),
+                raw.replicas
             )?,
             None => writeln!(f, "  raw JetStream      not measured")?,
         }
@@ -1075,7 +1171,7 @@ mod tests {
     #[tokio::test]
     async fn raw_publish_measures_and_removes_its_stream() {
         let server = NatsServer::for_test();
-        let raw = raw_publish(&server.url(), 2_000, 300).await.unwrap();
+        let raw = raw_publish(&server.url(), 1, 2_000, 300).await.unwrap();
         assert_eq!(raw.messages, 2_000);
         assert!(raw.per_second() > 0.0);
         let client = async_nats::connect(server.url()).await.unwrap();
@@ -1088,12 +1184,15 @@ mod tests {
         let mut latency_us = Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).unwrap();
         latency_us.record(1500).unwrap();
         let report = BenchReport {
-            target: Target::PrivateStack { ready_in: Duration::from_millis(420) },
+            target: Target::PrivateStack {
+                ready_in: Duration::from_millis(420),
+                nats: NatsSetup { nodes: 3, sync: SyncPolicy::Always },
+            },
             connections: 32,
             duration: Duration::from_secs(10),
             rate: None,
             payload_bytes: 300,
-            raw: Some(RawPublish { messages: 100_000, elapsed: Duration::from_secs(1) }),
+            raw: Some(RawPublish { messages: 100_000, replicas: 3, elapsed: Duration::from_secs(1) }),
             accept: AcceptStats {
                 accepted: 300_000,
                 duplicates: 0,
@@ -1115,7 +1214,9 @@ mod tests {
         let text = report.to_string();
         for expected in [
             "ready in     420 ms",
+            "local 3-node nats cluster, streams R3, sync_interval always",
             "100000 msg/s",
+            "R3 stream",
             "30000/s",
             "(0.30 × raw JetStream)",
             "20000/s",
