@@ -179,7 +179,9 @@ impl Entry {
 pub enum Decision {
     /// Claim it and send. `takeover`: an earlier claim lapsed with no outcome (uncertain).
     /// `new_round`: the notification was dead-lettered and this is a new message for it.
-    Send { takeover: bool, new_round: bool },
+    /// `reclaim`: the claim is this process's own, written by a `begin` whose answer was lost,
+    /// so nothing was sent under it and it is no new attempt.
+    Send { takeover: bool, new_round: bool, reclaim: bool },
     /// Delivered already: acknowledge without sending.
     Delivered,
     /// This very message is in the DLQ: terminate it.
@@ -192,7 +194,10 @@ pub enum Decision {
 
 /// What the handler of message `sequence` may do. `final_delivery`: the server will not deliver
 /// this message again (the dead-letter mover asks), so there is nothing left but to park it.
-/// `expired`: the intent's `expires_at` has passed.
+/// `expired`: the intent's `expires_at` has passed. `own_idle`: the claim found, if any, is
+/// this process's and the message it names is not being handled here now — its `begin` wrote it
+/// but never heard back, so nothing was sent under it.
+#[allow(clippy::too_many_arguments, reason = "each is one fact the decision rests on")]
 pub fn decide(
     current: Option<&Entry>,
     sequence: u64,
@@ -201,6 +206,7 @@ pub fn decide(
     policy: UncertainPolicy,
     expired: bool,
     final_delivery: bool,
+    own_idle: bool,
 ) -> Decision {
     let park =
         |reason, error_class, error: &str| Decision::Park { reason, error_class, error: error.to_owned() };
@@ -210,7 +216,7 @@ pub fn decide(
         } else if final_delivery {
             park(Reason::MaxDeliveries, ErrorClass::Transient, NO_ATTEMPT_FINISHED)
         } else {
-            Decision::Send { takeover: false, new_round: false }
+            Decision::Send { takeover: false, new_round: false, reclaim: false }
         };
     };
     match e.status {
@@ -226,6 +232,9 @@ pub fn decide(
     let new_round = e.status == Status::DeadLettered;
     let round_attempts = if new_round { 0 } else { e.round_attempts };
     if let Some(claim) = &e.claim {
+        if own_idle && !final_delivery && !expired {
+            return Decision::Send { takeover: false, new_round, reclaim: true };
+        }
         if claim.until > now {
             let left = (claim.until - now).to_std().unwrap_or_default();
             return Decision::Busy(left);
@@ -240,7 +249,7 @@ pub fn decide(
         if expired {
             return park(Reason::Expired, ErrorClass::Permanent, EXPIRED);
         }
-        return Decision::Send { takeover: true, new_round };
+        return Decision::Send { takeover: true, new_round, reclaim: false };
     }
     if expired {
         return park(Reason::Expired, ErrorClass::Permanent, EXPIRED);
@@ -252,7 +261,7 @@ pub fn decide(
         let error = e.last_error.as_deref().unwrap_or("every attempt failed");
         return park(Reason::AttemptsExhausted, ErrorClass::Transient, error);
     }
-    Decision::Send { takeover: false, new_round }
+    Decision::Send { takeover: false, new_round, reclaim: false }
 }
 
 const EXPIRED: &str = "expires_at passed before delivery";
@@ -471,6 +480,9 @@ impl Ledger {
 
     /// Decides what to do with message `sequence` carrying `intent`, and takes the claim (or
     /// the hold for parking) that decision needs, with a compare-and-set. See [`decide`].
+    ///
+    /// `handling` tells whether this process is handling a message (by sequence) right now: a
+    /// claim of this process's naming a message it is not handling was never used to send.
     pub async fn begin(
         &self,
         intent: &Intent,
@@ -478,6 +490,7 @@ impl Ledger {
         max_attempts: u32,
         policy: UncertainPolicy,
         final_delivery: bool,
+        handling: impl Fn(u64) -> bool,
     ) -> Result<Begin, StateError> {
         let key = LedgerKey::of(intent);
         let name = key.kv_key();
@@ -485,14 +498,26 @@ impl Ledger {
             let (current, revision) = self.read(&key).await?;
             let now = Utc::now();
             let expired = intent.expires_at.is_some_and(|t| t <= now);
-            let decision =
-                decide(current.as_ref(), sequence, now, max_attempts, policy, expired, final_delivery);
+            let own_idle = current
+                .as_ref()
+                .and_then(|e| e.claim.as_ref())
+                .is_some_and(|c| c.owner == self.owner && (c.sequence == sequence || !handling(c.sequence)));
+            let decision = decide(
+                current.as_ref(),
+                sequence,
+                now,
+                max_attempts,
+                policy,
+                expired,
+                final_delivery,
+                own_idle,
+            );
             let base = current.clone().unwrap_or_else(|| Entry::accepted(intent, now));
             let (entry, claim) = match &decision {
                 Decision::Delivered => return Ok(Begin::Delivered),
                 Decision::InDlq => return Ok(Begin::InDlq),
                 Decision::Busy(d) => return Ok(Begin::Busy(*d)),
-                Decision::Send { takeover, new_round } => {
+                Decision::Send { takeover, new_round, reclaim } => {
                     let claim = Claim {
                         owner: self.owner.clone(),
                         sequence,
@@ -500,8 +525,10 @@ impl Ledger {
                     };
                     let mut e = base;
                     e.status = Status::Sending;
-                    e.attempts += 1;
-                    e.round_attempts = if *new_round { 1 } else { e.round_attempts + 1 };
+                    if !*reclaim {
+                        e.attempts += 1;
+                        e.round_attempts = if *new_round { 1 } else { e.round_attempts + 1 };
+                    }
                     e.resends += u32::from(*takeover);
                     e.parking = None;
                     e.claim = Some(claim.clone());
@@ -742,11 +769,25 @@ mod tests {
         final_delivery: bool,
         expected: &str,
     ) {
-        let got = decide(current.as_ref(), sequence, Utc::now(), 3, policy, false, final_delivery);
+        check_own(current, sequence, policy, final_delivery, false, expected)
+    }
+
+    fn check_own(
+        current: Option<Entry>,
+        sequence: u64,
+        policy: UncertainPolicy,
+        final_delivery: bool,
+        own_idle: bool,
+        expected: &str,
+    ) {
+        let got = decide(current.as_ref(), sequence, Utc::now(), 3, policy, false, final_delivery, own_idle);
         let got = match got {
-            Decision::Send { takeover: false, new_round: false } => "send".to_owned(),
-            Decision::Send { takeover: true, new_round: false } => "resend".to_owned(),
-            Decision::Send { takeover, new_round: true } => format!("send new round (takeover {takeover})"),
+            Decision::Send { reclaim: true, .. } => "reclaim".to_owned(),
+            Decision::Send { takeover: false, new_round: false, .. } => "send".to_owned(),
+            Decision::Send { takeover: true, new_round: false, .. } => "resend".to_owned(),
+            Decision::Send { takeover, new_round: true, .. } => {
+                format!("send new round (takeover {takeover})")
+            }
             Decision::Delivered => "ack".to_owned(),
             Decision::InDlq => "term".to_owned(),
             Decision::Busy(_) => "busy".to_owned(),
@@ -783,14 +824,27 @@ mod tests {
         check(Some(spent), 1, Resend, false, "park attempts_exhausted");
         check(Some(entry(Status::Retrying)), 1, Resend, true, "park max_deliveries");
         check(None, 1, Resend, true, "park max_deliveries");
+        // This process's own claim, on a message it is not handling: its claim's answer was
+        // lost, nothing was sent, so it is neither busy nor uncertain.
+        check_own(Some(sending("me", 1, 30, 1)), 1, Park, false, true, "reclaim");
+        check_own(Some(sending("me", 1, -1, 1)), 1, Park, false, true, "reclaim");
+        check_own(Some(sending("me", 1, -1, 1)), 1, Park, true, true, "park uncertain");
     }
 
     #[test]
     fn an_expired_intent_is_parked_not_sent() {
-        let got = decide(None, 1, Utc::now(), 3, UncertainPolicy::Resend, true, false);
+        let got = decide(None, 1, Utc::now(), 3, UncertainPolicy::Resend, true, false, false);
         assert!(matches!(got, Decision::Park { reason: Reason::Expired, .. }), "{got:?}");
-        let got =
-            decide(Some(&entry(Status::Delivered)), 1, Utc::now(), 3, UncertainPolicy::Resend, true, false);
+        let got = decide(
+            Some(&entry(Status::Delivered)),
+            1,
+            Utc::now(),
+            3,
+            UncertainPolicy::Resend,
+            true,
+            false,
+            false,
+        );
         assert_eq!(got, Decision::Delivered);
     }
 

@@ -6,6 +6,7 @@ mod api;
 mod cli;
 mod cluster;
 mod delivery;
+mod failover;
 mod faults;
 mod ledger;
 mod outage;

@@ -47,8 +47,8 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().unwrap()
 }
 
-/// nats-server, gateway and workers, all real, on ephemeral ports.
-pub struct Stack {
+/// nats-server (one, or a cluster), gateway and workers, all real, on ephemeral ports.
+pub struct Stack<N = NatsServer> {
     pub base: String,
     pub config: Config,
     pub js: jetstream::Context,
@@ -57,7 +57,7 @@ pub struct Stack {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
     /// Last field: dropped last, and prints its log if the test panicked.
-    pub nats: NatsServer,
+    pub nats: N,
 }
 
 impl Stack {
@@ -69,8 +69,16 @@ impl Stack {
     pub async fn start_with(pairs: &[(&str, &str)]) -> Stack {
         let nats = tokio::task::spawn_blocking(NatsServer::for_test).await.unwrap();
         let url = nats.url();
+        Stack::on(nats, &url, pairs).await
+    }
+}
+
+impl<N> Stack<N> {
+    /// Gateway and workers against `nats`, reached at `url` (a comma-separated list for a
+    /// cluster), with the tests' defaults overridden by `pairs`.
+    pub async fn on(nats: N, url: &str, pairs: &[(&str, &str)]) -> Stack<N> {
         let mut all = vec![
-            (config::NATS_URL, url.as_str()),
+            (config::NATS_URL, url),
             (config::RETRY_BACKOFF, "50ms,100ms"),
             (config::MAX_ATTEMPTS, "3"),
             (config::WEBHOOK_TIMEOUT, "300ms"),

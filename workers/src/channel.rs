@@ -63,12 +63,16 @@ pub struct ChannelWorker<D> {
     deliver: Arc<D>,
     /// `HERALD_UNCERTAIN` for this channel.
     uncertain: UncertainPolicy,
+    /// Stream sequences of the messages this process is handling now: a redelivery of one of
+    /// them (its progress acks were lost) waits instead of racing it, and the ledger can tell
+    /// this process's claims that are in use from ones whose `begin` never heard back.
+    handling: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl<D: Deliver> ChannelWorker<D> {
     pub fn new(channel: Channel, config: Config, topology: Topology, deliver: Arc<D>) -> ChannelWorker<D> {
         let uncertain = config.uncertain.for_channel(channel);
-        ChannelWorker { channel, config, topology, deliver, uncertain }
+        ChannelWorker { channel, config, topology, deliver, uncertain, handling: Default::default() }
     }
 
     /// Pulls and delivers until `stop` turns true, then waits for in-flight deliveries.
@@ -271,28 +275,47 @@ impl<D: Deliver> ChannelWorker<D> {
             tracing::info!(wait_ms = wait.as_millis() as u64, "scheduled; waiting for send_at");
             return self.nak(message, wait).await;
         }
+        if !self.handling.lock().expect("never poisoned").insert(sequence) {
+            tracing::info!("this message is being handled here already; waiting");
+            return self.nak(message, self.config.claim_ttl() / 2).await;
+        }
+        if self.handle_claimed(message, intent, sequence).await {
+            self.handling.lock().expect("never poisoned").remove(&sequence);
+        }
+    }
+
+    /// Returns false when it sent and could not record the outcome: the sequence then stays
+    /// marked as handled here, so this process never mistakes its claim for an unused one.
+    async fn handle_claimed(&self, message: &Message, intent: Intent, sequence: u64) -> bool {
+        let ledger = &self.topology.ledger;
         let max_attempts = self.config.retry.max_attempts;
-        let begin = match ledger.begin(&intent, sequence, max_attempts, self.uncertain, false).await {
+        let handling = |s: u64| self.handling.lock().expect("never poisoned").contains(&s);
+        let begin = match ledger.begin(&intent, sequence, max_attempts, self.uncertain, false, handling).await
+        {
             Ok(b) => b,
             Err(e) => {
                 // Nothing was sent; without the ledger nothing may be.
                 let delay = self.config.retry.jittered_delay_after(1);
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot claim the delivery in the ledger");
-                return self.nak(message, delay).await;
+                self.nak(message, delay).await;
+                return true;
             }
         };
         let mut held = match begin {
             Begin::Delivered => {
                 tracing::info!("already delivered; acknowledging without sending again");
-                return self.ack(message, AckKind::Ack).await;
+                self.ack(message, AckKind::Ack).await;
+                return true;
             }
             Begin::InDlq => {
                 tracing::info!("this message is already in the DLQ; terminating it without sending");
-                return self.ack(message, AckKind::Term).await;
+                self.ack(message, AckKind::Term).await;
+                return true;
             }
             Begin::Busy(left) => {
                 tracing::info!(wait_ms = left.as_millis() as u64, "another worker holds the claim; waiting");
-                return self.nak(message, left + Duration::from_millis(100)).await;
+                self.nak(message, left + Duration::from_millis(100)).await;
+                return true;
             }
             Begin::Park { held, reason, error_class, error } => {
                 tracing::warn!(reason = reason.as_str(), %error, "dead-lettering without sending");
@@ -346,9 +369,12 @@ impl<D: Deliver> ChannelWorker<D> {
             }
             Err(DeliveryError::Permanent { message: error }) => {
                 tracing::warn!(attempt, %error, "refused for good; dead-lettering");
-                self.dead_letter(message, held, Reason::Rejected, ErrorClass::Permanent, error, false).await;
+                return self
+                    .dead_letter(message, held, Reason::Rejected, ErrorClass::Permanent, error, false)
+                    .await;
             }
         }
+        true
     }
 
     /// Records that the notification is being dead-lettered (unless `recorded`), parks the
@@ -362,19 +388,24 @@ impl<D: Deliver> ChannelWorker<D> {
         error_class: ErrorClass,
         error: String,
         recorded: bool,
-    ) {
+    ) -> bool {
         let ledger = &self.topology.ledger;
         if !recorded {
             let parking = Settle::Parking { reason, error_class, error: error.clone() };
             match ledger.settle(&mut held, parking, UNTIL_STORED).await {
                 Ok(Settled::Written) => {}
-                Ok(Settled::Superseded(Status::Delivered)) => return self.ack(message, AckKind::Ack).await,
+                Ok(Settled::Superseded(Status::Delivered)) => {
+                    self.ack(message, AckKind::Ack).await;
+                    return true;
+                }
                 Ok(Settled::Superseded(_)) => {
                     // Another handler took the notification over; the message comes back to it.
-                    return self.nak(message, self.config.retry.jittered_delay_after(1)).await;
+                    self.nak(message, self.config.retry.jittered_delay_after(1)).await;
+                    return true;
                 }
                 Err(e) => {
-                    return tracing::error!(error = %e, "cannot record the dead letter; leaving the message unacknowledged");
+                    tracing::error!(error = %e, "cannot record the dead letter; leaving the message unacknowledged");
+                    return false;
                 }
             }
         }
@@ -393,7 +424,8 @@ impl<D: Deliver> ChannelWorker<D> {
             // The ledger says "parking": the redelivery parks it, it is never sent again.
             let delay = self.config.retry.jittered_delay_after(1);
             tracing::error!(error = %e, "cannot park in the DLQ; the message stays and will be redelivered");
-            return self.nak(message, delay).await;
+            self.nak(message, delay).await;
+            return true;
         }
         match ledger.settle(&mut held, Settle::Parked, UNTIL_STORED).await {
             Ok(_) => self.ack(message, AckKind::Term).await,
@@ -401,6 +433,7 @@ impl<D: Deliver> ChannelWorker<D> {
                 tracing::error!(error = %e, "cannot record the parking; leaving the message unacknowledged")
             }
         }
+        true
     }
 
     /// Acknowledges (or terminates) and waits for the server to confirm it. Unconfirmed, the

@@ -140,7 +140,7 @@ async fn move_one(topology: &Topology, advisory: &[u8], max_attempts: u32, give_
     let mut held = None;
     if let (Some(intent), false) = (&intent, give_up) {
         let ledger = &topology.ledger;
-        match ledger.begin(intent, sequence, max_attempts, UncertainPolicy::Park, true).await {
+        match ledger.begin(intent, sequence, max_attempts, UncertainPolicy::Park, true, |_| true).await {
             Ok(Begin::Delivered | Begin::InDlq) => return Next::Ack,
             Ok(Begin::Busy(left)) => return Next::Retry(left + Duration::from_millis(100)),
             Ok(Begin::Park { held: h, reason, error_class, error }) => {
