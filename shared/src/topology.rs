@@ -303,7 +303,21 @@ impl Topology {
     ) -> Result<PullConsumer, async_nats::Error> {
         use jetstream::context::ConsumerInfoErrorKind;
         match self.intents.consumer_info(channel.as_str()).await {
-            Ok(_) => self.intents.get_consumer(channel.as_str()).await,
+            Ok(info) => {
+                let want = channel_consumer_config(channel, config, None);
+                let have = &info.config;
+                if have.ack_wait != want.ack_wait
+                    || have.backoff != want.backoff
+                    || have.max_deliver != want.max_deliver
+                {
+                    tracing::warn!(
+                        consumer = %channel,
+                        "the consumer differs from this process's configuration (ack wait, backoff or max deliver); \
+                         using it as it is (`herald topology apply` updates it)"
+                    );
+                }
+                self.intents.get_consumer(channel.as_str()).await
+            }
             Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
                 let start = resume_after.map(|floor| floor + 1);
                 Ok(self.intents.create_consumer(channel_consumer_config(channel, config, start)).await?)
