@@ -216,4 +216,21 @@ async fn sync_always_servers_start_and_accept_publishes() {
     check_publishes(&js, 3, 50).await;
     let leader = nats_server::stream_leader(&js, STREAM).await.unwrap().unwrap();
     assert!(cluster.index_of(&leader).is_some(), "{leader}");
+
+    // Consumers and buckets have leaders of their own (a bucket is the stream KV_<bucket>).
+    let consumer = jetstream::consumer::pull::Config {
+        durable_name: Some("reader".into()),
+        num_replicas: 3,
+        ..Default::default()
+    };
+    js.get_stream(STREAM).await.unwrap().create_consumer(consumer).await.unwrap();
+    let bucket = jetstream::kv::Config { bucket: "things".into(), num_replicas: 3, ..Default::default() };
+    js.create_key_value(bucket).await.unwrap();
+    for leader in [
+        nats_server::consumer_leader(&js, STREAM, "reader").await.unwrap(),
+        nats_server::bucket_leader(&js, "things").await.unwrap(),
+    ] {
+        let leader = leader.expect("a leader");
+        assert!(cluster.index_of(&leader).is_some(), "{leader}");
+    }
 }
