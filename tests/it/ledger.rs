@@ -176,7 +176,8 @@ async fn notification_ids_are_scoped_by_tenant() {
 }
 
 /// A7 and the mover: a max-deliveries advisory for a notification that was delivered (only its
-/// ack was lost) parks nothing; one for an intent nobody finished parks it, once.
+/// ack was lost) parks nothing; one for an intent nobody finished parks it, once; one for an
+/// intent no longer stored parks a marker rather than being dropped with a log line.
 #[tokio::test]
 async fn the_mover_parks_only_what_nobody_delivered() {
     let mut stack = Stack::start().await;
@@ -190,7 +191,7 @@ async fn the_mover_parks_only_what_nobody_delivered() {
     let topology = topology::ensure(&stack.js, &stack.config).await.unwrap();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let mover = tokio::spawn(herald_workers::mover::run(topology, 3, stop_rx));
-    for seq in [1, 2] {
+    for seq in [1, 2, 99] {
         // What nats-server publishes when a consumer gives up on a message.
         let advisory = json!({
             "type": "io.nats.jetstream.advisory.v1.max_deliver",
@@ -204,19 +205,17 @@ async fn the_mover_parks_only_what_nobody_delivered() {
         let mut c: async_nats::jetstream::consumer::PullConsumer =
             stream.get_consumer(DLQ_MOVER_CONSUMER).await.ok()?;
         let info = c.info().await.ok()?;
-        (info.num_ack_pending == 0 && info.num_pending == 0 && info.ack_floor.stream_sequence >= 2)
+        (info.num_ack_pending == 0 && info.num_pending == 0 && info.ack_floor.stream_sequence >= 3)
             .then_some(())
     })
     .await;
     let dl = stack.dead_letters().await;
-    assert_eq!(
-        dl.len(),
-        1,
-        "parked: {:?}",
-        dl.iter().map(|m| header(m, dlq::ORIGINAL_SEQUENCE)).collect::<Vec<_>>()
-    );
+    let parked: Vec<String> = dl.iter().map(|m| header(m, dlq::ORIGINAL_SEQUENCE)).collect();
+    assert_eq!(parked, ["2", "99"]);
     assert_eq!(header(&dl[0], dlq::REASON), "max_deliveries");
-    assert_eq!(header(&dl[0], dlq::ORIGINAL_SEQUENCE), "2");
+    assert!(dl[1].payload.is_empty());
+    let why = header(&dl[1], dlq::LAST_ERROR);
+    assert!(why.contains("no longer stored"), "{why}");
     let record = stack.record("abandoned").await.unwrap();
     assert_eq!(record.channels[&Channel::Webhook].status, Status::DeadLettered);
     assert_eq!(sink.received().len(), 1);
