@@ -514,7 +514,7 @@ struct Kill {
     what: String,
 }
 
-/// A `herald gateway` or `herald worker` child process, its output going to `log`.
+/// A `herald gateway` or `herald worker` child process (its output is in the cluster's directory).
 struct Proc {
     name: String,
     child: Child,
