@@ -3,6 +3,7 @@
 //! One test binary (modules below) so it links once.
 
 mod api;
+mod chaos;
 mod cli;
 mod cluster;
 mod delivery;
