@@ -494,6 +494,7 @@ impl Ledger {
     ) -> Result<Begin, StateError> {
         let key = LedgerKey::of(intent);
         let name = key.kv_key();
+        let mut store_errors = 0;
         for _ in 0..MAX_CONFLICTS {
             let (current, revision) = self.read(&key).await?;
             let now = Utc::now();
@@ -549,7 +550,20 @@ impl Ledger {
                     (*e, None)
                 }
             };
-            let Some(revision) = self.write(&name, &entry, revision).await? else { continue };
+            // A write whose answer is lost may have landed: read again rather than give up, and the
+            // claim found is then recognised as this handler's own (`own_idle`) and reclaimed.
+            let written = match self.write(&name, &entry, revision).await {
+                Ok(w) => w,
+                Err(e) => {
+                    store_errors += 1;
+                    if store_errors > 3 {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100) * store_errors).await;
+                    continue;
+                }
+            };
+            let Some(revision) = written else { continue };
             let held = Held { key: key.clone(), revision, entry: entry.clone(), claim, sequence };
             return Ok(match decision {
                 Decision::Send { takeover, .. } => Begin::Send { held, takeover },
@@ -604,10 +618,13 @@ impl Ledger {
             match step.await {
                 Ok(Some(settled)) => return Ok(settled),
                 Ok(None) => {
+                    // Someone wrote in between; a lagging replica can answer a read with an older
+                    // revision for a moment, so back off a little and count it against patience.
                     conflicts += 1;
-                    if conflicts > MAX_CONFLICTS {
+                    if tokio::time::Instant::now() >= deadline {
                         return Err(StateError::Store(format!("{name}: too many concurrent writers")));
                     }
+                    tokio::time::sleep(Duration::from_millis(5) * conflicts.min(200)).await;
                 }
                 Err(e) => {
                     if tokio::time::Instant::now() >= deadline {

@@ -26,7 +26,6 @@ pub const DLQ_MOVER_CONSUMER: &str = "dlq_mover";
 pub const BENCH_STREAM: &str = "HERALD_BENCH";
 pub const BENCH_SUBJECT: &str = "herald.bench";
 
-const DAY: Duration = Duration::from_secs(24 * 3600);
 /// How long HERALD_INTENTS keeps a message (a pending schedule included).
 pub const INTENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The furthest `send_at` accepted: a day short of [`INTENTS_MAX_AGE`], so a schedule always
@@ -37,11 +36,11 @@ pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(6 * 24 * 3600);
 pub const LEDGER_MAX_AGE: Duration = Duration::from_secs(8 * 24 * 3600);
 /// How long status events are kept: a log to follow, not a record to keep.
 pub const STATUS_MAX_AGE: Duration = Duration::from_secs(3 * 24 * 3600);
-/// How long advisories are kept: the mover handles them within seconds; a day covers workers
-/// that were all down.
-pub const ADVISORIES_MAX_AGE: Duration = DAY;
-/// At most this many advisories per kind and consumer: a flood of retries (`MSG_NAKED`) cannot
-/// push out a max-deliveries advisory of another kind, and stays bounded.
+/// How long advisories are kept: as long as the intents they point to, so a max-deliveries
+/// advisory outlives any outage of the mover that could still park its intent.
+pub const ADVISORIES_MAX_AGE: Duration = INTENTS_MAX_AGE;
+/// At most this many advisories per kind and consumer: a flood of terminations cannot push out
+/// a max-deliveries advisory, and stays bounded.
 pub const ADVISORIES_PER_SUBJECT: i64 = 100_000;
 /// The DLQ's duplicate window: a worker and the mover parking the same message do so within
 /// seconds of each other (the ledger keeps them apart beyond that); a long window would cost
@@ -88,7 +87,8 @@ pub fn dlq_subject(channel: Channel) -> String {
 /// The advisory subjects HERALD_ADVISORIES keeps (nobody else listens, and the server drops
 /// advisories nobody listens to).
 pub fn advisory_subjects() -> Vec<String> {
-    ["MAX_DELIVERIES", "MSG_TERMINATED", "MSG_NAKED"]
+    // Not MSG_NAKED: one per retry, nobody reads them, and the retries view has status events.
+    ["MAX_DELIVERIES", "MSG_TERMINATED"]
         .iter()
         .map(|kind| format!("$JS.EVENT.ADVISORY.CONSUMER.{kind}.{INTENTS_STREAM}.>"))
         .collect()
@@ -429,13 +429,17 @@ async fn handles(js: &jetstream::Context, config: &Config, kv: kv::Store) -> Res
     })
 }
 
-/// How full HERALD_INTENTS may get, in percent of its `max_bytes`, before the gateway refuses
-/// new notifications while the oldest stored message is still needed.
+/// How full HERALD_INTENTS may get, in percent of its `max_bytes`, before the gateway looks at
+/// what the next writes would push out.
 pub const INTENTS_HIGH_WATER: u64 = 90;
 
 /// Whether HERALD_INTENTS is so full that accepting more could push out a message still
-/// needed: it holds [`INTENTS_HIGH_WATER`]% of its `max_bytes` or more, and its oldest message
-/// is a pending schedule or not yet acknowledged by its channel's consumer. Returns the reason.
+/// needed. The stream discards its oldest messages when full; those are normally delivered
+/// ones, kept only for deduplication. The lowest sequence still needed is the first pending
+/// schedule, or the first message a channel consumer with work outstanding has not
+/// acknowledged. The stream counts as full once it holds [`INTENTS_HIGH_WATER`]% of its
+/// `max_bytes` or more and what lies before that sequence — what may be pushed out freely —
+/// is less than the remaining `100 − INTENTS_HIGH_WATER`%. Returns why, when full.
 pub async fn intents_full(topology: &Topology) -> Result<Option<String>, async_nats::Error> {
     let mut intents = topology.intents.clone();
     let info = intents.info().await?;
@@ -444,27 +448,32 @@ pub async fn intents_full(topology: &Topology) -> Result<Option<String>, async_n
         return Ok(None);
     }
     let first = info.state.first_sequence;
-    let oldest = match topology.intents.direct_get(first).await {
-        Ok(m) => m.subject.to_string(),
-        // Aged out or discarded between the two reads: look again next time.
-        Err(_) => return Ok(None),
-    };
-    let needed = if oldest.starts_with("herald.schedule.") {
-        Some("a pending schedule".to_owned())
-    } else {
-        let channel = Channel::ALL.into_iter().find(|c| intent_subject(*c) == oldest);
-        match channel {
-            Some(c) => match topology.intents.consumer_info(c.as_str()).await {
-                Ok(consumer) if consumer.ack_floor.stream_sequence < first => {
-                    Some(format!("an intent the {c} worker has not finished"))
-                }
-                _ => None,
-            },
-            None => None,
+    let mut needed: Option<(u64, String)> = None;
+    let mut note = |sequence: u64, what: String| {
+        if needed.as_ref().is_none_or(|(s, _)| sequence < *s) {
+            needed = Some((sequence, what));
         }
     };
-    Ok(needed
-        .map(|what| format!("{INTENTS_STREAM} holds {used} of {max} bytes and its oldest message is {what}")))
+    for channel in Channel::ALL {
+        if let Ok(c) = topology.intents.consumer_info(channel.as_str()).await
+            && c.num_pending + c.num_ack_pending as u64 > 0
+        {
+            note(c.ack_floor.stream_sequence + 1, format!("an intent the {channel} worker has not finished"));
+        }
+    }
+    if let Ok(m) = topology.intents.direct_get_next_for_subject("herald.schedule.>", Some(first)).await {
+        note(m.sequence, "a pending schedule".to_owned());
+    }
+    let Some((sequence, what)) = needed else { return Ok(None) };
+    let average = used / info.state.messages;
+    let evictable = sequence.saturating_sub(first) * average;
+    if evictable * 100 >= max as u64 * (100 - INTENTS_HIGH_WATER) {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "{INTENTS_STREAM} holds {used} of {max} bytes and only about {evictable} bytes of delivered history \
+         lie before {what} (sequence {sequence})"
+    )))
 }
 
 /// Whether a JetStream error says a stream or bucket is full (its `max_bytes`, or the server's

@@ -53,6 +53,8 @@ const PULL_EXPIRES: Duration = Duration::from_secs(2);
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// How often the consumer's ack floor is noted, to resume a recreated consumer after it.
 const FLOOR_EVERY: Duration = Duration::from_secs(1);
+/// The longest pause between tries while a message is held for the ledger or the DLQ.
+const HOLD_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Effectively forever: a ledger write is retried until it is stored (or shutdown gives up).
 const UNTIL_STORED: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -95,6 +97,9 @@ impl<D: Deliver> ChannelWorker<D> {
                     }
                 }
             };
+            // Progress acks follow the consumer's own ack wait, which may differ from what this
+            // process would configure (only `herald topology apply` changes an existing consumer).
+            let progress_every = (consumer.cached_info().config.ack_wait / 3).max(Duration::from_millis(100));
             let mut noted = tokio::time::Instant::now() - FLOOR_EVERY;
             loop {
                 if noted.elapsed() >= FLOOR_EVERY {
@@ -145,7 +150,7 @@ impl<D: Deliver> ChannelWorker<D> {
                         }
                         Some(Ok(message)) => {
                             let permit = permits.pop().expect("a batch never brings more than it asked for");
-                            tokio::spawn(this.clone().handle(message, permit, stop.clone()));
+                            tokio::spawn(this.clone().handle(message, permit, stop.clone(), progress_every));
                         }
                         Some(Err(e)) => {
                             tracing::debug!(channel = %this.channel, error = %e, "pull error");
@@ -177,8 +182,8 @@ impl<D: Deliver> ChannelWorker<D> {
         message: Message,
         permit: OwnedSemaphorePermit,
         mut stop: watch::Receiver<bool>,
+        progress_every: Duration,
     ) {
-        let progress_every = self.config.claim_ttl() / 3;
         let keepalive = async {
             let mut tick = tokio::time::interval(progress_every);
             tick.tick().await;
@@ -244,19 +249,31 @@ impl<D: Deliver> ChannelWorker<D> {
             original_subject: message.subject.to_string(),
             original_sequence: sequence,
         };
-        match park(
-            &self.topology.js,
-            self.channel,
-            message.payload.clone(),
-            message.headers.as_ref(),
-            &letter,
-        )
-        .await
-        {
-            Ok(()) => self.ack(message, AckKind::Term).await,
-            Err(e) => {
-                tracing::error!(error = %e, sequence, "cannot park in the DLQ; the message stays and will be redelivered");
-                self.nak(message, self.config.retry.jittered_delay_after(1)).await;
+        self.park_held(message, &letter).await;
+        self.ack(message, AckKind::Term).await;
+    }
+
+    /// Parks the message, retrying until HERALD_DLQ takes it (NATS down, the DLQ full) while
+    /// the message is held with progress acks: a `Nak` would spend one of its deliveries on
+    /// every try and, once they ran out, leave it to an advisory.
+    async fn park_held(&self, message: &Message, letter: &DeadLetter) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match park(
+                &self.topology.js,
+                self.channel,
+                message.payload.clone(),
+                message.headers.as_ref(),
+                letter,
+            )
+            .await
+            {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot park in the DLQ yet; holding the message");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(HOLD_RETRY_MAX);
+                }
             }
         }
     }
@@ -290,15 +307,17 @@ impl<D: Deliver> ChannelWorker<D> {
         let ledger = &self.topology.ledger;
         let max_attempts = self.config.retry.max_attempts;
         let handling = |s: u64| self.handling.lock().expect("never poisoned").contains(&s);
-        let begin = match ledger.begin(&intent, sequence, max_attempts, self.uncertain, false, handling).await
-        {
-            Ok(b) => b,
-            Err(e) => {
-                // Nothing was sent; without the ledger nothing may be.
-                let delay = self.config.retry.jittered_delay_after(1);
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot claim the delivery in the ledger");
-                self.nak(message, delay).await;
-                return true;
+        // Nothing is sent without the ledger: hold the message until it answers, rather than
+        // spend its deliveries on Naks (an outage would then turn into dead letters).
+        let mut delay = Duration::from_millis(100);
+        let begin = loop {
+            match ledger.begin(&intent, sequence, max_attempts, self.uncertain, false, handling).await {
+                Ok(b) => break b,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot claim the delivery in the ledger yet; holding the message");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(HOLD_RETRY_MAX);
+                }
             }
         };
         let mut held = match begin {
@@ -337,7 +356,8 @@ impl<D: Deliver> ChannelWorker<D> {
                 match ledger.settle(&mut held, Settle::Delivered, UNTIL_STORED).await {
                     Ok(_) => self.ack(message, AckKind::Ack).await,
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot record the delivery; leaving the message unacknowledged")
+                        tracing::error!(error = %e, "cannot record the delivery; leaving the message unacknowledged");
+                        return false;
                     }
                 }
             }
@@ -351,21 +371,23 @@ impl<D: Deliver> ChannelWorker<D> {
                     Ok(Settled::Superseded(Status::Delivered)) => self.ack(message, AckKind::Ack).await,
                     Ok(_) => self.nak(message, delay).await,
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot record the attempt; leaving the message unacknowledged")
+                        tracing::error!(error = %e, "cannot record the attempt; leaving the message unacknowledged");
+                        return false;
                     }
                 }
             }
             Err(DeliveryError::Transient { message: error, .. }) => {
                 tracing::warn!(attempt, %error, "last attempt failed; dead-lettering");
-                self.dead_letter(
-                    message,
-                    held,
-                    Reason::AttemptsExhausted,
-                    ErrorClass::Transient,
-                    error,
-                    false,
-                )
-                .await;
+                return self
+                    .dead_letter(
+                        message,
+                        held,
+                        Reason::AttemptsExhausted,
+                        ErrorClass::Transient,
+                        error,
+                        false,
+                    )
+                    .await;
             }
             Err(DeliveryError::Permanent { message: error }) => {
                 tracing::warn!(attempt, %error, "refused for good; dead-lettering");
@@ -417,16 +439,9 @@ impl<D: Deliver> ChannelWorker<D> {
             original_subject: message.subject.to_string(),
             original_sequence: held.sequence,
         };
-        if let Err(e) =
-            park(&self.topology.js, self.channel, message.payload.clone(), message.headers.as_ref(), &letter)
-                .await
-        {
-            // The ledger says "parking": the redelivery parks it, it is never sent again.
-            let delay = self.config.retry.jittered_delay_after(1);
-            tracing::error!(error = %e, "cannot park in the DLQ; the message stays and will be redelivered");
-            self.nak(message, delay).await;
-            return true;
-        }
+        // The ledger says "parking": if this process dies meanwhile, the redelivery parks it and
+        // never sends it.
+        self.park_held(message, &letter).await;
         match ledger.settle(&mut held, Settle::Parked, UNTIL_STORED).await {
             Ok(_) => self.ack(message, AckKind::Term).await,
             Err(e) => {

@@ -9,9 +9,10 @@
 //! claim (a slow send, not a dead one); otherwise park the intent — as `uncertain` when a claim
 //! lapsed mid-send, as `max_deliveries` otherwise — and record that.
 //!
-//! It gives up into the DLQ rather than retrying forever: an intent no longer stored is parked
-//! as an empty marker letter, and an advisory that failed [`GIVE_UP_AFTER`] times is parked
-//! without consulting the ledger. Failures to reach NATS are retried.
+//! Nothing it meets is retried forever for a reason that cannot pass: an intent no longer
+//! stored is parked as an empty marker letter, and one too large to park whole is parked cut
+//! (see [`park`]). Failures to reach NATS or the ledger are retried; HERALD_ADVISORIES keeps
+//! the advisory as long as the intent is kept.
 
 use std::time::Duration;
 
@@ -32,9 +33,6 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::park::park;
-
-/// After this many deliveries of one advisory, park without the ledger's word.
-pub const GIVE_UP_AFTER: i64 = 10;
 
 /// The fields of `io.nats.jetstream.advisory.v1.max_deliver` used here.
 #[derive(Debug, Deserialize)]
@@ -78,19 +76,14 @@ pub async fn run(
                 _ = stop.changed() => return Ok(()),
             };
             match next {
-                Some(Ok(message)) => {
-                    let delivered = message.info().map_or(1, |i| i.delivered);
-                    match move_one(&topology, &message.payload, max_attempts, delivered >= GIVE_UP_AFTER)
-                        .await
-                    {
-                        Next::Ack => {
-                            let _ = message.double_ack().await;
-                        }
-                        Next::Retry(delay) => {
-                            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
-                        }
+                Some(Ok(message)) => match move_one(&topology, &message.payload, max_attempts).await {
+                    Next::Ack => {
+                        let _ = message.double_ack().await;
                     }
-                }
+                    Next::Retry(delay) => {
+                        let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                    }
+                },
                 Some(Err(e)) => tracing::debug!(error = %e, "dead-letter mover pull error"),
                 None => break,
             }
@@ -99,7 +92,7 @@ pub async fn run(
     Ok(())
 }
 
-async fn move_one(topology: &Topology, advisory: &[u8], max_attempts: u32, give_up: bool) -> Next {
+async fn move_one(topology: &Topology, advisory: &[u8], max_attempts: u32) -> Next {
     let retry = Next::Retry(Duration::from_secs(2));
     let Ok(advisory) = serde_json::from_slice::<MaxDeliveries>(advisory) else {
         tracing::warn!("unreadable max-deliveries advisory; skipped");
@@ -138,7 +131,7 @@ async fn move_one(topology: &Topology, advisory: &[u8], max_attempts: u32, give_
         original_sequence: sequence,
     };
     let mut held = None;
-    if let (Some(intent), false) = (&intent, give_up) {
+    if let Some(intent) = &intent {
         let ledger = &topology.ledger;
         match ledger.begin(intent, sequence, max_attempts, UncertainPolicy::Park, true, |_| true).await {
             Ok(Begin::Delivered | Begin::InDlq) => return Next::Ack,
