@@ -41,7 +41,8 @@ pub struct AppState {
     topology: tokio::sync::OnceCell<Topology>,
     pub metrics: Metrics,
     /// Why new notifications are refused for want of room, if they are: HERALD_INTENTS near its
-    /// limit with its oldest message still needed (checked every second), or a ledger write
+    /// limit with a message still needed close to being pushed out (checked four times a
+    /// second), or a ledger write
     /// refused as full (cleared by the next one that lands). `/ready` reports it.
     storage: std::sync::Mutex<Storage>,
     /// Why the topology cannot be used, if it cannot (a replica mismatch): `/ready` says it.
@@ -82,9 +83,13 @@ impl AppState {
     }
 }
 
-/// Checks every second whether HERALD_INTENTS has room, until the gateway is gone.
+/// How often the gateway checks HERALD_INTENTS for room: what it accepts in between must fit
+/// in the cushion [`topology::intents_full`] keeps before the oldest message still needed.
+const STORAGE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Checks whether HERALD_INTENTS has room, until the gateway is gone.
 async fn watch_storage(state: std::sync::Weak<AppState>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut tick = tokio::time::interval(STORAGE_CHECK_EVERY);
     loop {
         tick.tick().await;
         let Some(state) = state.upgrade() else { return };

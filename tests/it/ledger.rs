@@ -300,3 +300,44 @@ async fn a_full_store_refuses_new_notifications_and_loses_none() {
     })
     .await;
 }
+
+/// A6 with schedules: HERALD_INTENTS makes room by dropping its oldest messages (nats-server
+/// allows schedules only with discard old). Delivered history may go; a pending schedule behind
+/// it may not: the gateway refuses new notifications before the cushion in front of it is gone.
+#[tokio::test]
+async fn a_full_intents_stream_drops_history_but_never_a_pending_schedule() {
+    let stack = Stack::start_with(&[(config::MAX_STORAGE, "40MiB")]).await;
+    let sink = Sink::ok().await;
+    let filler = "x".repeat(8000);
+    let body = |send_at: Option<chrono::DateTime<chrono::Utc>>| {
+        let mut b = webhook_body(&sink.url);
+        b["data"]["filler"] = json!(filler);
+        if let Some(at) = send_at {
+            b["send_at"] = json!(at.to_rfc3339());
+        }
+        b
+    };
+    for _ in 0..300 {
+        stack.send(body(None), None).await;
+    }
+    let scheduled = stack.send(body(Some(chrono::Utc::now() + chrono::Duration::days(1))), None).await;
+    let started = Instant::now();
+    let mut accepted = 0;
+    let refusal = loop {
+        assert!(started.elapsed() < Duration::from_secs(120), "never refused after {accepted} more");
+        let (status, answer) = stack.post(body(None), None).await;
+        match status {
+            StatusCode::ACCEPTED => accepted += 1,
+            StatusCode::SERVICE_UNAVAILABLE => break answer,
+            other => panic!("{other}: {answer}"),
+        }
+    };
+    println!("accepted {accepted} after the schedule before the store was full: {refusal}");
+    assert_eq!(refusal["code"], "storage_full", "{refusal}");
+    assert!(refusal["message"].as_str().unwrap().contains("a pending schedule"), "{refusal}");
+    let mut intents = stack.js.get_stream(INTENTS_STREAM).await.unwrap();
+    let first = intents.info().await.unwrap().state.first_sequence;
+    assert!(first > 1, "no history was dropped, so the test did not fill the stream");
+    let subject = topology::schedule_subject(Channel::Webhook, &scheduled);
+    intents.direct_get_first_for_subject(subject).await.expect("the pending schedule was pushed out");
+}
