@@ -461,8 +461,9 @@ impl Ledger {
         }
     }
 
-    /// Records that the gateway stored these intents (one per channel of a notification).
-    /// Entries that exist already (a repeated request) are left alone.
+    /// Records that these intents are stored (one per channel of a notification): the
+    /// gateway's record of an accepted request, and a worker's of a direct publish waiting for
+    /// its `send_at`. Entries that exist already (a repeated request) are left alone.
     pub async fn accept(&self, intents: &[Intent]) -> Result<(), StateError> {
         let now = Utc::now();
         let writes = intents.iter().map(|intent| async move {
@@ -470,12 +471,6 @@ impl Ledger {
             self.write(&key, &Entry::accepted(intent, now), None).await.map(|_| ())
         });
         futures::future::try_join_all(writes).await.map(|_| ())
-    }
-
-    /// Notes that a directly published intent waits for its `send_at` (unless it has an entry).
-    pub async fn note_scheduled(&self, intent: &Intent) -> Result<(), StateError> {
-        let key = LedgerKey::of(intent).kv_key();
-        self.write(&key, &Entry::accepted(intent, Utc::now()), None).await.map(|_| ())
     }
 
     /// Decides what to do with message `sequence` carrying `intent`, and takes the claim (or
@@ -712,7 +707,8 @@ impl Ledger {
         tenant: Option<&str>,
         id: &str,
     ) -> Result<Option<NotificationRecord>, StateError> {
-        let reads = Channel::ALL.map(|c| {
+        // Only channels with a worker can have an entry: the gateway refuses the others.
+        let reads = Channel::ALL.into_iter().filter(|c| c.has_worker()).map(|c| {
             let key = LedgerKey::new(tenant, id, c);
             async move { self.read(&key).await.map(|(e, _)| e.map(|e| (c, e))) }
         });

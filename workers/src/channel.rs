@@ -286,7 +286,7 @@ impl<D: Deliver> ChannelWorker<D> {
             .filter(|w| *w > Duration::from_secs(1))
         {
             // Published straight to the subject with a future `send_at`: wait for it here.
-            if let Err(e) = ledger.note_scheduled(&intent).await {
+            if let Err(e) = ledger.accept(std::slice::from_ref(&intent)).await {
                 tracing::warn!(error = %e, "cannot note the schedule in the ledger");
             }
             tracing::info!(wait_ms = wait.as_millis() as u64, "scheduled; waiting for send_at");
