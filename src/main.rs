@@ -49,6 +49,13 @@ enum Command {
         #[arg(long)]
         channels: Option<String>,
     },
+    /// The operator's console: live queues, retries and dead letters (talks to NATS directly).
+    Console,
+    /// Dead letters: list, show, replay, discard (talks to NATS directly; no gateway needed).
+    Dlq {
+        #[command(subcommand)]
+        action: herald_console::cli::DlqCommand,
+    },
     /// Print a development JWT signed with HERALD_JWT_SECRET.
     Token {
         /// Subject (who the caller is).
@@ -138,12 +145,17 @@ fn main() -> anyhow::Result<()> {
         };
         flag.or_else(|| std::env::var(name).ok())
     })?;
-    telemetry::init(config.log_format);
+    // The console owns the terminal: log lines would tear through its screen.
+    if !matches!(cli.command, Command::Console) {
+        telemetry::init(config.log_format);
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         match cli.command {
             Command::Up => up(config, started).await,
             Command::Gateway => gateway(config).await,
+            Command::Console => herald_console::run(config, herald_console::cli::operator()).await,
+            Command::Dlq { action } => herald_console::cli::run(config, action).await,
             Command::Worker { .. } => worker(config).await,
             Command::Token { sub, tenant, scopes, ttl } => {
                 let scopes: Vec<&str> = scopes.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();

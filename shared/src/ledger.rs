@@ -119,6 +119,9 @@ pub struct Entry {
     pub updated_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivered_at: Option<DateTime<Utc>>,
+    /// When the next attempt is due (status `retrying`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
     /// Present while a worker is sending (status `sending`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<Claim>,
@@ -153,6 +156,7 @@ impl Entry {
             last_error: None,
             updated_at: now,
             delivered_at: None,
+            retry_at: None,
             claim: None,
             parking: None,
             sequence: None,
@@ -276,8 +280,8 @@ const UNCERTAIN_PARKED: &str = "the worker sending it died before recording the 
 pub enum Settle {
     /// The provider accepted it.
     Delivered,
-    /// A transient failure; another attempt follows.
-    Retrying { error: String },
+    /// A transient failure; another attempt follows at `retry_at`.
+    Retrying { error: String, retry_at: DateTime<Utc> },
     /// It is to be dead-lettered; the DLQ copy is not stored yet.
     Parking { reason: Reason, error_class: ErrorClass, error: String },
     /// The DLQ copy is stored.
@@ -312,6 +316,7 @@ pub fn merge(current: &Entry, held_claim: Option<&Claim>, outcome: &Settle, now:
     let mut e = current.clone();
     e.updated_at = now;
     e.claim = None;
+    e.retry_at = None;
     if let Some(c) = held_claim {
         e.sequence = Some(c.sequence);
     }
@@ -321,9 +326,10 @@ pub fn merge(current: &Entry, held_claim: Option<&Claim>, outcome: &Settle, now:
             e.delivered_at = Some(now);
             e.parking = None;
         }
-        Settle::Retrying { error } => {
+        Settle::Retrying { error, retry_at } => {
             e.status = Status::Retrying;
             e.last_error = Some(error.clone());
+            e.retry_at = Some(*retry_at);
         }
         Settle::Parking { reason, error_class, error } => {
             e.status = Status::DeadLettered;
@@ -528,6 +534,7 @@ impl Ledger {
                     e.resends += u32::from(*takeover);
                     e.parking = None;
                     e.claim = Some(claim.clone());
+                    e.retry_at = None;
                     e.sequence = Some(sequence);
                     e.updated_at = now;
                     (e, Some(claim))
@@ -682,6 +689,7 @@ impl Ledger {
             error: if outcome == Outcome::Delivered { None } else { e.last_error.clone() },
             correlation_id: e.correlation_id.clone(),
             tenant: e.tenant.clone(),
+            retry_at: if outcome == Outcome::Retrying { e.retry_at } else { None },
             at: e.updated_at,
         };
         let mut headers = HeaderMap::new();
@@ -722,6 +730,41 @@ impl Ledger {
             created_at: entries.iter().map(|(_, e)| e.created_at).min().unwrap_or(first.created_at),
             channels: entries.iter().map(|(c, e)| (*c, e.state())).collect::<BTreeMap<_, _>>(),
         }))
+    }
+
+    /// Every entry of notification `id`, whatever its tenant: an operator's lookup (the console)
+    /// where the tenant is not known. One stream-info request finds the keys, then each is read.
+    pub async fn find(&self, id: &str) -> Result<Vec<(Channel, Entry)>, StateError> {
+        use futures::TryStreamExt;
+        // Ids the gateway makes are letters, digits, `-` and `_`; anything else (a wildcard, a
+        // dot) would widen the pattern beyond this id.
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Ok(Vec::new());
+        }
+        let prefix = format!("$KV.{}.", self.kv.name);
+        let subjects: Vec<(String, usize)> = self
+            .kv
+            .stream
+            .info_with_subjects(format!("{prefix}*.{id}.*"))
+            .await
+            .map_err(store)?
+            .try_collect()
+            .await
+            .map_err(store)?;
+        let mut found = Vec::new();
+        for (subject, _) in subjects {
+            let Some(key) = subject.strip_prefix(&prefix) else { continue };
+            let Some(channel) = key.rsplit('.').next().and_then(|c| c.parse::<Channel>().ok()) else {
+                continue;
+            };
+            let entry = self.kv.entry(key).await.map_err(store)?;
+            if let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put)
+                && let Ok(e) = serde_json::from_slice::<Entry>(&entry.value)
+            {
+                found.push((channel, e));
+            }
+        }
+        Ok(found)
     }
 }
 
@@ -865,7 +908,7 @@ mod tests {
     fn nothing_overwrites_delivered_and_a_taken_over_claim_stays_taken() {
         let now = Utc::now();
         let mine = claim("me", 1, 30);
-        let retry = Settle::Retrying { error: "HTTP 503".into() };
+        let retry = Settle::Retrying { error: "HTTP 503".into(), retry_at: Utc::now() };
         let park = Settle::Parking {
             reason: Reason::Rejected,
             error_class: ErrorClass::Permanent,

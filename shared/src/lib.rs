@@ -7,6 +7,8 @@
 //! - [`state`]: what Herald tells about a notification: [`NotificationRecord`] and the
 //!   [`StatusEvent`] published for every settled attempt.
 //! - [`deadletter`]: how a dead letter is written into HERALD_DLQ and read back.
+//! - [`dlq`]: the dead-letter core (list, read, replay, discard, bulk at a rate, audit) the
+//!   HTTP API, `herald dlq` and the console share.
 //! - [`topology`]: every stream, consumer and bucket, declared once and ensured at start.
 //! - [`config`]: every `HERALD_*` variable, read in one place into [`Config`].
 //! - [`auth`]: development and production JWTs (HS256) and their scopes.
@@ -15,12 +17,13 @@
 //!   (used by `herald up`, the benchmark and every test).
 //! - [`telemetry`]: tracing set-up, human-readable or JSON.
 //!
-//! `shared` does no network I/O except through [`topology`] and [`ledger`] (JetStream) and
+//! `shared` does no network I/O except through [`topology`], [`ledger`] and [`dlq`] (JetStream) and
 //! [`nats_server`] (the child process).
 
 pub mod auth;
 pub mod config;
 pub mod deadletter;
+pub mod dlq;
 pub mod intent;
 pub mod ledger;
 pub mod nats_server;

@@ -116,6 +116,9 @@ pub struct StatusEvent {
     pub correlation_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// When the next attempt is due (outcome `retrying`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
     pub at: DateTime<Utc>,
 }
 

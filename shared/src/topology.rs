@@ -19,6 +19,8 @@ pub const INTENTS_STREAM: &str = "HERALD_INTENTS";
 pub const STATUS_STREAM: &str = "HERALD_STATUS";
 pub const DLQ_STREAM: &str = "HERALD_DLQ";
 pub const ADVISORIES_STREAM: &str = "HERALD_ADVISORIES";
+/// Who replayed or discarded which dead letter, and when.
+pub const AUDIT_STREAM: &str = "HERALD_AUDIT";
 pub const NOTIFICATIONS_BUCKET: &str = "herald_notifications";
 /// The durable consumer on HERALD_ADVISORIES that moves max-delivered intents to the DLQ.
 pub const DLQ_MOVER_CONSUMER: &str = "dlq_mover";
@@ -48,14 +50,17 @@ pub const ADVISORIES_PER_SUBJECT: i64 = 100_000;
 pub const DLQ_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// The status stream's duplicate window, for a retried event publish.
 pub const STATUS_DUPLICATE_WINDOW: Duration = Duration::from_secs(10);
+/// How long operators' actions are kept (unless the stream's share fills first).
+pub const AUDIT_MAX_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The share of `HERALD_MAX_STORAGE`, in percent, each stream and the bucket may use.
-pub const STORAGE_SHARES: [(&str, u64); 5] = [
+pub const STORAGE_SHARES: [(&str, u64); 6] = [
     (INTENTS_STREAM, 40),
     (NOTIFICATIONS_BUCKET, 30),
     (DLQ_STREAM, 15),
-    (STATUS_STREAM, 10),
+    (STATUS_STREAM, 8),
     (ADVISORIES_STREAM, 5),
+    (AUDIT_STREAM, 2),
 ];
 
 /// The bytes `name` may use out of `max_storage`.
@@ -82,6 +87,11 @@ pub fn status_subject(channel: Channel, outcome: Outcome) -> String {
 /// `herald.dlq.<channel>`.
 pub fn dlq_subject(channel: Channel) -> String {
     format!("herald.dlq.{channel}")
+}
+
+/// `herald.audit.dlq.<action>`: an operator's replay or discard.
+pub fn audit_subject(action: &str) -> String {
+    format!("herald.audit.dlq.{action}")
 }
 
 /// The advisory subjects HERALD_ADVISORIES keeps (nobody else listens, and the server drops
@@ -161,6 +171,21 @@ fn advisories_stream_config(replicas: usize, max_bytes: i64) -> stream::Config {
         max_age: ADVISORIES_MAX_AGE,
         max_bytes,
         max_messages_per_subject: ADVISORIES_PER_SUBJECT,
+        discard: DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
+fn audit_stream_config(replicas: usize, max_bytes: i64) -> stream::Config {
+    stream::Config {
+        num_replicas: replicas,
+        name: AUDIT_STREAM.into(),
+        description: Some("operators' replays and discards of dead letters".into()),
+        subjects: vec!["herald.audit.>".into()],
+        storage: StorageType::File,
+        max_age: AUDIT_MAX_AGE,
+        max_bytes,
+        // A log: when full, the oldest entries make room rather than an operator being refused.
         discard: DiscardPolicy::Old,
         ..Default::default()
     }
@@ -247,6 +272,7 @@ pub fn stream_configs(config: &Config) -> Vec<stream::Config> {
         status_stream_config(r, share(STATUS_STREAM)),
         dlq_stream_config(r, share(DLQ_STREAM)),
         advisories_stream_config(r, share(ADVISORIES_STREAM)),
+        audit_stream_config(r, share(AUDIT_STREAM)),
     ]
 }
 
@@ -287,6 +313,8 @@ pub struct Topology {
     pub js: jetstream::Context,
     pub intents: stream::Stream,
     pub advisories: stream::Stream,
+    /// HERALD_DLQ, read and trimmed by [`crate::dlq`].
+    pub dlq: stream::Stream,
     /// The delivery ledger in `herald_notifications`.
     pub ledger: Ledger,
 }
@@ -425,6 +453,7 @@ async fn handles(js: &jetstream::Context, config: &Config, kv: kv::Store) -> Res
         js: js.clone(),
         intents: js.get_stream(INTENTS_STREAM).await.map_err(|e| nats(INTENTS_STREAM)(&e))?,
         advisories: js.get_stream(ADVISORIES_STREAM).await.map_err(|e| nats(ADVISORIES_STREAM)(&e))?,
+        dlq: js.get_stream(DLQ_STREAM).await.map_err(|e| nats(DLQ_STREAM)(&e))?,
         ledger: Ledger::new(js.clone(), kv, config.claim_ttl()),
     })
 }

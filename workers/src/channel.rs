@@ -367,7 +367,8 @@ impl<D: Deliver> ChannelWorker<D> {
                 let backoff = self.config.retry.jittered_delay_after(attempt);
                 let delay = retry_after.map_or(backoff, |d| d.min(MAX_RETRY_AFTER).max(backoff));
                 tracing::warn!(attempt, %error, retry_in_ms = delay.as_millis() as u64, "attempt failed; will retry");
-                match ledger.settle(&mut held, Settle::Retrying { error }, UNTIL_STORED).await {
+                let retry_at = chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                match ledger.settle(&mut held, Settle::Retrying { error, retry_at }, UNTIL_STORED).await {
                     Ok(Settled::Superseded(Status::Delivered)) => self.ack(message, AckKind::Ack).await,
                     Ok(_) => self.nak(message, delay).await,
                     Err(e) => {
