@@ -51,9 +51,9 @@ pub enum DlqCommand {
     Discard {
         /// DLQ sequences; or `--all` with filters.
         sequences: Vec<u64>,
-        /// Why (kept in HERALD_AUDIT).
+        /// Why (kept in the audit trail, HERALD_AUDIT).
         #[arg(long)]
-        reason: String,
+        why: String,
         #[command(flatten)]
         bulk: BulkArgs,
         #[arg(long)]
@@ -177,8 +177,8 @@ pub async fn run(config: Config, command: DlqCommand) -> anyhow::Result<()> {
         DlqCommand::Replay { sequences, bulk, json } => {
             act(&dlq, sequences, bulk, Bulk::Replay, json, &mut out).await?;
         }
-        DlqCommand::Discard { sequences, reason, bulk, json } => {
-            act(&dlq, sequences, bulk, Bulk::Discard { reason }, json, &mut out).await?;
+        DlqCommand::Discard { sequences, why, bulk, json } => {
+            act(&dlq, sequences, bulk, Bulk::Discard { reason: why }, json, &mut out).await?;
         }
     }
     Ok(())

@@ -37,7 +37,8 @@ pub enum ErrorResponse {
     /// No such resource (or not visible to this tenant).
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
-    /// The request conflicts with an earlier one using the same idempotency key.
+    /// The request conflicts with an earlier one using the same idempotency key
+    /// (`conflict`), or a dead letter cannot be replayed (`not_replayable`).
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
     /// The body is larger than `HERALD_MAX_BODY_BYTES`.
@@ -77,6 +78,21 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     StorageFull(String),
+    /// A dead letter that cannot be replayed (undecodable, expired, only partly kept).
+    #[error("{0}")]
+    NotReplayable(String),
+}
+
+impl From<herald_shared::dlq::DlqError> for ApiError {
+    fn from(e: herald_shared::dlq::DlqError) -> ApiError {
+        use herald_shared::dlq::DlqError;
+        match e {
+            DlqError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            DlqError::NotReplayable(..) => ApiError::NotReplayable(e.to_string()),
+            DlqError::Invalid(m) => ApiError::Malformed { field: None, message: m },
+            DlqError::Nats(_) => ApiError::Unavailable(e.to_string()),
+        }
+    }
 }
 
 impl ApiError {
@@ -100,6 +116,7 @@ impl ApiError {
             ApiError::Invalid { .. } => "invalid_field",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::StorageFull(_) => "storage_full",
+            ApiError::NotReplayable(_) => "not_replayable",
         }
     }
 
@@ -125,6 +142,7 @@ impl From<ApiError> for ErrorResponse {
             ApiError::Invalid { .. } => ErrorResponse::Unprocessable(body),
             ApiError::Unavailable(_) => ErrorResponse::Unavailable(body, 1),
             ApiError::StorageFull(_) => ErrorResponse::Unavailable(body, 30),
+            ApiError::NotReplayable(_) => ErrorResponse::Conflict(body),
         }
     }
 }

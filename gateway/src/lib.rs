@@ -47,6 +47,8 @@ pub struct AppState {
     storage: std::sync::Mutex<Storage>,
     /// Why the topology cannot be used, if it cannot (a replica mismatch): `/ready` says it.
     topology_error: std::sync::OnceLock<String>,
+    /// Bulk dead-letter jobs started here, for `GET /v1/dlq/jobs/{job}`.
+    pub(crate) dlq_jobs: api::Jobs,
 }
 
 /// What the gateway knows about storage room.
@@ -118,15 +120,19 @@ pub struct CorrelationId(pub String);
 pub const CORRELATION_HEADER: &str = "X-Correlation-Id";
 
 /// The OpenAPI service: every operation, with the spec's metadata.
-pub fn openapi_service() -> OpenApiService<(api::NotificationsApi, api::SystemApi), ()> {
-    OpenApiService::new((api::NotificationsApi, api::SystemApi), "Herald", env!("CARGO_PKG_VERSION"))
-        .description(
-            "Notification service on NATS JetStream. Send a notification with \
+pub fn openapi_service() -> OpenApiService<(api::NotificationsApi, api::DlqApi, api::SystemApi), ()> {
+    OpenApiService::new(
+        (api::NotificationsApi, api::DlqApi, api::SystemApi),
+        "Herald",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
+        "Notification service on NATS JetStream. Send a notification with \
              `POST /v1/notifications`; follow it with `GET /v1/notifications/{id}`. \
              Authenticate with `Authorization: Bearer <JWT>` (HS256). Errors are JSON \
              `{code, message, field}`.",
-        )
-        .server("/")
+    )
+    .server("/")
 }
 
 /// The spec as committed in `openapi.json`.
@@ -151,6 +157,7 @@ impl Gateway {
             metrics: Metrics::default(),
             storage: Default::default(),
             topology_error: Default::default(),
+            dlq_jobs: Default::default(),
         });
         let background = state.clone();
         tokio::spawn(async move {

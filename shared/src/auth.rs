@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 pub const SCOPE_SEND: &str = "notifications:write";
 /// May read notifications' status.
 pub const SCOPE_READ: &str = "notifications:read";
+/// May list, replay and discard dead letters (`/v1/dlq`).
+pub const SCOPE_DLQ_ADMIN: &str = "dlq:admin";
 /// Scopes a development token gets by default.
 pub const DEFAULT_SCOPES: &[&str] = &[SCOPE_SEND, SCOPE_READ];
 

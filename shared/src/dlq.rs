@@ -44,6 +44,9 @@ use crate::{
 
 /// The subject every dead letter is stored under.
 const ALL_LETTERS: &str = "herald.dlq.>";
+/// How long a scan waits for the next letter before taking the silence as the end (letters
+/// deleted while it runs can leave nothing more to come).
+const SCAN_QUIET: Duration = Duration::from_secs(2);
 /// How many letters one listing call looks at before it answers with a cursor.
 pub const MAX_SCAN: usize = 20_000;
 /// Most letters one page holds.
@@ -162,25 +165,37 @@ impl From<DeadLetter> for Parked {
 impl Letter {
     /// Reads a message of HERALD_DLQ.
     pub fn from_stream_message(m: &StreamMessage) -> Letter {
-        let header = |name: &str| m.headers.get(name).map(|v| v.as_str().to_owned());
-        let channel = m.subject.as_str().strip_prefix("herald.dlq.").and_then(|c| c.parse::<Channel>().ok());
-        let parked = DeadLetter::from_headers(&m.headers).map(Parked::from);
+        let stored =
+            DateTime::from_timestamp(m.time.unix_timestamp(), m.time.nanosecond()).unwrap_or_default();
+        Letter::from_parts(m.sequence, m.subject.as_str(), &m.headers, m.payload.clone(), stored)
+    }
+
+    /// Reads a letter from its parts: sequence, subject, headers, payload and when the DLQ
+    /// stored it.
+    fn from_parts(
+        sequence: u64,
+        subject: &str,
+        h: &HeaderMap,
+        payload: Bytes,
+        stored: DateTime<Utc>,
+    ) -> Letter {
+        let header = |name: &str| h.get(name).map(|v| v.as_str().to_owned());
+        let channel = subject.strip_prefix("herald.dlq.").and_then(|c| c.parse::<Channel>().ok());
+        let parked = DeadLetter::from_headers(h).map(Parked::from);
         let dead_at = header(dlq_headers::DEAD_AT)
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.with_timezone(&Utc))
-            .unwrap_or_else(|| {
-                DateTime::from_timestamp(m.time.unix_timestamp(), m.time.nanosecond()).unwrap_or_default()
-            });
+            .unwrap_or(stored);
         let truncated_from = header(dlq_headers::TRUNCATED_FROM).and_then(|n| n.parse().ok());
         let original_msg_id = header(dlq_headers::ORIGINAL_MSG_ID);
         let mut headers: Vec<(String, String)> = Vec::new();
-        for (name, values) in m.headers.iter() {
+        for (name, values) in h.iter() {
             for v in values {
                 headers.push((name.to_string(), v.as_str().to_owned()));
             }
         }
         let mut letter = Letter {
-            sequence: m.sequence,
+            sequence,
             channel,
             dead_at,
             parked,
@@ -190,10 +205,10 @@ impl Letter {
             original_msg_id,
             truncated_from,
             headers,
-            payload: m.payload.clone(),
+            payload: payload.clone(),
             decode_error: None,
         };
-        match letter.intent_from(&m.payload, &m.headers) {
+        match letter.intent_from(&payload, h) {
             Ok(intent) => {
                 letter.notification_id = Some(intent.id.clone());
                 letter.tenant = intent.tenant.clone();
@@ -314,6 +329,21 @@ pub struct Progress {
     pub error: Option<String>,
 }
 
+/// What was done to one letter of a bulk action.
+enum Acted {
+    Requeued,
+    AlreadyDelivered,
+    Discarded,
+}
+
+/// A spawned action's result, a panic counting as a failure.
+fn flatten(r: Result<Result<Acted, DlqError>, tokio::task::JoinError>) -> Result<Acted, DlqError> {
+    r.unwrap_or_else(|e| Err(DlqError::Nats(format!("the action failed: {e}"))))
+}
+
+/// How many letters of a bulk action are worked on at once.
+const BULK_IN_FLIGHT: usize = 32;
+
 /// A bulk action.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Bulk {
@@ -363,34 +393,80 @@ impl DeadLetters {
         Ok((info.messages, info.last_sequence))
     }
 
-    /// The next stored letter at or after `from`, or `None` past the end.
-    async fn next_from(&self, from: u64) -> Result<Option<Letter>, DlqError> {
-        match self.dlq.direct_get_next_for_subject(ALL_LETTERS, Some(from.max(1))).await {
-            Ok(m) => Ok(Some(Letter::from_stream_message(&m))),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(nats(e)),
-        }
-    }
-
     /// Letters after sequence `after` that `filter` matches, oldest first, at most `limit`.
     pub async fn list(&self, filter: &Filter, after: u64, limit: usize) -> Result<Page, DlqError> {
+        use futures::TryStreamExt;
         let limit = limit.clamp(1, MAX_PAGE);
         let now = Utc::now();
+        let (_, last) = self.totals().await?;
         let mut letters = Vec::new();
-        let mut from = after + 1;
-        for _ in 0..MAX_SCAN {
-            let Some(letter) = self.next_from(from).await? else {
-                return Ok(Page { letters, next: None });
-            };
-            from = letter.sequence + 1;
+        let mut scanned = 0;
+        let mut scan = std::pin::pin!(self.scan(after + 1, last));
+        while let Some(letter) = scan.try_next().await? {
+            let seen = letter.sequence;
+            scanned += 1;
             if filter.matches(&letter, now) {
                 letters.push(letter);
-                if letters.len() == limit {
-                    break;
-                }
+            }
+            if letters.len() == limit || scanned == MAX_SCAN {
+                // More may follow unless this was the last one stored.
+                let next = (seen < last).then_some(seen);
+                return Ok(Page { letters, next });
             }
         }
-        Ok(Page { letters, next: Some(from - 1) })
+        Ok(Page { letters, next: None })
+    }
+
+    /// Every letter stored from sequence `from` up to `last`, in order, read with an ordered
+    /// consumer (letters arrive in batches, not one request each).
+    fn scan(&self, from: u64, last: u64) -> impl futures::Stream<Item = Result<Letter, DlqError>> + '_ {
+        use jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+        enum Scan {
+            Start,
+            Running(Box<jetstream::consumer::pull::Ordered>),
+            Done,
+        }
+        futures::stream::try_unfold(Scan::Start, move |state| async move {
+            let mut messages = match state {
+                Scan::Done => return Ok(None),
+                Scan::Start if from > last => return Ok(None),
+                Scan::Running(m) => *m,
+                Scan::Start => {
+                    let consumer = self
+                        .dlq
+                        .create_consumer(OrderedConfig {
+                            filter_subject: ALL_LETTERS.into(),
+                            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(nats)?;
+                    consumer.messages().await.map_err(nats)?
+                }
+            };
+            // Letters deleted while the scan runs can leave nothing more to deliver before
+            // `last`: a quiet spell means the end.
+            let next = tokio::time::timeout(SCAN_QUIET, futures::StreamExt::next(&mut messages)).await;
+            let m = match next {
+                Err(_) | Ok(None) => return Ok(None),
+                Ok(Some(m)) => m.map_err(nats)?,
+            };
+            let info = m.info().map_err(nats)?;
+            let (sequence, pending) = (info.stream_sequence, info.pending);
+            if sequence > last {
+                return Ok(None);
+            }
+            let stored =
+                DateTime::from_timestamp(info.published.unix_timestamp(), info.published.nanosecond())
+                    .unwrap_or_default();
+            let headers = m.headers.clone().unwrap_or_default();
+            let letter =
+                Letter::from_parts(sequence, m.subject.as_str(), &headers, m.payload.clone(), stored);
+            // Nothing pending after this one: end now rather than wait out the quiet spell.
+            let rest =
+                if pending > 0 && sequence < last { Scan::Running(Box::new(messages)) } else { Scan::Done };
+            Ok(Some((letter, rest)))
+        })
     }
 
     /// One letter, or `None` when there is none at `sequence`.
@@ -555,18 +631,13 @@ impl DeadLetters {
     /// How many letters `filter` matches now, and the DLQ's last sequence (the bound a bulk
     /// action started now works up to).
     pub async fn count(&self, filter: &Filter) -> Result<(u64, u64), DlqError> {
+        use futures::TryStreamExt;
         let (_, last) = self.totals().await?;
         let now = Utc::now();
-        let mut matched = 0;
-        let mut from = 1;
-        while from <= last {
-            let Some(letter) = self.next_from(from).await? else { break };
-            if letter.sequence > last {
-                break;
-            }
-            from = letter.sequence + 1;
-            matched += u64::from(filter.matches(&letter, now));
-        }
+        let matched = self
+            .scan(1, last)
+            .try_fold(0, |n, letter| futures::future::ready(Ok(n + u64::from(filter.matches(&letter, now)))))
+            .await?;
         Ok((matched, last))
     }
 
@@ -602,39 +673,81 @@ impl DeadLetters {
         report(&progress);
         let start = tokio::time::Instant::now();
         let interval = Duration::from_secs_f64(1.0 / rate);
-        let mut from = 1;
-        let result = loop {
-            if *stop.borrow() {
-                break Err("stopped".to_owned());
-            }
-            let letter = match self.next_from(from).await {
-                Ok(Some(l)) if l.sequence <= last => l,
-                Ok(_) => break Ok(()),
-                Err(e) => break Err(e.to_string()),
+        // Each letter takes a few round trips to NATS; several run at once so that the rate,
+        // not the latency, sets the pace.
+        let mut running = futures::stream::FuturesUnordered::new();
+        let mut started: u64 = 0;
+        let mut scan = std::pin::pin!(self.scan(1, last));
+        let mut failure: Option<String> = None;
+        let mut count =
+            |progress: &mut Progress, acted: Result<Acted, DlqError>, failure: &mut Option<String>| {
+                match acted {
+                    Ok(Acted::Requeued) => progress.requeued += 1,
+                    Ok(Acted::AlreadyDelivered) => progress.already_delivered += 1,
+                    Ok(Acted::Discarded) => progress.discarded += 1,
+                    Err(DlqError::NotFound(_) | DlqError::NotReplayable(..)) => progress.skipped += 1,
+                    Err(e) => {
+                        failure.get_or_insert(e.to_string());
+                        return;
+                    }
+                }
+                progress.done += 1;
+                report(progress);
             };
-            from = letter.sequence + 1;
+        loop {
+            if *stop.borrow() {
+                failure.get_or_insert("stopped".to_owned());
+            }
+            if failure.is_some() {
+                break;
+            }
+            let letter = match futures::TryStreamExt::try_next(&mut scan).await {
+                Ok(Some(l)) => l,
+                Ok(None) => break,
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+            };
             progress.last_sequence = letter.sequence;
             if !filter.matches(&letter, Utc::now()) {
                 continue;
             }
-            // A steady pace: letter n goes at start + n / rate, whatever each one took.
-            tokio::time::sleep_until(start + interval.mul_f64(progress.done as f64)).await;
-            let acted = match action {
-                Bulk::Replay => self.replay(letter.sequence, actor).await.map(|r| match r {
-                    Replayed::Requeued { .. } => progress.requeued += 1,
-                    Replayed::AlreadyDelivered => progress.already_delivered += 1,
-                }),
-                Bulk::Discard { reason } => {
-                    self.discard(letter.sequence, actor, reason).await.map(|()| progress.discarded += 1)
+            // A steady pace: letter n starts at start + n / rate, whatever each one took.
+            let due = start + interval.mul_f64(started as f64);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => break,
+                    Some(done) = futures::StreamExt::next(&mut running) => {
+                        count(&mut progress, flatten(done), &mut failure);
+                    }
                 }
-            };
-            match acted {
-                Ok(()) => {}
-                Err(DlqError::NotFound(_) | DlqError::NotReplayable(..)) => progress.skipped += 1,
-                Err(e) => break Err(e.to_string()),
             }
-            progress.done += 1;
-            report(&progress);
+            while running.len() >= BULK_IN_FLIGHT {
+                if let Some(done) = futures::StreamExt::next(&mut running).await {
+                    count(&mut progress, flatten(done), &mut failure);
+                }
+            }
+            let (dlq, actor, action, seq) = (self.clone(), actor.clone(), action.clone(), letter.sequence);
+            running.push(tokio::spawn(async move {
+                match action {
+                    Bulk::Replay => dlq.replay(seq, &actor).await.map(|r| match r {
+                        Replayed::Requeued { .. } => Acted::Requeued,
+                        Replayed::AlreadyDelivered => Acted::AlreadyDelivered,
+                    }),
+                    Bulk::Discard { reason } => {
+                        dlq.discard(seq, &actor, &reason).await.map(|()| Acted::Discarded)
+                    }
+                }
+            }));
+            started += 1;
+        }
+        while let Some(done) = futures::StreamExt::next(&mut running).await {
+            count(&mut progress, flatten(done), &mut failure);
+        }
+        let result = match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
         };
         progress.finished = result.is_ok();
         progress.error = result.err();

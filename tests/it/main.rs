@@ -7,6 +7,7 @@ mod chaos;
 mod cli;
 mod cluster;
 mod delivery;
+mod dlq;
 mod failover;
 mod faults;
 mod ledger;

@@ -1,8 +1,10 @@
 //! The API, one struct per resource. [`Tags`] groups operations in the spec.
 
+mod dlq;
 mod notifications;
 mod system;
 
+pub use dlq::{DlqApi, Jobs};
 pub use notifications::NotificationsApi;
 pub use system::SystemApi;
 
@@ -10,6 +12,8 @@ pub use system::SystemApi;
 pub enum Tags {
     /// Send notifications and follow their delivery.
     Notifications,
+    /// Dead letters: list, read, replay and discard (scope `dlq:admin`).
+    DeadLetters,
     /// Liveness, readiness and metrics.
     System,
 }
