@@ -455,6 +455,10 @@ async fn discarding_removes_the_letter_and_keeps_the_reason_in_the_audit_trail()
     })
     .await;
     assert_eq!(done["discarded"], 2, "{done}");
+    // Another tenant's token cannot follow it.
+    let globex = admin(&stack, Some("globex"));
+    let (status, _) = call(&stack, "GET", &format!("/v1/dlq/jobs/{job_id}"), Some(&globex), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(sequences(&stack).await.is_empty());
     let audit = audit_events(&stack).await;
     let actions: Vec<(&str, &str)> =

@@ -356,19 +356,30 @@ fn job_body(job: &str, p: &Progress) -> JobBody {
     }
 }
 
-/// Bulk jobs this gateway runs or ran, newest last; the oldest finished ones are forgotten.
+/// Bulk jobs this gateway runs or ran, newest last, with the tenant of the token that started
+/// each (`None`: an operator's); the oldest finished ones are forgotten.
 #[derive(Default)]
-pub struct Jobs(Mutex<VecDeque<(String, tokio::sync::watch::Receiver<Progress>)>>);
+pub struct Jobs(Mutex<VecDeque<Job>>);
+
+struct Job {
+    id: String,
+    tenant: Option<String>,
+    progress: tokio::sync::watch::Receiver<Progress>,
+}
 
 /// How many jobs are remembered.
 const KEPT_JOBS: usize = 100;
 
 impl Jobs {
-    fn add(&self, id: String, progress: tokio::sync::watch::Receiver<Progress>) {
+    fn add(&self, job: Job) {
         let mut jobs = self.0.lock().expect("never poisoned");
-        jobs.push_back((id, progress));
+        jobs.push_back(job);
         while jobs.len() > KEPT_JOBS {
-            match jobs.iter().position(|(_, p)| p.borrow().finished || p.borrow().error.is_some()) {
+            let ended = |j: &Job| {
+                let p = j.progress.borrow();
+                p.finished || p.error.is_some()
+            };
+            match jobs.iter().position(ended) {
                 Some(i) => {
                     jobs.remove(i);
                 }
@@ -377,9 +388,12 @@ impl Jobs {
         }
     }
 
-    fn get(&self, id: &str) -> Option<Progress> {
+    /// Job `id`, if the caller may see it: an operator sees every job, a tenant its own.
+    fn get(&self, id: &str, claims: &Claims) -> Option<Progress> {
         let jobs = self.0.lock().expect("never poisoned");
-        jobs.iter().find(|(j, _)| j == id).map(|(_, p)| p.borrow().clone())
+        jobs.iter()
+            .find(|j| j.id == id && (claims.tenant.is_none() || claims.tenant == j.tenant))
+            .map(|j| j.progress.borrow().clone())
     }
 }
 
@@ -618,10 +632,10 @@ impl DlqApi {
         /// The id a bulk request answered.
         job: Path<String>,
     ) -> Result<JobStatusResponse, ErrorResponse> {
-        auth.require(SCOPE_DLQ_ADMIN)?;
+        let claims = auth.require(SCOPE_DLQ_ADMIN)?;
         let progress = state
             .dlq_jobs
-            .get(&job.0)
+            .get(&job.0, claims)
             .ok_or_else(|| ApiError::NotFound(format!("no job {:?} on this gateway", job.0)))?;
         Ok(JobStatusResponse::Ok(Json(job_body(&job.0, &progress))))
     }
@@ -674,6 +688,6 @@ async fn start_job(
         Err(_) => return Err(ApiError::Unavailable("NATS did not answer in time".into()).into()),
     }
     let progress = rx.borrow().clone();
-    state.dlq_jobs.add(id.clone(), rx);
+    state.dlq_jobs.add(Job { id: id.clone(), tenant: claims.tenant.clone(), progress: rx });
     Ok(JobResponse::Started(Json(job_body(&id, &progress))))
 }
