@@ -241,8 +241,19 @@ impl App {
                 self.connected = true;
                 self.connection_error = None;
             }
-            Update::Overview(o) => {
+            Update::Overview(mut o) => {
                 self.waiting_overview = false;
+                // A failed read keeps the last numbers on screen, marked stale by its error.
+                if let Some(old) = self.overview.take()
+                    && o.error.is_some()
+                {
+                    if o.channels.iter().all(|(_, s)| s.is_none()) {
+                        o.channels = old.channels;
+                    }
+                    if o.streams.is_empty() {
+                        o.streams = old.streams;
+                    }
+                }
                 self.overview = Some(o);
             }
             Update::Letters(filter, page) => {

@@ -139,6 +139,11 @@ pub async fn load_overview(source: &Source) -> Overview {
         server_version: Some(source.client.server_info().version).filter(|v| !v.is_empty()),
         ..Overview::default()
     };
+    if source.client.connection_state() != State::Connected {
+        // Every request would wait out its timeout; say so at once instead.
+        overview.error = Some(format!("NATS is {}", overview.connection));
+        return overview;
+    }
     let note = |e: String, overview: &mut Overview| {
         overview.error.get_or_insert(e);
     };

@@ -210,7 +210,7 @@ fn draw_overview(frame: &mut Frame, area: Rect, app: &App) {
     let table = Table::new(
         rows,
         [
-            Constraint::Length(22),
+            Constraint::Length(24),
             Constraint::Length(9),
             Constraint::Length(10),
             Constraint::Length(10),
@@ -292,7 +292,7 @@ fn draw_retries(frame: &mut Frame, area: Rect, app: &App) {
     frame.render_stateful_widget(table, table_area, &mut state);
     let text = vec![
         Line::from(format!("Redelivered by the server (consumer num_redelivered): {redelivered}")),
-        Line::from("From the status events of the last 5 minutes: a notification whose last event is retrying."),
+        Line::from("Listed: notifications whose latest status event (last 5 min) says retrying."),
     ];
     frame.render_widget(Paragraph::new(text), note);
 }
@@ -474,7 +474,10 @@ fn detail_text(app: &App, d: &Detail) -> Text<'static> {
     }
     lines.push(Line::default());
     lines.push(Line::styled("Headers", header()));
-    for (name, value) in &l.headers {
+    // Sorted: NATS keeps headers in no particular order, and a stable one is easier to scan.
+    let mut headers: Vec<&(String, String)> = l.headers.iter().collect();
+    headers.sort();
+    for (name, value) in headers {
         lines.push(Line::from(format!("{name}: {value}")));
     }
     lines.push(Line::default());
@@ -594,7 +597,9 @@ fn draw_confirm(frame: &mut Frame, confirm: &Confirm, app: &App) {
             ),
         ),
     };
-    let area = centered(frame.area(), 60, 7);
+    // Tall enough for the wrapped question, a blank line and the answer keys.
+    let height = body.chars().count() as u16 / 50 + 1 + 4;
+    let area = centered(frame.area(), 60, height);
     frame.render_widget(Clear, area);
     let text = vec![Line::from(body), Line::default(), Line::styled("y yes    n no", bold())];
     frame.render_widget(
