@@ -83,11 +83,15 @@ pub enum Update {
     Overview(Overview),
     /// A page of letters for the filter it was asked for.
     Letters(Filter, Result<Page, String>),
-    Detail(u64, Result<Option<Detail>, String>),
+    /// Boxed: a detail is large, and every other update would pay for its size.
+    Detail(u64, Box<Result<Option<Detail>, String>>),
     Events(Vec<StatusEvent>),
     Lookup(String, Result<Vec<(Channel, Entry)>, String>),
     /// A single action finished: what to tell the operator, and whether it worked.
-    Done { message: String, ok: bool },
+    Done {
+        message: String,
+        ok: bool,
+    },
     Bulk(Progress),
 }
 
@@ -276,7 +280,7 @@ impl App {
             Update::Detail(seq, detail) => {
                 self.waiting_detail = false;
                 if self.detail_open == Some(seq) {
-                    self.detail = Some((seq, detail));
+                    self.detail = Some((seq, *detail));
                 }
             }
             Update::Events(events) => {
@@ -484,7 +488,8 @@ impl App {
                         if input.trim().is_empty() {
                             self.message = Some(("a discard needs a reason".into(), false));
                         } else {
-                            self.confirm = Some(Confirm::Discard { sequence, reason: input.trim().to_owned() });
+                            self.confirm =
+                                Some(Confirm::Discard { sequence, reason: input.trim().to_owned() });
                         }
                         None
                     }
@@ -586,7 +591,9 @@ pub fn parse_filter(text: &str) -> Result<Filter, String> {
                 filter.channel =
                     Some(value.parse::<Channel>().map_err(|_| format!("unknown channel {value:?}"))?);
             }
-            "reason" => filter.reason = Some(Reason::parse(value).ok_or(format!("unknown reason {value:?}"))?),
+            "reason" => {
+                filter.reason = Some(Reason::parse(value).ok_or(format!("unknown reason {value:?}"))?)
+            }
             "class" => {
                 filter.error_class = Some(match value {
                     "transient" => ErrorClass::Transient,
@@ -645,7 +652,10 @@ mod tests {
         let mut app = App::new("nats://x", Utc::now());
         app.apply(Update::Connected);
         assert_eq!(app.on_key(key(KeyCode::Char('3'))), Some(Action::LoadLetters(Filter::default())));
-        app.apply(Update::Letters(Filter::default(), Ok(Page { letters: vec![letter(4), letter(7)], next: None })));
+        app.apply(Update::Letters(
+            Filter::default(),
+            Ok(Page { letters: vec![letter(4), letter(7)], next: None }),
+        ));
         app
     }
 
@@ -705,7 +715,8 @@ mod tests {
         app.on_key(key(KeyCode::Char('/')));
         typed(&mut app, "reason:rejected HTTP 410");
         let action = app.on_key(key(KeyCode::Enter));
-        let want = Filter { reason: Some(Reason::Rejected), text: Some("HTTP 410".into()), ..Default::default() };
+        let want =
+            Filter { reason: Some(Reason::Rejected), text: Some("HTTP 410".into()), ..Default::default() };
         assert_eq!(action, Some(Action::LoadLetters(want.clone())));
         assert_eq!(app.filter, want);
         // A late answer for the old filter is ignored.

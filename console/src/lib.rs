@@ -25,8 +25,8 @@ mod worker;
 pub use app::{Action, App, Confirm, Prompt, Tab, Update, parse_filter};
 pub use history::History;
 pub use source::{
-    ChannelStats, HISTORY, Overview, Source, StreamStats, load_detail, load_history, load_letters, load_overview,
-    lookup,
+    ChannelStats, HISTORY, Overview, Source, StreamStats, load_detail, load_history, load_letters,
+    load_overview, lookup,
 };
 pub use term::run;
 pub use ui::draw;

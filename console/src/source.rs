@@ -176,14 +176,20 @@ pub async fn load_overview(source: &Source) -> Overview {
     overview
 }
 
-async fn channel_stats(intents: &jetstream::stream::Stream, channel: Channel) -> anyhow::Result<ChannelStats> {
+async fn channel_stats(
+    intents: &jetstream::stream::Stream,
+    channel: Channel,
+) -> anyhow::Result<ChannelStats> {
     let info = intents.consumer_info(channel.as_str()).await?;
     let lag = if info.num_pending == 0 {
         None
     } else {
         // The next message the consumer will hand out is the oldest one waiting.
         let next = intents
-            .direct_get_next_for_subject(topology::intent_subject(channel), Some(info.delivered.stream_sequence + 1))
+            .direct_get_next_for_subject(
+                topology::intent_subject(channel),
+                Some(info.delivered.stream_sequence + 1),
+            )
             .await?;
         let stored = DateTime::from_timestamp(next.time.unix_timestamp(), 0).unwrap_or_default();
         Some((Utc::now() - stored).to_std().unwrap_or_default())
@@ -272,7 +278,9 @@ pub async fn status_feed(
         };
         let (sequence, pending) = m.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
         // Someone else's payload on a status subject is skipped rather than shown wrong.
-        serde_json::from_slice::<StatusEvent>(&m.payload).ok().map(|event| Ok(Seen { event, sequence, pending }))
+        serde_json::from_slice::<StatusEvent>(&m.payload)
+            .ok()
+            .map(|event| Ok(Seen { event, sequence, pending }))
     }))
 }
 

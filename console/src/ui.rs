@@ -38,7 +38,8 @@ fn selected() -> Style {
 /// Draws the whole screen.
 pub fn draw(frame: &mut Frame, app: &App) {
     let [top, body, bottom] =
-        Layout::vertical([Constraint::Length(1), Constraint::Min(0), Constraint::Length(1)]).areas(frame.area());
+        Layout::vertical([Constraint::Length(1), Constraint::Min(0), Constraint::Length(1)])
+            .areas(frame.area());
     draw_top(frame, top, app);
     if !app.connected && app.overview.is_none() {
         draw_connecting(frame, body, app);
@@ -63,7 +64,11 @@ fn draw_top(frame: &mut Frame, area: Rect, app: &App) {
     let mut spans = Vec::new();
     for (i, tab) in Tab::ALL.iter().enumerate() {
         let label = format!(" {} {} ", i + 1, tab.title());
-        spans.push(if *tab == app.tab { Span::styled(label, selected().add_modifier(Modifier::BOLD)) } else { Span::raw(label) });
+        spans.push(if *tab == app.tab {
+            Span::styled(label, selected().add_modifier(Modifier::BOLD))
+        } else {
+            Span::raw(label)
+        });
     }
     let tabs = Line::from(spans);
     let state = match &app.overview {
@@ -79,7 +84,8 @@ fn draw_top(frame: &mut Frame, area: Rect, app: &App) {
         None => "NATS connecting ".to_owned(),
     };
     let down = !app.connected || app.overview.as_ref().is_some_and(|o| o.connection != "connected");
-    let state = Span::styled(state, if down { bold().add_modifier(Modifier::REVERSED) } else { Style::new() });
+    let state =
+        Span::styled(state, if down { bold().add_modifier(Modifier::REVERSED) } else { Style::new() });
     let width = state.width() as u16;
     let [left, right] = Layout::horizontal([Constraint::Min(0), Constraint::Length(width)]).areas(area);
     frame.render_widget(Paragraph::new(tabs), left);
@@ -99,7 +105,9 @@ fn draw_connecting(frame: &mut Frame, area: Rect, app: &App) {
 fn draw_bottom(frame: &mut Frame, area: Rect, app: &App) {
     if let Some(prompt) = &app.prompt {
         let label = match prompt {
-            Prompt::Filter => "Filter (channel: reason: class: tenant: id: older: newer:, words: error text): ",
+            Prompt::Filter => {
+                "Filter (channel: reason: class: tenant: id: older: newer:, words: error text): "
+            }
             Prompt::DiscardReason { .. } => "Why discard it (kept in the audit trail): ",
             Prompt::BulkRate => "Replay the filtered letters at how many per second: ",
             Prompt::Lookup => "Notification id: ",
@@ -110,8 +118,12 @@ fn draw_bottom(frame: &mut Frame, area: Rect, app: &App) {
         } else {
             label.to_owned()
         };
-        let x = area.x + (label.chars().count() + app.input.chars().count()).min(area.width as usize - 1) as u16;
-        frame.render_widget(Paragraph::new(Line::from(vec![Span::styled(label, bold()), Span::raw(&app.input)])), area);
+        let x =
+            area.x + (label.chars().count() + app.input.chars().count()).min(area.width as usize - 1) as u16;
+        frame.render_widget(
+            Paragraph::new(Line::from(vec![Span::styled(label, bold()), Span::raw(&app.input)])),
+            area,
+        );
         frame.set_cursor_position((x, area.y));
         return;
     }
@@ -183,7 +195,9 @@ fn draw_overview(frame: &mut Frame, area: Rect, app: &App) {
     frame.render_widget(block, activity);
     let mut y = inner.y;
     for (channel, _) in &overview.channels {
-        for (i, outcome) in [Outcome::Delivered, Outcome::Retrying, Outcome::DeadLettered].into_iter().enumerate() {
+        for (i, outcome) in
+            [Outcome::Delivered, Outcome::Retrying, Outcome::DeadLettered].into_iter().enumerate()
+        {
             if y >= inner.bottom() {
                 break;
             }
@@ -235,9 +249,12 @@ fn draw_series(frame: &mut Frame, row: Rect, app: &App, channel: Channel, outcom
         format!("{:.1}/s", app.history.rate(channel, outcome, app.now))
     };
     let label = format!("{:<8} {name:<13} {total:>6} ", if first { channel.as_str() } else { "" });
-    let [l, spark, r] =
-        Layout::horizontal([Constraint::Length(label.len() as u16), Constraint::Min(1), Constraint::Length(9)])
-            .areas(row);
+    let [l, spark, r] = Layout::horizontal([
+        Constraint::Length(label.len() as u16),
+        Constraint::Min(1),
+        Constraint::Length(9),
+    ])
+    .areas(row);
     frame.render_widget(Paragraph::new(label), l);
     let data = app.history.series(channel, outcome, app.now, spark.width as usize, app.redact);
     frame.render_widget(Sparkline::default().data(&data), spark);
@@ -257,7 +274,9 @@ fn draw_retries(frame: &mut Frame, area: Rect, app: &App) {
     let rows = app.history.retrying.values().map(|e| {
         let next = match e.retry_at {
             Some(_) if app.redact => "<when>".to_owned(),
-            Some(t) if t > app.now => format!("in {}", duration(app, (t - app.now).to_std().unwrap_or_default())),
+            Some(t) if t > app.now => {
+                format!("in {}", duration(app, (t - app.now).to_std().unwrap_or_default()))
+            }
             Some(_) => "due".to_owned(),
             None => "?".to_owned(),
         };
@@ -300,7 +319,8 @@ fn draw_retries(frame: &mut Frame, area: Rect, app: &App) {
 fn draw_letters_screen(frame: &mut Frame, area: Rect, app: &App) {
     let (list_area, detail_area) = match app.detail_open {
         Some(_) if area.width >= WIDE => {
-            let [l, r] = Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(area);
+            let [l, r] =
+                Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(area);
             (Some(l), Some(r))
         }
         Some(_) => (None, Some(area)),
@@ -341,7 +361,8 @@ fn draw_letters(frame: &mut Frame, area: Rect, app: &App) {
     }
     widths.extend([Constraint::Length(36), Constraint::Min(8)]);
     titles.extend(["NOTIFICATION", "LAST ERROR"]);
-    let filter = if app.filter_text.is_empty() { String::new() } else { format!(", filter: {}", app.filter_text) };
+    let filter =
+        if app.filter_text.is_empty() { String::new() } else { format!(", filter: {}", app.filter_text) };
     let more = if app.letters_more { "+" } else { "" };
     let mut title = format!(" Dead letters: {}{more}{filter} ", app.letters.len());
     if let Some(e) = &app.letters_error {
@@ -355,7 +376,8 @@ fn draw_letters(frame: &mut Frame, area: Rect, app: &App) {
     let mut state = TableState::default().with_selected((!empty).then_some(app.selected));
     frame.render_stateful_widget(table, area, &mut state);
     if empty {
-        let text = if app.letters_loaded { "No dead letters match." } else { "Reading the dead-letter queue …" };
+        let text =
+            if app.letters_loaded { "No dead letters match." } else { "Reading the dead-letter queue …" };
         let inner = Block::bordered().inner(area);
         if inner.height > 2 {
             frame.render_widget(Paragraph::new(text), Rect { y: inner.y + 1, height: 1, ..inner });
@@ -414,7 +436,9 @@ fn draw_detail(frame: &mut Frame, area: Rect, app: &App) {
     let text = match &app.detail {
         None => Text::from("Reading …"),
         Some((_, Err(e))) => Text::from(Line::styled(format!("Could not read it: {e}"), bold())),
-        Some((_, Ok(None))) => Text::from("It is no longer in the dead-letter queue (replayed or discarded)."),
+        Some((_, Ok(None))) => {
+            Text::from("It is no longer in the dead-letter queue (replayed or discarded).")
+        }
         Some((_, Ok(Some(d)))) => detail_text(app, d),
     };
     frame.render_widget(Paragraph::new(text).block(block).scroll((app.detail_scroll, 0)), area);
@@ -453,7 +477,10 @@ fn detail_text(app: &App, d: &Detail) -> Text<'static> {
             ));
             lines.push(field(
                 "attempts",
-                format!("{} over its life, {} this round, {} resends", e.attempts, e.round_attempts, e.resends),
+                format!(
+                    "{} over its life, {} this round, {} resends",
+                    e.attempts, e.round_attempts, e.resends
+                ),
             ));
             if let Some(err) = &e.last_error {
                 lines.push(field("last error", err.clone()));
@@ -516,7 +543,9 @@ fn draw_lookup(frame: &mut Frame, area: Rect, app: &App) {
     let found = match &app.lookup {
         None if app.lookup_id.is_empty() => {
             frame.render_widget(
-                Paragraph::new("Shows a notification's state on every channel, from the ledger, whatever its tenant."),
+                Paragraph::new(
+                    "Shows a notification's state on every channel, from the ledger, whatever its tenant.",
+                ),
                 inner,
             );
             return;
@@ -564,7 +593,8 @@ fn draw_lookup(frame: &mut Frame, area: Rect, app: &App) {
     widths.push(Constraint::Min(10));
     titles.push("LAST ERROR");
     frame.render_widget(Table::new(rows, widths).header(Row::new(titles).style(header())), table_area);
-    let mut lines = vec![Line::default(), Line::styled("History (status events of the last 5 minutes)", header())];
+    let mut lines =
+        vec![Line::default(), Line::styled("History (status events of the last 5 minutes)", header())];
     if events.is_empty() {
         lines.push(Line::from("none in memory"));
     }
@@ -603,7 +633,9 @@ fn draw_confirm(frame: &mut Frame, confirm: &Confirm, app: &App) {
     frame.render_widget(Clear, area);
     let text = vec![Line::from(body), Line::default(), Line::styled("y yes    n no", bold())];
     frame.render_widget(
-        Paragraph::new(text).wrap(ratatui::widgets::Wrap { trim: true }).block(Block::bordered().title(title)),
+        Paragraph::new(text)
+            .wrap(ratatui::widgets::Wrap { trim: true })
+            .block(Block::bordered().title(title)),
         area,
     );
 }

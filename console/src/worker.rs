@@ -103,15 +103,19 @@ pub async fn handle(source: &Source, actor: &Actor, action: Action) -> Update {
             let page = source::load_letters(source, &filter).await.map_err(|e| format!("{e:#}"));
             Update::Letters(filter, page)
         }
-        Action::LoadDetail(seq) => Update::Detail(seq, source::load_detail(source, seq).await.map_err(|e| format!("{e:#}"))),
+        Action::LoadDetail(seq) => Update::Detail(
+            seq,
+            Box::new(source::load_detail(source, seq).await.map_err(|e| format!("{e:#}"))),
+        ),
         Action::Lookup(id) => {
             let found = source::lookup(source, &id).await.map_err(|e| format!("{e:#}"));
             Update::Lookup(id, found)
         }
         Action::Replay(seq) => match source.dlq.replay(seq, actor).await {
-            Ok(Replayed::Requeued { intent_sequence }) => {
-                Update::Done { message: format!("dead letter {seq} requeued (intent {intent_sequence})"), ok: true }
-            }
+            Ok(Replayed::Requeued { intent_sequence }) => Update::Done {
+                message: format!("dead letter {seq} requeued (intent {intent_sequence})"),
+                ok: true,
+            },
             Ok(Replayed::AlreadyDelivered) => Update::Done {
                 message: format!("dead letter {seq} was already delivered: nothing sent, letter removed"),
                 ok: true,
@@ -155,7 +159,9 @@ async fn follow(source: Source, updates: mpsc::UnboundedSender<Update>) {
                     Some(Ok(seen)) => {
                         start = Start::After(seen.sequence);
                         batch.push(seen.event);
-                        if batch.len() >= 500 && updates.send(Update::Events(std::mem::take(&mut batch))).is_err() {
+                        if batch.len() >= 500
+                            && updates.send(Update::Events(std::mem::take(&mut batch))).is_err()
+                        {
                             return;
                         }
                     }
