@@ -131,6 +131,8 @@ pub struct App {
     pub letters_error: Option<String>,
     /// The letters have been read at least once (an empty list then means "none").
     pub letters_loaded: bool,
+    /// When the letters were last read, to space out listings.
+    pub letters_read_at: Option<DateTime<Utc>>,
     /// Which letter the cursor is on.
     pub selected: usize,
     /// Which row of the retries table the cursor is on.
@@ -162,6 +164,10 @@ pub struct App {
     pub redact: bool,
 }
 
+/// How often the dead-letter list is read again while it is on screen (actions and filter
+/// changes read it at once).
+pub const LETTERS_EVERY: chrono::TimeDelta = chrono::TimeDelta::seconds(3);
+
 /// Letters per second a bulk replay offers by default.
 pub const DEFAULT_RATE: f64 = 10.0;
 
@@ -184,6 +190,7 @@ impl App {
             letters_more: false,
             letters_error: None,
             letters_loaded: false,
+            letters_read_at: None,
             selected: 0,
             retry_selected: 0,
             filter: Filter::default(),
@@ -220,7 +227,9 @@ impl App {
             actions.push(Action::LoadOverview);
         }
         if self.tab == Tab::DeadLetters {
-            if !self.waiting_letters {
+            // A listing reads every letter up to a page of matches: not every second.
+            let due = self.letters_read_at.is_none_or(|at| now - at >= LETTERS_EVERY);
+            if !self.waiting_letters && due {
                 self.waiting_letters = true;
                 actions.push(Action::LoadLetters(self.filter.clone()));
             }
@@ -262,6 +271,7 @@ impl App {
             }
             Update::Letters(filter, page) => {
                 self.waiting_letters = false;
+                self.letters_read_at = Some(self.now);
                 // An answer for a filter since replaced would show the wrong letters.
                 if filter != self.filter {
                     return;
@@ -293,8 +303,13 @@ impl App {
                     self.lookup = Some(found);
                 }
             }
-            Update::Done { message, ok } => self.message = Some((message, ok)),
+            Update::Done { message, ok } => {
+                self.message = Some((message, ok));
+                // The queue just changed: show it at the next tick.
+                self.letters_read_at = None;
+            }
             Update::Bulk(p) => {
+                self.letters_read_at = None;
                 self.bulk_running = !p.finished && p.error.is_none();
                 self.bulk = Some(p);
             }
