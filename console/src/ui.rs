@@ -118,8 +118,9 @@ fn draw_bottom(frame: &mut Frame, area: Rect, app: &App) {
         } else {
             label.to_owned()
         };
-        let x =
-            area.x + (label.chars().count() + app.input.chars().count()).min(area.width as usize - 1) as u16;
+        let x = area.x
+            + (label.chars().count() + app.input.chars().count()).min((area.width as usize).saturating_sub(1))
+                as u16;
         frame.render_widget(
             Paragraph::new(Line::from(vec![Span::styled(label, bold()), Span::raw(&app.input)])),
             area,
@@ -733,4 +734,37 @@ fn bytes(n: u64) -> String {
         unit += 1;
     }
     if unit == 0 { format!("{n} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use ratatui::{Terminal, backend::TestBackend};
+
+    use super::*;
+    use crate::app::Update;
+
+    /// Any terminal size, however small, draws without a panic (a resize can go anywhere).
+    #[test]
+    fn every_screen_draws_at_any_size() {
+        let mut app = App::new("nats://127.0.0.1:4222", Utc::now());
+        for connected in [false, true] {
+            if connected {
+                app.apply(Update::Connected);
+                app.apply(Update::Overview(Default::default()));
+            }
+            for tab in Tab::ALL {
+                app.tab = tab;
+                for (help, prompt) in [(false, None), (true, None), (false, Some(Prompt::Filter))] {
+                    app.help = help;
+                    app.prompt = prompt;
+                    app.input = "reason:rejected".into();
+                    for (w, h) in [(1, 1), (2, 3), (20, 5), (40, 10), (80, 24)] {
+                        let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
+                        terminal.draw(|frame| draw(frame, &app)).unwrap();
+                    }
+                }
+            }
+        }
+    }
 }
