@@ -6,6 +6,7 @@ mod api;
 mod chaos;
 mod cli;
 mod cluster;
+mod console;
 mod delivery;
 mod dlq;
 mod failover;
