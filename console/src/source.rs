@@ -18,7 +18,7 @@ use herald_shared::{
     Channel, Config, StatusEvent,
     dlq::{DeadLetters, Detail, Filter, MAX_PAGE, Page},
     ledger::{Entry, Ledger},
-    topology::{self, INTENTS_STREAM, NOTIFICATIONS_BUCKET, STATUS_STREAM, Topology},
+    topology::{self, INTENTS_STREAM, STATUS_STREAM, Topology},
 };
 
 /// How far back the status history reaches when the console starts, and how much of it the
@@ -116,22 +116,6 @@ pub fn connection_state(client: &async_nats::Client) -> String {
     .to_owned()
 }
 
-/// Every stream whose size the overview shows: Herald's streams and the ledger bucket's.
-pub fn stream_names() -> Vec<String> {
-    let mut names: Vec<String> = [
-        topology::INTENTS_STREAM,
-        topology::STATUS_STREAM,
-        topology::DLQ_STREAM,
-        topology::ADVISORIES_STREAM,
-        topology::AUDIT_STREAM,
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect();
-    names.push(format!("KV_{NOTIFICATIONS_BUCKET}"));
-    names
-}
-
 /// Consumers, streams and the connection, as of now.
 pub async fn load_overview(source: &Source) -> Overview {
     let mut overview = Overview {
@@ -167,7 +151,7 @@ pub async fn load_overview(source: &Source) -> Overview {
         };
         overview.channels.push((channel, stats));
     }
-    for name in stream_names() {
+    for name in topology::storage_streams() {
         match stream_stats(&source.js, &name).await {
             Ok(s) => overview.streams.push(s),
             Err(e) => note(format!("{name}: {e}"), &mut overview),

@@ -63,6 +63,15 @@ pub const STORAGE_SHARES: [(&str, u64); 6] = [
     (AUDIT_STREAM, 2),
 ];
 
+/// The JetStream stream behind every stream and bucket Herald stores data in (a bucket's is
+/// `KV_<bucket>`), in the order of [`STORAGE_SHARES`]: what an operator watches fill up.
+pub fn storage_streams() -> Vec<String> {
+    STORAGE_SHARES
+        .iter()
+        .map(|(name, _)| if name.starts_with("HERALD_") { (*name).to_owned() } else { format!("KV_{name}") })
+        .collect()
+}
+
 /// The bytes `name` may use out of `max_storage`.
 pub fn storage_share(name: &str, max_storage: u64) -> i64 {
     let percent = STORAGE_SHARES.iter().find(|(n, _)| *n == name).map_or(0, |(_, p)| *p);
