@@ -41,6 +41,9 @@ pub enum ErrorResponse {
     /// (`conflict`), or a dead letter cannot be replayed (`not_replayable`).
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
+    /// `If-Match` names a version that is no longer the current one; nothing was changed.
+    #[oai(status = 412)]
+    PreconditionFailed(Json<ErrorBody>),
     /// The body is larger than `HERALD_MAX_BODY_BYTES`.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
@@ -81,6 +84,33 @@ pub enum ApiError {
     /// A dead letter that cannot be replayed (undecodable, expired, only partly kept).
     #[error("{0}")]
     NotReplayable(String),
+    /// A conditional write (`If-Match`) found a newer version.
+    #[error("{0}")]
+    Stale(String),
+}
+
+impl From<herald_shared::template_store::StoreError> for ApiError {
+    fn from(e: herald_shared::template_store::StoreError) -> ApiError {
+        use herald_shared::template_store::StoreError;
+        match e {
+            StoreError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            StoreError::Stale(_) => ApiError::Stale(e.to_string()),
+            StoreError::Nats(_) => ApiError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<herald_shared::templates::TemplateProblem> for ApiError {
+    fn from(e: herald_shared::templates::TemplateProblem) -> ApiError {
+        ApiError::Malformed { field: Some(format!("parts.{}", e.part)), message: e.to_string() }
+    }
+}
+
+impl From<herald_shared::templates::RenderProblem> for ApiError {
+    fn from(e: herald_shared::templates::RenderProblem) -> ApiError {
+        let field = if e.part == "data" { "data".to_owned() } else { format!("parts.{}", e.part) };
+        ApiError::Invalid { field, message: e.to_string() }
+    }
 }
 
 impl From<herald_shared::dlq::DlqError> for ApiError {
@@ -117,6 +147,7 @@ impl ApiError {
             ApiError::Unavailable(_) => "unavailable",
             ApiError::StorageFull(_) => "storage_full",
             ApiError::NotReplayable(_) => "not_replayable",
+            ApiError::Stale(_) => "precondition_failed",
         }
     }
 
@@ -143,6 +174,7 @@ impl From<ApiError> for ErrorResponse {
             ApiError::Unavailable(_) => ErrorResponse::Unavailable(body, 1),
             ApiError::StorageFull(_) => ErrorResponse::Unavailable(body, 30),
             ApiError::NotReplayable(_) => ErrorResponse::Conflict(body),
+            ApiError::Stale(_) => ErrorResponse::PreconditionFailed(body),
         }
     }
 }
@@ -198,6 +230,7 @@ pub fn code_for(status: StatusCode) -> &'static str {
         StatusCode::FORBIDDEN => "forbidden",
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::CONFLICT => "conflict",
+        StatusCode::PRECONDITION_FAILED => "precondition_failed",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",

@@ -120,9 +120,10 @@ pub struct CorrelationId(pub String);
 pub const CORRELATION_HEADER: &str = "X-Correlation-Id";
 
 /// The OpenAPI service: every operation, with the spec's metadata.
-pub fn openapi_service() -> OpenApiService<(api::NotificationsApi, api::DlqApi, api::SystemApi), ()> {
+pub fn openapi_service()
+-> OpenApiService<(api::NotificationsApi, api::TemplatesApi, api::DlqApi, api::SystemApi), ()> {
     OpenApiService::new(
-        (api::NotificationsApi, api::DlqApi, api::SystemApi),
+        (api::NotificationsApi, api::TemplatesApi, api::DlqApi, api::SystemApi),
         "Herald",
         env!("CARGO_PKG_VERSION"),
     )

@@ -13,6 +13,10 @@ pub const SCOPE_SEND: &str = "notifications:write";
 pub const SCOPE_READ: &str = "notifications:read";
 /// May list, replay and discard dead letters (`/v1/dlq`).
 pub const SCOPE_DLQ_ADMIN: &str = "dlq:admin";
+/// May read and preview templates.
+pub const SCOPE_TEMPLATES_READ: &str = "templates:read";
+/// May write, roll back and delete templates.
+pub const SCOPE_TEMPLATES_WRITE: &str = "templates:write";
 /// Scopes a development token gets by default.
 pub const DEFAULT_SCOPES: &[&str] = &[SCOPE_SEND, SCOPE_READ];
 

@@ -40,8 +40,14 @@ pub const TOOLS_DIR: &str = "HERALD_TOOLS_DIR";
 pub const STREAM_REPLICAS: &str = "HERALD_STREAM_REPLICAS";
 pub const UNCERTAIN: &str = "HERALD_UNCERTAIN";
 pub const MAX_STORAGE: &str = "HERALD_MAX_STORAGE";
+pub const DEFAULT_LOCALE: &str = "HERALD_DEFAULT_LOCALE";
 
 pub const VARS: &[Var] = &[
+    Var {
+        name: DEFAULT_LOCALE,
+        default: Some("en"),
+        help: "the locale a template falls back to when neither the asked locale nor its language has one",
+    },
     Var {
         name: NATS_URL,
         default: None,
@@ -225,6 +231,8 @@ pub struct Config {
     pub uncertain: UncertainPolicies,
     /// JetStream storage all of Herald's streams and its bucket may use together.
     pub max_storage: u64,
+    /// The last locale a template lookup tries (`fr-CA` → `fr` → this).
+    pub default_locale: String,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// Bound on every JetStream call made while a client waits.
@@ -311,6 +319,11 @@ impl Config {
                 Ok(_) => Err(format!("at least {MIN_STORAGE} bytes")),
                 Err(e) => Err(e),
             })?,
+            default_locale: parse_with(
+                DEFAULT_LOCALE,
+                &required(DEFAULT_LOCALE),
+                crate::templates::canonical_locale,
+            )?,
             max_body_bytes: parse_with(MAX_BODY_BYTES, &required(MAX_BODY_BYTES), |s| {
                 match s.parse::<usize>() {
                     // Half the intent limit, so a body near the limit still makes an intent workers

@@ -341,6 +341,8 @@ fn flatten(r: Result<Result<Acted, DlqError>, tokio::task::JoinError>) -> Result
     r.unwrap_or_else(|e| Err(DlqError::Nats(format!("the action failed: {e}"))))
 }
 
+/// How often one letter's action is retried through NATS errors before a bulk action stops.
+const BULK_RETRIES: u32 = 4;
 /// How many letters of a bulk action are worked on at once.
 const BULK_IN_FLIGHT: usize = 32;
 
@@ -730,13 +732,27 @@ impl DeadLetters {
             }
             let (dlq, actor, action, seq) = (self.clone(), actor.clone(), action.clone(), letter.sequence);
             running.push(tokio::spawn(async move {
-                match action {
-                    Bulk::Replay => dlq.replay(seq, &actor).await.map(|r| match r {
-                        Replayed::Requeued { .. } => Acted::Requeued,
-                        Replayed::AlreadyDelivered => Acted::AlreadyDelivered,
-                    }),
-                    Bulk::Discard { reason } => {
-                        dlq.discard(seq, &actor, &reason).await.map(|()| Acted::Discarded)
+                // A slow or briefly unreachable NATS is retried a few times before the whole
+                // action stops: each step is safe to repeat (the republish keeps its message id,
+                // a letter already gone is reported as such).
+                let mut tries = 0;
+                loop {
+                    let acted = match &action {
+                        Bulk::Replay => dlq.replay(seq, &actor).await.map(|r| match r {
+                            Replayed::Requeued { .. } => Acted::Requeued,
+                            Replayed::AlreadyDelivered => Acted::AlreadyDelivered,
+                        }),
+                        Bulk::Discard { reason } => {
+                            dlq.discard(seq, &actor, reason).await.map(|()| Acted::Discarded)
+                        }
+                    };
+                    match acted {
+                        Err(DlqError::Nats(e)) if tries < BULK_RETRIES => {
+                            tries += 1;
+                            tracing::warn!(dlq_sequence = seq, error = %e, "retrying a dead-letter action");
+                            tokio::time::sleep(Duration::from_millis(250) * tries).await;
+                        }
+                        other => return other,
                     }
                 }
             }));

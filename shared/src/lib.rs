@@ -15,6 +15,9 @@
 //! - [`signature`]: the `Herald-Signature` header webhook receivers verify.
 //! - [`nats_server`]: finds or provisions a real nats-server and runs it as a child process
 //!   (used by `herald up`, the benchmark and every test).
+//! - [`templates`]: what a notification says per channel and language: checked when written,
+//!   rendered with handlebars (strict, with locale- and time-zone-aware helpers) at send time.
+//! - [`template_store`]: templates in the `herald_templates` bucket, versioned, per tenant.
 //! - [`telemetry`]: tracing set-up, human-readable or JSON.
 //!
 //! `shared` does no network I/O except through [`topology`], [`ledger`] and [`dlq`] (JetStream) and
@@ -30,6 +33,8 @@ pub mod nats_server;
 pub mod signature;
 pub mod state;
 pub mod telemetry;
+pub mod template_store;
+pub mod templates;
 pub mod topology;
 
 pub use config::Config;

@@ -22,6 +22,8 @@ pub const ADVISORIES_STREAM: &str = "HERALD_ADVISORIES";
 /// Who replayed or discarded which dead letter, and when.
 pub const AUDIT_STREAM: &str = "HERALD_AUDIT";
 pub const NOTIFICATIONS_BUCKET: &str = "herald_notifications";
+/// Templates: `<tenant token>.<code>.<locale>`, history = versions.
+pub const TEMPLATES_BUCKET: &str = "herald_templates";
 /// The durable consumer on HERALD_ADVISORIES that moves max-delivered intents to the DLQ.
 pub const DLQ_MOVER_CONSUMER: &str = "dlq_mover";
 /// A scratch stream the benchmark publishes to for the raw JetStream rate; deleted after.
@@ -54,9 +56,10 @@ pub const STATUS_DUPLICATE_WINDOW: Duration = Duration::from_secs(10);
 pub const AUDIT_MAX_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The share of `HERALD_MAX_STORAGE`, in percent, each stream and the bucket may use.
-pub const STORAGE_SHARES: [(&str, u64); 6] = [
+pub const STORAGE_SHARES: [(&str, u64); 7] = [
     (INTENTS_STREAM, 40),
-    (NOTIFICATIONS_BUCKET, 30),
+    (NOTIFICATIONS_BUCKET, 28),
+    (TEMPLATES_BUCKET, 2),
     (DLQ_STREAM, 15),
     (STATUS_STREAM, 8),
     (ADVISORIES_STREAM, 5),
@@ -215,6 +218,19 @@ fn notifications_bucket_config(replicas: usize, max_bytes: i64) -> kv::Config {
     }
 }
 
+fn templates_bucket_config(replicas: usize, max_bytes: i64) -> kv::Config {
+    kv::Config {
+        num_replicas: replicas,
+        bucket: TEMPLATES_BUCKET.into(),
+        description: "templates: (tenant, code, locale) -> parts; history = versions".into(),
+        // Every write is a version; JetStream keeps at most 64 per key.
+        history: crate::template_store::KEPT_VERSIONS,
+        max_bytes,
+        storage: StorageType::File,
+        ..Default::default()
+    }
+}
+
 pub fn bench_stream_config() -> stream::Config {
     stream::Config {
         name: BENCH_STREAM.into(),
@@ -285,11 +301,14 @@ pub fn stream_configs(config: &Config) -> Vec<stream::Config> {
     ]
 }
 
-fn bucket_config(config: &Config) -> kv::Config {
-    notifications_bucket_config(
-        config.stream_replicas,
-        storage_share(NOTIFICATIONS_BUCKET, config.max_storage),
-    )
+/// Every bucket Herald ensures, in the order [`handles`] expects them.
+fn bucket_configs(config: &Config) -> Vec<kv::Config> {
+    let r = config.stream_replicas;
+    let share = |name| storage_share(name, config.max_storage);
+    vec![
+        notifications_bucket_config(r, share(NOTIFICATIONS_BUCKET)),
+        templates_bucket_config(r, share(TEMPLATES_BUCKET)),
+    ]
 }
 
 /// The topology as JetStream API JSON documents (`nats stream add --config <file>`,
@@ -326,6 +345,8 @@ pub struct Topology {
     pub dlq: stream::Stream,
     /// The delivery ledger in `herald_notifications`.
     pub ledger: Ledger,
+    /// Templates in `herald_templates`.
+    pub templates: crate::template_store::TemplateStore,
 }
 
 impl Topology {
@@ -405,27 +426,31 @@ pub async fn ensure(js: &jetstream::Context, config: &Config) -> Result<Topology
             Err(e) => return Err(nats(&name)(&e)),
         }
     }
-    let bucket = bucket_config(config);
-    let kv_stream = format!("KV_{NOTIFICATIONS_BUCKET}");
-    let kv = match js.get_stream(&kv_stream).await {
-        Ok(mut existing) => {
-            let have = existing.info().await.map_err(|e| nats(&kv_stream)(&e))?.config.clone();
-            let want = stream::Config {
-                name: kv_stream.clone(),
-                num_replicas: bucket.num_replicas,
-                max_bytes: bucket.max_bytes,
-                max_age: bucket.max_age,
-                ..have.clone()
-            };
-            check_drift(&want, &have)?;
-            js.get_key_value(NOTIFICATIONS_BUCKET).await.map_err(|e| nats(NOTIFICATIONS_BUCKET)(&e))?
-        }
-        Err(e) if stream_not_found(&e) => {
-            js.create_key_value(bucket).await.map_err(|e| nats(NOTIFICATIONS_BUCKET)(&e))?
-        }
-        Err(e) => return Err(nats(&kv_stream)(&e)),
-    };
-    handles(js, config, kv).await
+    let mut stores = Vec::new();
+    for bucket in bucket_configs(config) {
+        let name = bucket.bucket.clone();
+        let kv_stream = format!("KV_{name}");
+        let store = match js.get_stream(&kv_stream).await {
+            Ok(mut existing) => {
+                let have = existing.info().await.map_err(|e| nats(&kv_stream)(&e))?.config.clone();
+                let want = stream::Config {
+                    name: kv_stream.clone(),
+                    num_replicas: bucket.num_replicas,
+                    max_bytes: bucket.max_bytes,
+                    max_age: bucket.max_age,
+                    ..have.clone()
+                };
+                check_drift(&want, &have)?;
+                js.get_key_value(&name).await.map_err(|e| nats(&name)(&e))?
+            }
+            Err(e) if stream_not_found(&e) => {
+                js.create_key_value(bucket).await.map_err(|e| nats(&name)(&e))?
+            }
+            Err(e) => return Err(nats(&kv_stream)(&e)),
+        };
+        stores.push(store);
+    }
+    handles(js, config, stores).await
 }
 
 /// Creates or updates every stream, the bucket and every consumer to match `config`: what
@@ -436,11 +461,12 @@ pub async fn apply(js: &jetstream::Context, config: &Config) -> Result<Topology,
         let name = want.name.clone();
         js.create_or_update_stream(want).await.map_err(|e| nats(&name)(&e))?;
     }
-    let kv = js
-        .create_or_update_key_value(bucket_config(config))
-        .await
-        .map_err(|e| nats(NOTIFICATIONS_BUCKET)(&e))?;
-    let topology = handles(js, config, kv).await?;
+    let mut stores = Vec::new();
+    for bucket in bucket_configs(config) {
+        let name = bucket.bucket.clone();
+        stores.push(js.create_or_update_key_value(bucket).await.map_err(|e| nats(&name)(&e))?);
+    }
+    let topology = handles(js, config, stores).await?;
     for &channel in &config.channels {
         let mut want = channel_consumer_config(channel, config, None);
         if let Ok(mut existing) = topology.intents.get_consumer::<pull::Config>(channel.as_str()).await {
@@ -457,13 +483,20 @@ pub async fn apply(js: &jetstream::Context, config: &Config) -> Result<Topology,
     Ok(topology)
 }
 
-async fn handles(js: &jetstream::Context, config: &Config, kv: kv::Store) -> Result<Topology, TopologyError> {
+async fn handles(
+    js: &jetstream::Context,
+    config: &Config,
+    stores: Vec<kv::Store>,
+) -> Result<Topology, TopologyError> {
+    let [ledger, templates]: [kv::Store; 2] =
+        stores.try_into().map_err(|_| TopologyError::Nats("bucket list changed".into()))?;
     Ok(Topology {
+        templates: crate::template_store::TemplateStore::new(templates),
         js: js.clone(),
         intents: js.get_stream(INTENTS_STREAM).await.map_err(|e| nats(INTENTS_STREAM)(&e))?,
         advisories: js.get_stream(ADVISORIES_STREAM).await.map_err(|e| nats(ADVISORIES_STREAM)(&e))?,
         dlq: js.get_stream(DLQ_STREAM).await.map_err(|e| nats(DLQ_STREAM)(&e))?,
-        ledger: Ledger::new(js.clone(), kv, config.claim_ttl()),
+        ledger: Ledger::new(js.clone(), ledger, config.claim_ttl()),
     })
 }
 

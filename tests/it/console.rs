@@ -337,8 +337,14 @@ async fn an_operator_replays_a_dead_letter_from_the_console() {
     })
     .await;
     assert!(status.success(), "{status:?}");
-    // The terminal is given back: the alternate screen is left.
-    assert!(!pty.parser.lock().unwrap().screen().alternate_screen());
+    // The terminal is given back: the alternate screen is left (the last bytes the console
+    // wrote may still be on their way through the reader thread when it has exited).
+    let parser = pty.parser.clone();
+    eventually(WAIT, "the alternate screen to be left", || {
+        let left = !parser.lock().unwrap().screen().alternate_screen();
+        async move { left.then_some(()) }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -485,7 +485,9 @@ async fn bulk_replay_of_a_thousand_letters_keeps_its_rate_and_delivers_each_once
     const N: usize = 1000;
     const RATE: f64 = 100.0;
     let sink = Sink::start(vec![Reply::Status(400); N], Reply::Status(200)).await;
-    let stack = Stack::start().await;
+    // Generous timeouts: a loaded machine must not turn a slow answer into a second send (a
+    // webhook answered after the worker's timeout is retried, and the sink would count it twice).
+    let stack = Stack::start_with(&[("HERALD_WEBHOOK_TIMEOUT", "10s"), ("HERALD_NATS_TIMEOUT", "5s")]).await;
     for _ in 0..N {
         stack.send(webhook_body(&sink.url), None).await;
     }
@@ -535,7 +537,9 @@ async fn bulk_replay_of_a_thousand_letters_keeps_its_rate_and_delivers_each_once
 async fn an_interrupted_bulk_replay_run_again_finishes_without_sending_anything_twice() {
     const N: usize = 120;
     let sink = Sink::start(vec![Reply::Status(400); N], Reply::Status(200)).await;
-    let stack = Stack::start().await;
+    // Generous timeouts: a loaded machine must not turn a slow answer into a second send (a
+    // webhook answered after the worker's timeout is retried, and the sink would count it twice).
+    let stack = Stack::start_with(&[("HERALD_WEBHOOK_TIMEOUT", "10s"), ("HERALD_NATS_TIMEOUT", "5s")]).await;
     for _ in 0..N {
         stack.send(webhook_body(&sink.url), None).await;
     }

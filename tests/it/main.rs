@@ -14,3 +14,4 @@ mod faults;
 mod ledger;
 mod outage;
 mod support;
+mod templates;

@@ -3,15 +3,20 @@
 mod dlq;
 mod notifications;
 mod system;
+mod templates;
 
 pub use dlq::{DlqApi, Jobs};
 pub use notifications::NotificationsApi;
 pub use system::SystemApi;
+pub use templates::TemplatesApi;
 
 #[derive(poem_openapi::Tags)]
 pub enum Tags {
     /// Send notifications and follow their delivery.
     Notifications,
+    /// Versioned, localized templates, checked when written (scopes `templates:read`,
+    /// `templates:write`).
+    Templates,
     /// Dead letters: list, read, replay and discard (scope `dlq:admin`).
     DeadLetters,
     /// Liveness, readiness and metrics.
