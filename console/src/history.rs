@@ -18,6 +18,8 @@ pub struct Counts {
     pub delivered: u32,
     pub retrying: u32,
     pub dead_lettered: u32,
+    /// Decided without a send: suppressed, deferred or skipped.
+    pub not_sent: u32,
 }
 
 impl Counts {
@@ -26,6 +28,7 @@ impl Counts {
             Outcome::Delivered => self.delivered,
             Outcome::Retrying => self.retrying,
             Outcome::DeadLettered => self.dead_lettered,
+            Outcome::Suppressed | Outcome::Deferred | Outcome::Skipped => self.not_sent,
         }
     }
 
@@ -34,6 +37,7 @@ impl Counts {
             Outcome::Delivered => self.delivered += 1,
             Outcome::Retrying => self.retrying += 1,
             Outcome::DeadLettered => self.dead_lettered += 1,
+            Outcome::Suppressed | Outcome::Deferred | Outcome::Skipped => self.not_sent += 1,
         }
     }
 }
@@ -70,7 +74,7 @@ impl History {
                     self.retrying.insert(key, event.clone());
                 }
             }
-            Outcome::Delivered | Outcome::DeadLettered => {
+            _ => {
                 self.retrying.remove(&key);
             }
         }

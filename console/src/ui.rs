@@ -242,6 +242,9 @@ fn draw_series(frame: &mut Frame, row: Rect, app: &App, channel: Channel, outcom
         Outcome::Delivered => "delivered",
         Outcome::Retrying => "retrying",
         Outcome::DeadLettered => "dead-lettered",
+        Outcome::Suppressed => "suppressed",
+        Outcome::Deferred => "deferred",
+        Outcome::Skipped => "skipped",
     };
     let total = app.history.total(channel, outcome, app.now);
     let rate = if app.redact {

@@ -94,9 +94,13 @@ pub enum Priority {
     Critical,
 }
 
-/// Where a notification goes. This version knows direct addresses only.
+/// Where a notification goes: direct addresses, or a user of the tenant whose addresses the
+/// worker looks up at send time (a direct address given beside a user wins).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Recipient {
+    /// A user of the sender's tenant (`/v1/users/{id}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -105,6 +109,15 @@ pub struct Recipient {
     pub push_tokens: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
+}
+
+/// A template to render at send time, in the recipient's locale unless one is given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateRef {
+    pub code: String,
+    /// Overrides the user's locale (BCP 47).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locale: Option<String>,
 }
 
 /// Inline content.
@@ -141,7 +154,10 @@ pub struct Intent {
     pub recipient: Recipient,
     #[serde(default)]
     pub content: Content,
-    /// Free-form data for the receiver (and later for templates).
+    /// Rendered at send time into the content; the data fills its variables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateRef>,
+    /// Free-form data for the receiver and the template's variables.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub data: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
@@ -201,6 +217,7 @@ impl Intent {
             correlation_id: None,
             recipient,
             content: Content::default(),
+            template: None,
             data: Default::default(),
             priority: Priority::Normal,
             category: None,
@@ -301,12 +318,19 @@ impl Intent {
         }
         let channel = self.channel.ok_or_else(|| Rejection::invalid("channel", "missing"))?;
         match channel {
-            Channel::Webhook => {
-                let url = self.recipient.webhook_url.as_deref().ok_or_else(|| {
-                    Rejection::invalid("recipient.webhook_url", "required for the webhook channel")
-                })?;
-                validate_webhook_url(url).map_err(|m| Rejection::invalid("recipient.webhook_url", m))?;
-            }
+            Channel::Webhook => match self.recipient.webhook_url.as_deref() {
+                Some(url) => {
+                    validate_webhook_url(url).map_err(|m| Rejection::invalid("recipient.webhook_url", m))?;
+                }
+                // The user's webhook_url is looked up at send time.
+                None if self.recipient.user_id.is_some() => {}
+                None => {
+                    return Err(Rejection::invalid(
+                        "recipient.webhook_url",
+                        "required for the webhook channel (or a recipient.user_id)",
+                    ));
+                }
+            },
             other => {
                 return Err(Rejection::invalid(
                     "channels",
@@ -319,8 +343,29 @@ impl Intent {
         {
             return Err(Rejection::invalid("tenant", "must be 1 to 256 visible ASCII characters"));
         }
-        if self.content == Content::default() && self.data.is_empty() {
-            return Err(Rejection::invalid("content", "give content (title, subject, body or html) or data"));
+        if let Some(user) = &self.recipient.user_id
+            && !is_valid_id(user)
+        {
+            return Err(Rejection::invalid(
+                "recipient.user_id",
+                "must be 1 to 128 characters of A-Z, a-z, 0-9, '-' and '_'",
+            ));
+        }
+        if let Some(t) = &self.template {
+            if !crate::templates::valid_code(&t.code) {
+                return Err(Rejection::invalid("template", "1 to 64 letters, digits, `_` or `-`"));
+            }
+            if let Some(l) = &t.locale {
+                crate::templates::canonical_locale(l).map_err(|m| Rejection::invalid("locale", m))?;
+            }
+            if self.content != Content::default() {
+                return Err(Rejection::invalid("content", "give a template or inline content, not both"));
+            }
+        } else if self.content == Content::default() && self.data.is_empty() {
+            return Err(Rejection::invalid(
+                "content",
+                "give content (title, subject, body or html), a template, or data",
+            ));
         }
         for (field, value, max) in [
             ("content.title", &self.content.title, MAX_TITLE),

@@ -122,6 +122,12 @@ pub struct Entry {
     /// When the next attempt is due (status `retrying`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<DateTime<Utc>>,
+    /// Why it was suppressed, deferred or skipped, or which channel it stood in for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// The end of the quiet hours a deferred notification waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred_until: Option<DateTime<Utc>>,
     /// Present while a worker is sending (status `sending`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<Claim>,
@@ -157,6 +163,8 @@ impl Entry {
             updated_at: now,
             delivered_at: None,
             retry_at: None,
+            note: None,
+            deferred_until: None,
             claim: None,
             parking: None,
             sequence: None,
@@ -174,6 +182,8 @@ impl Entry {
             last_error: self.last_error.clone(),
             updated_at: self.updated_at,
             delivered_at: self.delivered_at,
+            note: self.note.clone(),
+            deferred_until: self.deferred_until,
         }
     }
 }
@@ -188,6 +198,9 @@ pub enum Decision {
     Send { takeover: bool, new_round: bool, reclaim: bool },
     /// Delivered already: acknowledge without sending.
     Delivered,
+    /// Decided already without a send (suppressed, skipped, or this very message deferred):
+    /// acknowledge.
+    Decided(Status),
     /// This very message is in the DLQ: terminate it.
     InDlq,
     /// Dead-letter it without sending (claiming it for that first).
@@ -225,6 +238,10 @@ pub fn decide(
     };
     match e.status {
         Status::Delivered => return Decision::Delivered,
+        s @ (Status::Suppressed | Status::Skipped) => return Decision::Decided(s),
+        // The scheduled copy of a deferred message is a new message; a redelivery of the one
+        // that was deferred has nothing left to do.
+        Status::Deferred if e.sequence == Some(sequence) => return Decision::Decided(Status::Deferred),
         Status::DeadLettered if e.sequence == Some(sequence) => {
             return match &e.parking {
                 Some(p) if !p.confirmed => park(p.reason, p.error_class, &p.error),
@@ -286,6 +303,12 @@ pub enum Settle {
     Parking { reason: Reason, error_class: ErrorClass, error: String },
     /// The DLQ copy is stored.
     Parked,
+    /// Not sent: the user opted out; `rule` says which rule decided.
+    Suppressed { rule: String },
+    /// Not sent yet: a copy is scheduled for `until` (the end of quiet hours).
+    Deferred { until: DateTime<Utc>, why: String },
+    /// Not sent: nothing to send it to; `reason` says why (and which channel took over).
+    Skipped { reason: String },
 }
 
 /// What a late write may do to the entry it finds.
@@ -301,8 +324,8 @@ pub enum Merge {
 /// claim was written. Delivered is final; a delivery always lands; a claim taken over by
 /// another handler stays theirs; a dead letter is not turned back into a retry.
 pub fn merge(current: &Entry, held_claim: Option<&Claim>, outcome: &Settle, now: DateTime<Utc>) -> Merge {
-    if current.status == Status::Delivered {
-        return Merge::Keep(Status::Delivered);
+    if current.status.is_final() {
+        return Merge::Keep(current.status);
     }
     let ours = |c: &Claim| held_claim.is_some_and(|h| h.owner == c.owner && h.sequence == c.sequence);
     if *outcome != Settle::Delivered {
@@ -347,6 +370,19 @@ pub fn merge(current: &Entry, held_claim: Option<&Claim>, outcome: &Settle, now:
                 p.confirmed = true;
             }
         }
+        Settle::Suppressed { rule } => {
+            e.status = Status::Suppressed;
+            e.note = Some(rule.clone());
+        }
+        Settle::Deferred { until, why } => {
+            e.status = Status::Deferred;
+            e.note = Some(why.clone());
+            e.deferred_until = Some(*until);
+        }
+        Settle::Skipped { reason } => {
+            e.status = Status::Skipped;
+            e.note = Some(reason.clone());
+        }
     }
     Merge::Write(Box::new(e))
 }
@@ -380,6 +416,8 @@ pub enum Begin {
         takeover: bool,
     },
     Delivered,
+    /// Suppressed, skipped, or this message deferred already: acknowledge it.
+    Decided(Status),
     InDlq,
     Busy(Duration),
     /// Held for dead-lettering (the entry says so); park the message, then settle `Parked`.
@@ -517,6 +555,7 @@ impl Ledger {
             let base = current.clone().unwrap_or_else(|| Entry::accepted(intent, now));
             let (entry, claim) = match &decision {
                 Decision::Delivered => return Ok(Begin::Delivered),
+                Decision::Decided(s) => return Ok(Begin::Decided(*s)),
                 Decision::InDlq => return Ok(Begin::InDlq),
                 Decision::Busy(d) => return Ok(Begin::Busy(*d)),
                 Decision::Send { takeover, new_round, reclaim } => {
@@ -611,6 +650,9 @@ impl Ledger {
                     Settle::Retrying { .. } => Some(Outcome::Retrying),
                     Settle::Parked => Some(Outcome::DeadLettered),
                     Settle::Parking { .. } => None,
+                    Settle::Suppressed { .. } => Some(Outcome::Suppressed),
+                    Settle::Deferred { .. } => Some(Outcome::Deferred),
+                    Settle::Skipped { .. } => Some(Outcome::Skipped),
                 };
                 if let Some(event) = event.filter(|_| ours) {
                     self.publish_event(held, event).await?;
@@ -686,10 +728,21 @@ impl Ledger {
             channel: held.key.channel,
             outcome,
             attempt: e.attempts,
-            error: if outcome == Outcome::Delivered { None } else { e.last_error.clone() },
+            error: match outcome {
+                Outcome::Retrying | Outcome::DeadLettered => e.last_error.clone(),
+                _ => None,
+            },
+            note: match outcome {
+                Outcome::Suppressed | Outcome::Deferred | Outcome::Skipped => e.note.clone(),
+                _ => None,
+            },
             correlation_id: e.correlation_id.clone(),
             tenant: e.tenant.clone(),
-            retry_at: if outcome == Outcome::Retrying { e.retry_at } else { None },
+            retry_at: match outcome {
+                Outcome::Retrying => e.retry_at,
+                Outcome::Deferred => e.deferred_until,
+                _ => None,
+            },
             at: e.updated_at,
         };
         let mut headers = HeaderMap::new();
@@ -845,6 +898,7 @@ mod tests {
                 format!("send new round (takeover {takeover})")
             }
             Decision::Delivered => "ack".to_owned(),
+            Decision::Decided(s) => format!("ack {s:?}"),
             Decision::InDlq => "term".to_owned(),
             Decision::Busy(_) => "busy".to_owned(),
             Decision::Park { reason, .. } => format!("park {}", reason.as_str()),
@@ -861,6 +915,14 @@ mod tests {
         check(Some(entry(Status::Retrying)), 1, Resend, false, "send");
         check(Some(entry(Status::Delivered)), 1, Resend, false, "ack");
         check(Some(entry(Status::Delivered)), 9, Park, true, "ack");
+        // Decided without a send: final, whatever message comes.
+        check(Some(entry(Status::Suppressed)), 2, Resend, false, "ack Suppressed");
+        check(Some(entry(Status::Skipped)), 2, Resend, true, "ack Skipped");
+        // Deferred: the message that was deferred is done; its scheduled copy is sent.
+        let mut deferred = entry(Status::Deferred);
+        deferred.sequence = Some(1);
+        check(Some(deferred.clone()), 1, Resend, false, "ack Deferred");
+        check(Some(deferred), 2, Resend, false, "send");
         // A live claim is another handler's: wait, whoever holds it and whatever the message.
         check(Some(sending("other", 1, 30, 1)), 1, Resend, false, "busy");
         check(Some(sending("other", 1, 30, 1)), 2, Resend, false, "busy");
@@ -921,6 +983,19 @@ mod tests {
                 Merge::Keep(Status::Delivered)
             );
         }
+        // So are suppressed and skipped; a deferral is followed by a send.
+        for status in [Status::Suppressed, Status::Skipped] {
+            assert_eq!(merge(&entry(status), Some(&mine), &Settle::Delivered, now), Merge::Keep(status));
+        }
+        let until = now + chrono::Duration::hours(2);
+        let deferral = Settle::Deferred { until, why: "quiet hours".into() };
+        let Merge::Write(e) = merge(&sending("me", 1, 30, 1), Some(&mine), &deferral, now) else { panic!() };
+        assert_eq!(
+            (e.status, e.deferred_until, e.note.as_deref()),
+            (Status::Deferred, Some(until), Some("quiet hours"))
+        );
+        let Merge::Write(e) = merge(&e, Some(&mine), &Settle::Delivered, now) else { panic!() };
+        assert_eq!(e.status, Status::Delivered);
         // Someone took the claim over: a failure leaves it theirs, a delivery still lands.
         let theirs = sending("other", 1, 30, 2);
         assert_eq!(merge(&theirs, Some(&mine), &retry, now), Merge::Keep(Status::Sending));

@@ -26,6 +26,21 @@ pub enum Status {
     Delivered,
     /// Parked in the dead-letter queue.
     DeadLettered,
+    /// Not sent because the user opted out (of the channel or the category); `note` says which
+    /// rule decided.
+    Suppressed,
+    /// Held back by the user's quiet hours until `deferred_until`, then sent.
+    Deferred,
+    /// Not sent because there was nothing to send it to (no address for the channel); `note`
+    /// says why, and which channel took over if one did.
+    Skipped,
+}
+
+impl Status {
+    /// Whether nothing more will happen on this channel (a dead letter may still be replayed).
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Delivered | Status::Suppressed | Status::Skipped)
+    }
 }
 
 /// The outcome of one attempt, as published on `herald.status.<channel>.<outcome>`.
@@ -35,6 +50,9 @@ pub enum Outcome {
     Delivered,
     Retrying,
     DeadLettered,
+    Suppressed,
+    Deferred,
+    Skipped,
 }
 
 impl Outcome {
@@ -43,6 +61,9 @@ impl Outcome {
             Outcome::Delivered => "delivered",
             Outcome::Retrying => "retrying",
             Outcome::DeadLettered => "dead_lettered",
+            Outcome::Suppressed => "suppressed",
+            Outcome::Deferred => "deferred",
+            Outcome::Skipped => "skipped",
         }
     }
 }
@@ -65,6 +86,12 @@ pub struct ChannelState {
     pub updated_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivered_at: Option<DateTime<Utc>>,
+    /// Why it was suppressed, deferred or skipped, or that another channel stood in for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// When a deferred notification is sent (the end of the user's quiet hours).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred_until: Option<DateTime<Utc>>,
 }
 
 /// The record of one notification across its channels.
@@ -88,8 +115,17 @@ impl NotificationRecord {
         let states = || self.channels.values().map(|c| c.status);
         if states().any(|s| s == Status::DeadLettered) {
             Status::DeadLettered
-        } else if states().all(|s| s == Status::Delivered) {
-            Status::Delivered
+        } else if states().all(Status::is_final) {
+            // Delivered on at least one channel, or decided on every one.
+            if states().any(|s| s == Status::Delivered) {
+                Status::Delivered
+            } else if states().any(|s| s == Status::Suppressed) {
+                Status::Suppressed
+            } else {
+                Status::Skipped
+            }
+        } else if states().any(|s| s == Status::Deferred) {
+            Status::Deferred
         } else if states().any(|s| s == Status::Retrying) {
             Status::Retrying
         } else if states().any(|s| s == Status::Sending) {
@@ -116,7 +152,10 @@ pub struct StatusEvent {
     pub correlation_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
-    /// When the next attempt is due (outcome `retrying`).
+    /// Why (suppressed, deferred, skipped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// When the next attempt is due (outcome `retrying`), or the deferral ends (`deferred`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<DateTime<Utc>>,
     pub at: DateTime<Utc>,
@@ -153,6 +192,8 @@ mod tests {
                             last_error: None,
                             updated_at: Utc::now(),
                             delivered_at: None,
+                            note: None,
+                            deferred_until: None,
                         },
                     )
                 })

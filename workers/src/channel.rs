@@ -326,6 +326,11 @@ impl<D: Deliver> ChannelWorker<D> {
                 self.ack(message, AckKind::Ack).await;
                 return true;
             }
+            Begin::Decided(status) => {
+                tracing::info!(?status, "already decided without a send; acknowledging");
+                self.ack(message, AckKind::Ack).await;
+                return true;
+            }
             Begin::InDlq => {
                 tracing::info!("this message is already in the DLQ; terminating it without sending");
                 self.ack(message, AckKind::Term).await;

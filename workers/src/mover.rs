@@ -134,7 +134,7 @@ async fn move_one(topology: &Topology, advisory: &[u8], max_attempts: u32) -> Ne
     if let Some(intent) = &intent {
         let ledger = &topology.ledger;
         match ledger.begin(intent, sequence, max_attempts, UncertainPolicy::Park, true, |_| true).await {
-            Ok(Begin::Delivered | Begin::InDlq) => return Next::Ack,
+            Ok(Begin::Delivered | Begin::Decided(_) | Begin::InDlq) => return Next::Ack,
             Ok(Begin::Busy(left)) => return Next::Retry(left + Duration::from_millis(100)),
             Ok(Begin::Park { held: h, reason, error_class, error }) => {
                 letter.reason = reason;

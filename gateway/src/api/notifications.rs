@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use herald_shared::{
     Channel, Intent,
     auth::{SCOPE_READ, SCOPE_SEND},
-    intent::{self, Content, Priority, Recipient, Rejection},
+    intent::{self, Content, Priority, Recipient, Rejection, TemplateRef},
     state::{ChannelState, NotificationRecord, Status},
 };
 use poem::web::Data;
@@ -77,6 +77,9 @@ pub enum ApiPriority {
 #[oai(rename = "Recipient")]
 #[serde(deny_unknown_fields)]
 pub struct RecipientBody {
+    /// A user of your tenant (`/v1/users/{id}`): their addresses, locale, time zone and
+    /// preferences are looked up when the notification is sent.
+    user_id: Option<String>,
     /// Email address (email channel).
     email: Option<String>,
     /// Phone number in E.164 form (sms channel).
@@ -111,8 +114,13 @@ pub struct NotificationRequest {
     /// Channels to deliver on. Omitted: every channel the recipient has an address for.
     #[oai(validator(min_items = 1))]
     channels: Option<Vec<ApiChannel>>,
-    /// What to say.
+    /// What to say, inline; or a `template`.
     content: Option<ContentBody>,
+    /// A template code (`/v1/templates/{code}/{locale}`), rendered at send time with `data` in
+    /// the recipient's locale and time zone.
+    template: Option<String>,
+    /// The locale to render the template in (BCP 47); default the user's, else the default.
+    locale: Option<String>,
     /// Free-form JSON passed to the receiver.
     data: Option<BTreeMap<String, serde_json::Value>>,
     /// Default `normal`.
@@ -137,6 +145,9 @@ pub enum ApiStatus {
     Retrying,
     Delivered,
     DeadLettered,
+    Suppressed,
+    Deferred,
+    Skipped,
 }
 
 impl From<Status> for ApiStatus {
@@ -148,6 +159,9 @@ impl From<Status> for ApiStatus {
             Status::Retrying => ApiStatus::Retrying,
             Status::Delivered => ApiStatus::Delivered,
             Status::DeadLettered => ApiStatus::DeadLettered,
+            Status::Suppressed => ApiStatus::Suppressed,
+            Status::Deferred => ApiStatus::Deferred,
+            Status::Skipped => ApiStatus::Skipped,
         }
     }
 }
@@ -179,6 +193,10 @@ pub struct ChannelStatusBody {
     last_error: Option<String>,
     updated_at: DateTime<Utc>,
     delivered_at: Option<DateTime<Utc>>,
+    /// Why it was suppressed (the rule), deferred or skipped, or which channel it stood in for.
+    note: Option<String>,
+    /// When a deferred notification will be sent (the end of the user's quiet hours).
+    deferred_until: Option<DateTime<Utc>>,
 }
 
 /// A notification and where it stands.
@@ -312,6 +330,8 @@ fn notification_body(record: NotificationRecord) -> NotificationBody {
                 last_error: s.last_error,
                 updated_at: s.updated_at,
                 delivered_at: s.delivered_at,
+                note: s.note,
+                deferred_until: s.deferred_until,
             })
             .collect(),
     }
@@ -324,6 +344,7 @@ fn into_intents(
     correlation_id: &str,
 ) -> Result<Vec<Intent>, ApiError> {
     let recipient = Recipient {
+        user_id: req.recipient.user_id,
         email: req.recipient.email,
         phone: req.recipient.phone,
         push_tokens: req.recipient.push_tokens.unwrap_or_default(),
@@ -385,6 +406,7 @@ fn into_intents(
                 tenant: Some(tenant.to_owned()),
                 correlation_id: Some(correlation_id.to_owned()),
                 content: content.clone(),
+                template: req.template.clone().map(|code| TemplateRef { code, locale: req.locale.clone() }),
                 data: data.clone(),
                 priority: match req.priority {
                     None | Some(ApiPriority::Normal) => Priority::Normal,
