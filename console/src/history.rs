@@ -146,6 +146,7 @@ mod tests {
             outcome,
             attempt,
             error: None,
+            note: None,
             correlation_id: None,
             tenant: None,
             retry_at: None,
