@@ -41,6 +41,10 @@ pub enum ErrorResponse {
     /// (`conflict`), or a dead letter cannot be replayed (`not_replayable`).
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
+    /// A write's `If-Match` names a revision the resource is no longer (or not) at; nothing was
+    /// changed. Read it again, apply the change, and retry with the new `ETag`.
+    #[oai(status = 412)]
+    PreconditionFailed(Json<ErrorBody>),
     /// The body is larger than `HERALD_MAX_BODY_BYTES`.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
@@ -81,6 +85,23 @@ pub enum ApiError {
     /// A dead letter that cannot be replayed (undecodable, expired, only partly kept).
     #[error("{0}")]
     NotReplayable(String),
+    /// `If-Match` does not match the resource's current revision.
+    #[error("{0}")]
+    PreconditionFailed(String),
+}
+
+impl From<herald_shared::users::UserError> for ApiError {
+    fn from(e: herald_shared::users::UserError) -> ApiError {
+        use herald_shared::users::UserError;
+        match e {
+            UserError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            UserError::Stale { .. } | UserError::Missing(_) => ApiError::PreconditionFailed(e.to_string()),
+            UserError::Invalid(i) => ApiError::invalid(i.field, i.message),
+            UserError::Contended(_) => ApiError::Conflict(e.to_string()),
+            UserError::Full => ApiError::StorageFull(e.to_string()),
+            UserError::Nats(_) | UserError::Corrupt(..) => ApiError::Unavailable(e.to_string()),
+        }
+    }
 }
 
 impl From<herald_shared::dlq::DlqError> for ApiError {
@@ -117,6 +138,7 @@ impl ApiError {
             ApiError::Unavailable(_) => "unavailable",
             ApiError::StorageFull(_) => "storage_full",
             ApiError::NotReplayable(_) => "not_replayable",
+            ApiError::PreconditionFailed(_) => "precondition_failed",
         }
     }
 
@@ -143,6 +165,7 @@ impl From<ApiError> for ErrorResponse {
             ApiError::Unavailable(_) => ErrorResponse::Unavailable(body, 1),
             ApiError::StorageFull(_) => ErrorResponse::Unavailable(body, 30),
             ApiError::NotReplayable(_) => ErrorResponse::Conflict(body),
+            ApiError::PreconditionFailed(_) => ErrorResponse::PreconditionFailed(body),
         }
     }
 }
@@ -198,6 +221,7 @@ pub fn code_for(status: StatusCode) -> &'static str {
         StatusCode::FORBIDDEN => "forbidden",
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::CONFLICT => "conflict",
+        StatusCode::PRECONDITION_FAILED => "precondition_failed",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",

@@ -79,7 +79,10 @@ impl Mirror {
     pub fn open(dir: &Path, name: &str) -> Result<Mirror, MirrorError> {
         let storage = |path: &Path| {
             let path = path.display().to_string();
-            move |e: &dyn std::fmt::Display| MirrorError::Storage { path: path.clone(), message: e.to_string() }
+            move |e: &dyn std::fmt::Display| MirrorError::Storage {
+                path: path.clone(),
+                message: e.to_string(),
+            }
         };
         std::fs::create_dir_all(dir).map_err(|e| storage(dir)(&e))?;
         for n in 0..MAX_FILES {
@@ -203,7 +206,11 @@ impl Mirror {
 
     /// Asks for the bucket's stream; resets the file if the bucket is not the one it copied.
     /// Answers the stream (for polling its last revision).
-    async fn check_identity(&self, js: &jetstream::Context, bucket: &str) -> Result<jetstream::stream::Stream, String> {
+    async fn check_identity(
+        &self,
+        js: &jetstream::Context,
+        bucket: &str,
+    ) -> Result<jetstream::stream::Stream, String> {
         let mut stream = js.get_stream(format!("KV_{bucket}")).await.map_err(|e| e.to_string())?;
         let info = stream.info().await.map_err(|e| e.to_string())?;
         let created = u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(0);
@@ -287,7 +294,11 @@ impl Mirror {
 }
 
 /// Writes a batch of changes and the revision they bring the copy to, in one transaction.
-fn apply(db: &Database, changes: Vec<(String, Option<(u64, bytes::Bytes)>)>, revision: u64) -> Result<(), redb::Error> {
+fn apply(
+    db: &Database,
+    changes: Vec<(String, Option<(u64, bytes::Bytes)>)>,
+    revision: u64,
+) -> Result<(), redb::Error> {
     let mut tx = db.begin_write()?;
     tx.set_durability(Durability::Immediate)?;
     {

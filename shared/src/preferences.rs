@@ -219,7 +219,8 @@ pub fn decide(
 pub fn quiet_until(quiet: &QuietHours, tz: Tz, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let local = now.with_timezone(&tz);
     let today = local.date_naive();
-    let opens_on = |date: NaiveDate| quiet.days.is_empty() || quiet.days.iter().any(|d| d.weekday() == date.weekday());
+    let opens_on =
+        |date: NaiveDate| quiet.days.is_empty() || quiet.days.iter().any(|d| d.weekday() == date.weekday());
     let overnight = quiet.start > quiet.end;
     // A window opens on day D at `start` and closes at `end` on D (or D + 1 when overnight).
     // Only windows opening today or yesterday can contain `now`.
@@ -259,7 +260,11 @@ mod tests {
     }
 
     fn quiet(start: &str, end: &str, days: &[Day]) -> Option<QuietHours> {
-        Some(QuietHours { start: hh_mm::parse(start).unwrap(), end: hh_mm::parse(end).unwrap(), days: days.to_vec() })
+        Some(QuietHours {
+            start: hh_mm::parse(start).unwrap(),
+            end: hh_mm::parse(end).unwrap(),
+            days: days.to_vec(),
+        })
     }
 
     #[test]
@@ -268,7 +273,10 @@ mod tests {
         let off = |c: Channel| BTreeMap::from([(c, false)]);
         let prefs = Preferences {
             channels: off(Sms),
-            categories: BTreeMap::from([("marketing".to_owned(), off(Email)), ("security".into(), off(Email))]),
+            categories: BTreeMap::from([
+                ("marketing".to_owned(), off(Email)),
+                ("security".into(), off(Email)),
+            ]),
             // 22:00 to 07:00 in Paris, opening Monday to Friday.
             quiet_hours: quiet("22:00", "07:00", &[Day::Mon, Day::Tue, Day::Wed, Day::Thu, Day::Fri]),
             fallback: vec![Push, Email],

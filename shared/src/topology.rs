@@ -253,7 +253,10 @@ fn kv_stream_config(bucket: &kv::Config) -> stream::Config {
 pub fn bucket_configs(config: &Config) -> Vec<kv::Config> {
     let r = config.stream_replicas;
     let share = |name| storage_share(name, config.max_storage);
-    vec![notifications_bucket_config(r, share(NOTIFICATIONS_BUCKET)), users_bucket_config(r, share(USERS_BUCKET))]
+    vec![
+        notifications_bucket_config(r, share(NOTIFICATIONS_BUCKET)),
+        users_bucket_config(r, share(USERS_BUCKET)),
+    ]
 }
 
 pub fn bench_stream_config() -> stream::Config {
@@ -345,7 +348,10 @@ pub fn definitions(config: &Config) -> Vec<(String, serde_json::Value)> {
     }
     for bucket in bucket_configs(config) {
         let s = kv_stream_config(&bucket);
-        out.push((format!("stream.{}.json", s.name), serde_json::to_value(&s).expect("stream configs serialize")));
+        out.push((
+            format!("stream.{}.json", s.name),
+            serde_json::to_value(&s).expect("stream configs serialize"),
+        ));
     }
     out.push((
         format!("consumer.{ADVISORIES_STREAM}.{DLQ_MOVER_CONSUMER}.json"),
@@ -449,7 +455,8 @@ pub async fn ensure(js: &jetstream::Context, config: &Config) -> Result<Topology
     for bucket in bucket_configs(config) {
         stores.push(ensure_bucket(js, bucket).await?);
     }
-    let [kv, users]: [kv::Store; 2] = stores.try_into().map_err(|_| TopologyError::Nats("bucket list".into()))?;
+    let [kv, users]: [kv::Store; 2] =
+        stores.try_into().map_err(|_| TopologyError::Nats("bucket list".into()))?;
     handles(js, config, kv, users).await
 }
 
@@ -488,7 +495,8 @@ pub async fn apply(js: &jetstream::Context, config: &Config) -> Result<Topology,
         let name = bucket.bucket.clone();
         stores.push(js.create_or_update_key_value(bucket).await.map_err(|e| nats(&name)(&e))?);
     }
-    let [kv, users]: [kv::Store; 2] = stores.try_into().map_err(|_| TopologyError::Nats("bucket list".into()))?;
+    let [kv, users]: [kv::Store; 2] =
+        stores.try_into().map_err(|_| TopologyError::Nats("bucket list".into()))?;
     let topology = handles(js, config, kv, users).await?;
     for &channel in &config.channels {
         let mut want = channel_consumer_config(channel, config, None);

@@ -117,9 +117,7 @@ pub fn is_valid_user_id(id: &str) -> bool {
 /// `+` and 2 to 15 digits, the first not 0 (ITU-T E.164).
 pub fn is_e164(phone: &str) -> bool {
     let Some(digits) = phone.strip_prefix('+') else { return false };
-    (2..=15).contains(&digits.len())
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && !digits.starts_with('0')
+    (2..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0')
 }
 
 /// A well-formed BCP 47 (RFC 5646) tag: a 2-3 letter language (or 4-8, or `x-` private use),
@@ -196,7 +194,8 @@ fn depth(value: &Value) -> usize {
 impl UserFields {
     /// Every check on a user; `required` are the operator's required categories.
     pub fn validate(&self, required: &[String]) -> Result<(), Invalid> {
-        for (field, value) in [("name", &self.name), ("locale", &self.locale), ("time_zone", &self.time_zone)] {
+        for (field, value) in [("name", &self.name), ("locale", &self.locale), ("time_zone", &self.time_zone)]
+        {
             if value.as_ref().is_some_and(|v| v.chars().count() > MAX_TEXT) {
                 return Err(Invalid::new(field, format!("longer than {MAX_TEXT} characters")));
             }
@@ -205,7 +204,10 @@ impl UserFields {
             let well_formed = email.len() <= 254
                 && !email.chars().any(|c| c.is_whitespace() || c.is_control())
                 && email.split_once('@').is_some_and(|(local, domain)| {
-                    !local.is_empty() && !domain.is_empty() && !domain.contains('@') && !domain.starts_with('.')
+                    !local.is_empty()
+                        && !domain.is_empty()
+                        && !domain.contains('@')
+                        && !domain.starts_with('.')
                 });
             if !well_formed {
                 return Err(Invalid::new("email", format!("{email:?} is not an email address")));
@@ -225,7 +227,10 @@ impl UserFields {
         if let Some(locale) = &self.locale
             && !is_bcp47(locale)
         {
-            return Err(Invalid::new("locale", format!("{locale:?} is not a BCP 47 language tag like fr-CA")));
+            return Err(Invalid::new(
+                "locale",
+                format!("{locale:?} is not a BCP 47 language tag like fr-CA"),
+            ));
         }
         if let Some(tz) = &self.time_zone
             && parse_time_zone(tz).is_none()
@@ -335,6 +340,9 @@ pub enum UserError {
     Stale { id: String, current: u64 },
     #[error(transparent)]
     Invalid(#[from] Invalid),
+    /// The caller expected the user to exist (`If-Match`) but it does not; nothing was written.
+    #[error("no user {0:?} to match If-Match")]
+    Missing(String),
     /// Too many concurrent writers kept changing the user between read and write.
     #[error("user {0:?} kept changing under concurrent writes; try again")]
     Contended(String),
@@ -437,17 +445,26 @@ impl Users {
             let now = Utc::now();
             let (user, created) = match (&current, precondition) {
                 (None, Precondition::None) if may_create => {
-                    let empty = User { id: id.to_owned(), fields: UserFields::default(), created_at: now, updated_at: now };
+                    let empty = User {
+                        id: id.to_owned(),
+                        fields: UserFields::default(),
+                        created_at: now,
+                        updated_at: now,
+                    };
                     (User { fields: change(&empty)?, ..empty }, true)
                 }
-                (None, _) => return Err(UserError::NotFound(id.to_owned()).into()),
+                (None, Precondition::None) => return Err(UserError::NotFound(id.to_owned()).into()),
+                (None, _) => return Err(UserError::Missing(id.to_owned()).into()),
                 (Some(c), Precondition::Revision(r)) if c.revision != r => {
                     return Err(UserError::Stale { id: id.to_owned(), current: c.revision }.into());
                 }
                 (Some(c), _) => {
                     let mut fields = change(&c.value)?;
                     fields.keep_added_at(&c.value.fields);
-                    (User { id: id.to_owned(), fields, created_at: c.value.created_at, updated_at: now }, false)
+                    (
+                        User { id: id.to_owned(), fields, created_at: c.value.created_at, updated_at: now },
+                        false,
+                    )
                 }
             };
             user.fields.validate(&self.required).map_err(UserError::from)?;
@@ -466,7 +483,9 @@ impl Users {
                 Ok(revision) => return Ok((Versioned { value: user, revision }, created)),
                 Err(Some(e)) => return Err(e.into()),
                 // Lost a race: someone wrote in between.
-                Err(None) if precondition == Precondition::None || precondition == Precondition::Exists => continue,
+                Err(None) if precondition == Precondition::None || precondition == Precondition::Exists => {
+                    continue;
+                }
                 Err(None) => {
                     let current = self.get(tenant, id).await?.map_or(0, |c| c.revision);
                     return Err(UserError::Stale { id: id.to_owned(), current }.into());
@@ -481,7 +500,10 @@ impl Users {
         let key = user_key(tenant, id);
         for _ in 0..RETRIES {
             let Some(current) = self.get(tenant, id).await? else {
-                return Err(UserError::NotFound(id.to_owned()));
+                return Err(match precondition {
+                    Precondition::None => UserError::NotFound(id.to_owned()),
+                    _ => UserError::Missing(id.to_owned()),
+                });
             };
             if let Precondition::Revision(r) = precondition
                 && r != current.revision
@@ -526,10 +548,36 @@ mod tests {
 
     #[test]
     fn locales_are_bcp47() {
-        for ok in ["en", "fr-CA", "zh-Hant-TW", "es-419", "de-CH-1901", "sl-rozaj-biske", "en-US-x-twain", "x-whatever", "zh-yue-HK", "en-a-bbb-x-a-ccc", "haw"] {
+        for ok in [
+            "en",
+            "fr-CA",
+            "zh-Hant-TW",
+            "es-419",
+            "de-CH-1901",
+            "sl-rozaj-biske",
+            "en-US-x-twain",
+            "x-whatever",
+            "zh-yue-HK",
+            "en-a-bbb-x-a-ccc",
+            "haw",
+        ] {
             assert!(is_bcp47(ok), "{ok}");
         }
-        for bad in ["", "e", "en_US", "fr-", "-fr", "en--US", "123", "en-US-x", "en-a", "en-US-u", "toolonglanguage", "fr CA", "en-ü"] {
+        for bad in [
+            "",
+            "e",
+            "en_US",
+            "fr-",
+            "-fr",
+            "en--US",
+            "123",
+            "en-US-x",
+            "en-a",
+            "en-US-u",
+            "toolonglanguage",
+            "fr CA",
+            "en-ü",
+        ] {
             assert!(!is_bcp47(bad), "{bad}");
         }
     }
@@ -564,14 +612,20 @@ mod tests {
         check(UserFields { time_zone: Some("Mars/Olympus".into()), ..base() }, Some("time_zone"));
         check(UserFields { webhook_url: Some("ftp://x".into()), ..base() }, Some("webhook_url"));
         check(UserFields { name: Some("n".repeat(300)), ..base() }, Some("name"));
-        check(UserFields { devices: (0..=MAX_DEVICES).map(|i| device(&format!("t{i}"))).collect(), ..base() }, Some("devices"));
+        check(
+            UserFields { devices: (0..=MAX_DEVICES).map(|i| device(&format!("t{i}"))).collect(), ..base() },
+            Some("devices"),
+        );
         check(UserFields { devices: vec![device("a"), device("a")], ..base() }, Some("devices[1].token"));
         check(UserFields { devices: vec![device("with/slash")], ..base() }, Some("devices[0].token"));
         let mut deep = json!(1);
         for _ in 0..MAX_ATTRIBUTE_DEPTH {
             deep = json!({ "d": deep });
         }
-        check(UserFields { attributes: json!({"x": deep}).as_object().unwrap().clone(), ..base() }, Some("attributes.x"));
+        check(
+            UserFields { attributes: json!({"x": deep}).as_object().unwrap().clone(), ..base() },
+            Some("attributes.x"),
+        );
         let big = json!({"blob": "b".repeat(MAX_ATTRIBUTES_BYTES)});
         check(UserFields { attributes: big.as_object().unwrap().clone(), ..base() }, Some("attributes"));
     }
@@ -588,12 +642,12 @@ mod tests {
             (json!({"a":"c"}), json!({"a":["b"]}), json!({"a":["b"]})),
             (json!({"a":{"b":"c"}}), json!({"a":{"b":"d","c":null}}), json!({"a":{"b":"d"}})),
             (json!({"a":[{"b":"c"}]}), json!({"a":[1]}), json!({"a":[1]})),
-            (json!(["a","b"]), json!(["c","d"]), json!(["c","d"])),
+            (json!(["a", "b"]), json!(["c", "d"]), json!(["c", "d"])),
             (json!({"a":"b"}), json!(["c"]), json!(["c"])),
             (json!({"a":"foo"}), json!(null), json!(null)),
             (json!({"a":"foo"}), json!("bar"), json!("bar")),
             (json!({"e":null}), json!({"a":1}), json!({"e":null,"a":1})),
-            (json!([1,2]), json!({"a":"b","c":null}), json!({"a":"b"})),
+            (json!([1, 2]), json!({"a":"b","c":null}), json!({"a":"b"})),
             (json!({}), json!({"a":{"bb":{"ccc":null}}}), json!({"a":{"bb":{}}})),
         ] {
             let mut got = target.clone();

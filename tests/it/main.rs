@@ -13,3 +13,4 @@ mod faults;
 mod ledger;
 mod outage;
 mod support;
+mod users;

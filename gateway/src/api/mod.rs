@@ -3,10 +3,12 @@
 mod dlq;
 mod notifications;
 mod system;
+mod users;
 
 pub use dlq::{DlqApi, Jobs};
 pub use notifications::NotificationsApi;
 pub use system::SystemApi;
+pub use users::UsersApi;
 
 #[derive(poem_openapi::Tags)]
 pub enum Tags {
@@ -14,6 +16,8 @@ pub enum Tags {
     Notifications,
     /// Dead letters: list, read, replay and discard (scope `dlq:admin`).
     DeadLetters,
+    /// Users, their push devices and their preferences (scopes `users:read`, `users:write`).
+    Users,
     /// Liveness, readiness and metrics.
     System,
 }
