@@ -41,7 +41,8 @@ pub enum ErrorResponse {
     /// (`conflict`), or a dead letter cannot be replayed (`not_replayable`).
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
-    /// `If-Match` names a version that is no longer the current one; nothing was changed.
+    /// A write's `If-Match` names a revision the resource is no longer (or not) at; nothing was
+    /// changed. Read it again, apply the change, and retry with the new `ETag`.
     #[oai(status = 412)]
     PreconditionFailed(Json<ErrorBody>),
     /// The body is larger than `HERALD_MAX_BODY_BYTES`.
@@ -84,9 +85,23 @@ pub enum ApiError {
     /// A dead letter that cannot be replayed (undecodable, expired, only partly kept).
     #[error("{0}")]
     NotReplayable(String),
-    /// A conditional write (`If-Match`) found a newer version.
+    /// `If-Match` does not match the resource's current revision.
     #[error("{0}")]
-    Stale(String),
+    PreconditionFailed(String),
+}
+
+impl From<herald_shared::users::UserError> for ApiError {
+    fn from(e: herald_shared::users::UserError) -> ApiError {
+        use herald_shared::users::UserError;
+        match e {
+            UserError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            UserError::Stale { .. } | UserError::Missing(_) => ApiError::PreconditionFailed(e.to_string()),
+            UserError::Invalid(i) => ApiError::invalid(i.field, i.message),
+            UserError::Contended(_) => ApiError::Conflict(e.to_string()),
+            UserError::Full => ApiError::StorageFull(e.to_string()),
+            UserError::Nats(_) | UserError::Corrupt(..) => ApiError::Unavailable(e.to_string()),
+        }
+    }
 }
 
 impl From<herald_shared::template_store::StoreError> for ApiError {
@@ -94,7 +109,7 @@ impl From<herald_shared::template_store::StoreError> for ApiError {
         use herald_shared::template_store::StoreError;
         match e {
             StoreError::NotFound(_) => ApiError::NotFound(e.to_string()),
-            StoreError::Stale(_) => ApiError::Stale(e.to_string()),
+            StoreError::Stale(_) => ApiError::PreconditionFailed(e.to_string()),
             StoreError::Nats(_) => ApiError::Unavailable(e.to_string()),
         }
     }
@@ -147,7 +162,7 @@ impl ApiError {
             ApiError::Unavailable(_) => "unavailable",
             ApiError::StorageFull(_) => "storage_full",
             ApiError::NotReplayable(_) => "not_replayable",
-            ApiError::Stale(_) => "precondition_failed",
+            ApiError::PreconditionFailed(_) => "precondition_failed",
         }
     }
 
@@ -174,7 +189,7 @@ impl From<ApiError> for ErrorResponse {
             ApiError::Unavailable(_) => ErrorResponse::Unavailable(body, 1),
             ApiError::StorageFull(_) => ErrorResponse::Unavailable(body, 30),
             ApiError::NotReplayable(_) => ErrorResponse::Conflict(body),
-            ApiError::Stale(_) => ErrorResponse::PreconditionFailed(body),
+            ApiError::PreconditionFailed(_) => ErrorResponse::PreconditionFailed(body),
         }
     }
 }

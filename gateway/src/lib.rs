@@ -24,7 +24,8 @@ use std::{future::Future, sync::Arc};
 
 use herald_shared::{
     Config,
-    topology::{self, NOTIFICATIONS_BUCKET, Topology},
+    mirror::Mirror,
+    topology::{self, NOTIFICATIONS_BUCKET, Topology, USERS_BUCKET},
 };
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, listener::TcpAcceptor};
 use poem_openapi::OpenApiService;
@@ -49,6 +50,9 @@ pub struct AppState {
     topology_error: std::sync::OnceLock<String>,
     /// Bulk dead-letter jobs started here, for `GET /v1/dlq/jobs/{job}`.
     pub(crate) dlq_jobs: api::Jobs,
+    /// The local copy of `herald_users`, which `GET /v1/users` lists from (single-user reads go
+    /// to the bucket, so a caller sees its own write at once).
+    pub users_copy: Arc<Mirror>,
 }
 
 /// What the gateway knows about storage room.
@@ -121,9 +125,10 @@ pub const CORRELATION_HEADER: &str = "X-Correlation-Id";
 
 /// The OpenAPI service: every operation, with the spec's metadata.
 pub fn openapi_service()
--> OpenApiService<(api::NotificationsApi, api::TemplatesApi, api::DlqApi, api::SystemApi), ()> {
+-> OpenApiService<(api::NotificationsApi, api::UsersApi, api::TemplatesApi, api::DlqApi, api::SystemApi), ()>
+{
     OpenApiService::new(
-        (api::NotificationsApi, api::TemplatesApi, api::DlqApi, api::SystemApi),
+        (api::NotificationsApi, api::UsersApi, api::TemplatesApi, api::DlqApi, api::SystemApi),
         "Herald",
         env!("CARGO_PKG_VERSION"),
     )
@@ -151,6 +156,8 @@ impl Gateway {
     /// (retried until NATS answers), and requests that need it answer 503 until then.
     pub async fn connect(config: Config) -> anyhow::Result<Gateway> {
         let (client, js) = topology::connect(&config, "herald-gateway").await?;
+        // Opened before NATS answers: the copy serves what it holds from disk at once.
+        let users_copy = Arc::new(Mirror::open(&config.data_dir, "users")?);
         let state = Arc::new(AppState {
             config,
             client,
@@ -159,11 +166,13 @@ impl Gateway {
             storage: Default::default(),
             topology_error: Default::default(),
             dlq_jobs: Default::default(),
+            users_copy: users_copy.clone(),
         });
         let background = state.clone();
         tokio::spawn(async move {
             match topology::ensure_with_retry(&js, &background.config).await {
                 Ok(t) => {
+                    tokio::spawn(users_copy.follow(t.js.clone(), USERS_BUCKET.to_owned()));
                     let _ = background.topology.set(t);
                 }
                 Err(e) => {

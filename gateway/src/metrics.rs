@@ -2,7 +2,7 @@
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -27,6 +27,9 @@ pub struct Metrics {
     pub rejected: Family<ReasonLabel, Counter>,
     /// Time from the first publish to the last JetStream ack of a request.
     pub publish_seconds: Histogram,
+    /// Changes of `herald_users` not yet in the local copy (set when `/metrics` is read), so an
+    /// alert can fire on a copy that stopped following.
+    pub users_copy_lag: Gauge,
 }
 
 impl Default for Metrics {
@@ -49,7 +52,13 @@ impl Default for Metrics {
             "JetStream publish latency of one request (first publish to last ack)",
             publish_seconds.clone(),
         );
-        Metrics { registry, accepted, duplicates, rejected, publish_seconds }
+        let users_copy_lag = Gauge::default();
+        registry.register(
+            "users_copy_lag",
+            "Changes of the herald_users bucket not yet applied to the local redb copy",
+            users_copy_lag.clone(),
+        );
+        Metrics { registry, accepted, duplicates, rejected, publish_seconds, users_copy_lag }
     }
 }
 

@@ -17,6 +17,10 @@ pub const SCOPE_DLQ_ADMIN: &str = "dlq:admin";
 pub const SCOPE_TEMPLATES_READ: &str = "templates:read";
 /// May write, roll back and delete templates.
 pub const SCOPE_TEMPLATES_WRITE: &str = "templates:write";
+/// May read users, their devices and preferences.
+pub const SCOPE_USERS_READ: &str = "users:read";
+/// May create, change and delete users, their devices and preferences.
+pub const SCOPE_USERS_WRITE: &str = "users:write";
 /// Scopes a development token gets by default.
 pub const DEFAULT_SCOPES: &[&str] = &[SCOPE_SEND, SCOPE_READ];
 
@@ -24,7 +28,7 @@ pub const DEFAULT_SCOPES: &[&str] = &[SCOPE_SEND, SCOPE_READ];
 pub struct Claims {
     /// Who the caller is (a service name, say).
     pub sub: String,
-    /// Tenant the caller acts for; notifications are stored under it.
+    /// Tenant the caller acts for; notifications and users are stored under it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
     /// Space-separated scopes.

@@ -41,6 +41,7 @@ pub const STREAM_REPLICAS: &str = "HERALD_STREAM_REPLICAS";
 pub const UNCERTAIN: &str = "HERALD_UNCERTAIN";
 pub const MAX_STORAGE: &str = "HERALD_MAX_STORAGE";
 pub const DEFAULT_LOCALE: &str = "HERALD_DEFAULT_LOCALE";
+pub const REQUIRED_CATEGORIES: &str = "HERALD_REQUIRED_CATEGORIES";
 
 pub const VARS: &[Var] = &[
     Var {
@@ -62,7 +63,7 @@ pub const VARS: &[Var] = &[
     Var {
         name: DATA_DIR,
         default: Some(".herald"),
-        help: "local state: the nats-server store of `herald up`, generated secrets",
+        help: "local state: the nats-server store of `herald up`, generated secrets, the local copy of users (users-N.redb)",
     },
     Var {
         name: WEBHOOK_SECRET,
@@ -98,6 +99,11 @@ pub const VARS: &[Var] = &[
         name: MAX_STORAGE,
         default: Some("8GB"),
         help: "JetStream storage Herald's streams and bucket may use in all (KB, MB, GB, TB; KiB…), split between them",
+    },
+    Var {
+        name: REQUIRED_CATEGORIES,
+        default: None,
+        help: "notification categories users cannot mute (comma separated, e.g. `security,billing`)",
     },
     Var {
         name: MAX_BODY_BYTES,
@@ -252,6 +258,8 @@ pub struct Config {
     pub nats_server: Option<PathBuf>,
     /// Directory a provisioned nats-server is installed into, if not the default.
     pub tools_dir: Option<PathBuf>,
+    /// Categories an operator marks required: a user's preferences cannot mute them.
+    pub required_categories: Vec<String>,
 }
 
 /// A configuration value that could not be used.
@@ -359,6 +367,17 @@ impl Config {
             })?,
             nats_server: value(NATS_SERVER).map(PathBuf::from),
             tools_dir: value(TOOLS_DIR).map(PathBuf::from),
+            required_categories: match value(REQUIRED_CATEGORIES) {
+                None => Vec::new(),
+                Some(list) => parse_with(REQUIRED_CATEGORIES, &list, |s| {
+                    let names: Vec<String> =
+                        s.split(',').map(|c| c.trim().to_owned()).filter(|c| !c.is_empty()).collect();
+                    match names.iter().find(|c| !crate::preferences::is_valid_category(c)) {
+                        Some(bad) => Err(format!("{bad:?} is not a category (a-z, 0-9, '-', '_', '.')")),
+                        None => Ok(names),
+                    }
+                })?,
+            },
             data_dir,
         })
     }
@@ -512,6 +531,8 @@ mod tests {
         assert_eq!(c.retry.delay_after(1), Duration::from_millis(10));
         assert_eq!(c.retry.delay_after(9), Duration::from_secs(120));
         assert_eq!(c.log_format, LogFormat::Json);
+        let c = Config::from_pairs(&[(REQUIRED_CATEGORIES, "security, billing,")]).unwrap();
+        assert_eq!(c.required_categories, vec!["security", "billing"]);
     }
 
     #[test]
@@ -530,6 +551,7 @@ mod tests {
             (UNCERTAIN, "pigeon=park"),
             (MAX_STORAGE, "1MB"),
             (MAX_STORAGE, "lots"),
+            (REQUIRED_CATEGORIES, "security,Big Deal"),
         ] {
             let err = Config::from_pairs(&[(name, value)]).unwrap_err();
             assert_eq!(err.name, name, "{err}");

@@ -13,7 +13,7 @@ use async_nats::jetstream::{
     stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
 };
 
-use crate::{config::Config, intent::Channel, ledger::Ledger, state::Outcome};
+use crate::{config::Config, intent::Channel, ledger::Ledger, state::Outcome, users::Users};
 
 pub const INTENTS_STREAM: &str = "HERALD_INTENTS";
 pub const STATUS_STREAM: &str = "HERALD_STATUS";
@@ -22,6 +22,11 @@ pub const ADVISORIES_STREAM: &str = "HERALD_ADVISORIES";
 /// Who replayed or discarded which dead letter, and when.
 pub const AUDIT_STREAM: &str = "HERALD_AUDIT";
 pub const NOTIFICATIONS_BUCKET: &str = "herald_notifications";
+/// Users, their devices and preferences: `<tenant token>.<user id>` -> user (see `users`).
+pub const USERS_BUCKET: &str = "herald_users";
+/// Revisions kept per user: the latest is what counts; one more lets an operator see what the
+/// last write replaced.
+pub const USERS_HISTORY: i64 = 2;
 /// Templates: `<tenant token>.<code>.<locale>`, history = versions.
 pub const TEMPLATES_BUCKET: &str = "herald_templates";
 /// The durable consumer on HERALD_ADVISORIES that moves max-delivered intents to the DLQ.
@@ -56,9 +61,10 @@ pub const STATUS_DUPLICATE_WINDOW: Duration = Duration::from_secs(10);
 pub const AUDIT_MAX_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The share of `HERALD_MAX_STORAGE`, in percent, each stream and the bucket may use.
-pub const STORAGE_SHARES: [(&str, u64); 7] = [
+pub const STORAGE_SHARES: [(&str, u64); 8] = [
     (INTENTS_STREAM, 40),
-    (NOTIFICATIONS_BUCKET, 28),
+    (NOTIFICATIONS_BUCKET, 26),
+    (USERS_BUCKET, 2),
     (TEMPLATES_BUCKET, 2),
     (DLQ_STREAM, 15),
     (STATUS_STREAM, 8),
@@ -218,6 +224,21 @@ fn notifications_bucket_config(replicas: usize, max_bytes: i64) -> kv::Config {
     }
 }
 
+fn users_bucket_config(replicas: usize, max_bytes: i64) -> kv::Config {
+    kv::Config {
+        num_replicas: replicas,
+        bucket: USERS_BUCKET.into(),
+        description: "users: (tenant, user id) -> addresses, devices, locale, time zone, preferences".into(),
+        history: USERS_HISTORY,
+        // Kept until deleted: a user is not a log entry.
+        max_age: Duration::ZERO,
+        // Full means writes answer 503; reads (and every local copy) go on.
+        max_bytes,
+        storage: StorageType::File,
+        ..Default::default()
+    }
+}
+
 fn templates_bucket_config(replicas: usize, max_bytes: i64) -> kv::Config {
     kv::Config {
         num_replicas: replicas,
@@ -229,6 +250,39 @@ fn templates_bucket_config(replicas: usize, max_bytes: i64) -> kv::Config {
         storage: StorageType::File,
         ..Default::default()
     }
+}
+
+/// The stream nats-server keeps a bucket in, as `nats kv add` would create it (ADR-8): what
+/// `definitions` writes for operators who provision by hand.
+fn kv_stream_config(bucket: &kv::Config) -> stream::Config {
+    let window = Duration::from_secs(120);
+    stream::Config {
+        name: format!("KV_{}", bucket.bucket),
+        description: Some(bucket.description.clone()).filter(|d| !d.is_empty()),
+        subjects: vec![format!("$KV.{}.>", bucket.bucket)],
+        max_messages_per_subject: bucket.history,
+        max_bytes: bucket.max_bytes,
+        max_age: bucket.max_age,
+        storage: bucket.storage,
+        num_replicas: bucket.num_replicas,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: DiscardPolicy::New,
+        duplicate_window: if bucket.max_age > Duration::ZERO { window.min(bucket.max_age) } else { window },
+        ..Default::default()
+    }
+}
+
+/// Every bucket Herald ensures.
+pub fn bucket_configs(config: &Config) -> Vec<kv::Config> {
+    let r = config.stream_replicas;
+    let share = |name| storage_share(name, config.max_storage);
+    vec![
+        notifications_bucket_config(r, share(NOTIFICATIONS_BUCKET)),
+        users_bucket_config(r, share(USERS_BUCKET)),
+        templates_bucket_config(r, share(TEMPLATES_BUCKET)),
+    ]
 }
 
 pub fn bench_stream_config() -> stream::Config {
@@ -301,16 +355,6 @@ pub fn stream_configs(config: &Config) -> Vec<stream::Config> {
     ]
 }
 
-/// Every bucket Herald ensures, in the order [`handles`] expects them.
-fn bucket_configs(config: &Config) -> Vec<kv::Config> {
-    let r = config.stream_replicas;
-    let share = |name| storage_share(name, config.max_storage);
-    vec![
-        notifications_bucket_config(r, share(NOTIFICATIONS_BUCKET)),
-        templates_bucket_config(r, share(TEMPLATES_BUCKET)),
-    ]
-}
-
 /// The topology as JetStream API JSON documents (`nats stream add --config <file>`,
 /// `nats consumer add <stream> --config <file>`), for operators who provision by hand or
 /// review what Herald will create. `herald topology` writes them into `nats/jetstream/`.
@@ -326,6 +370,13 @@ pub fn definitions(config: &Config) -> Vec<(String, serde_json::Value)> {
         out.push((
             format!("consumer.{INTENTS_STREAM}.{channel}.json"),
             serde_json::to_value(&c).expect("consumer configs serialize"),
+        ));
+    }
+    for bucket in bucket_configs(config) {
+        let s = kv_stream_config(&bucket);
+        out.push((
+            format!("stream.{}.json", s.name),
+            serde_json::to_value(&s).expect("stream configs serialize"),
         ));
     }
     out.push((
@@ -345,6 +396,8 @@ pub struct Topology {
     pub dlq: stream::Stream,
     /// The delivery ledger in `herald_notifications`.
     pub ledger: Ledger,
+    /// Users in `herald_users`.
+    pub users: Users,
     /// Templates in `herald_templates`.
     pub templates: crate::template_store::TemplateStore,
 }
@@ -428,29 +481,33 @@ pub async fn ensure(js: &jetstream::Context, config: &Config) -> Result<Topology
     }
     let mut stores = Vec::new();
     for bucket in bucket_configs(config) {
-        let name = bucket.bucket.clone();
-        let kv_stream = format!("KV_{name}");
-        let store = match js.get_stream(&kv_stream).await {
-            Ok(mut existing) => {
-                let have = existing.info().await.map_err(|e| nats(&kv_stream)(&e))?.config.clone();
-                let want = stream::Config {
-                    name: kv_stream.clone(),
-                    num_replicas: bucket.num_replicas,
-                    max_bytes: bucket.max_bytes,
-                    max_age: bucket.max_age,
-                    ..have.clone()
-                };
-                check_drift(&want, &have)?;
-                js.get_key_value(&name).await.map_err(|e| nats(&name)(&e))?
-            }
-            Err(e) if stream_not_found(&e) => {
-                js.create_key_value(bucket).await.map_err(|e| nats(&name)(&e))?
-            }
-            Err(e) => return Err(nats(&kv_stream)(&e)),
-        };
-        stores.push(store);
+        stores.push(ensure_bucket(js, bucket).await?);
     }
-    handles(js, config, stores).await
+    let [kv, users, templates]: [kv::Store; 3] =
+        stores.try_into().map_err(|_| TopologyError::Nats("bucket list".into()))?;
+    handles(js, config, kv, users, templates).await
+}
+
+/// Creates a missing bucket or checks an existing one like a stream.
+async fn ensure_bucket(js: &jetstream::Context, bucket: kv::Config) -> Result<kv::Store, TopologyError> {
+    let name = bucket.bucket.clone();
+    let kv_stream = format!("KV_{name}");
+    match js.get_stream(&kv_stream).await {
+        Ok(mut existing) => {
+            let have = existing.info().await.map_err(|e| nats(&kv_stream)(&e))?.config.clone();
+            let want = stream::Config {
+                name: kv_stream.clone(),
+                num_replicas: bucket.num_replicas,
+                max_bytes: bucket.max_bytes,
+                max_age: bucket.max_age,
+                ..have.clone()
+            };
+            check_drift(&want, &have)?;
+            js.get_key_value(&name).await.map_err(|e| nats(&name)(&e))
+        }
+        Err(e) if stream_not_found(&e) => js.create_key_value(bucket).await.map_err(|e| nats(&name)(&e)),
+        Err(e) => Err(nats(&kv_stream)(&e)),
+    }
 }
 
 /// Creates or updates every stream, the bucket and every consumer to match `config`: what
@@ -466,7 +523,9 @@ pub async fn apply(js: &jetstream::Context, config: &Config) -> Result<Topology,
         let name = bucket.bucket.clone();
         stores.push(js.create_or_update_key_value(bucket).await.map_err(|e| nats(&name)(&e))?);
     }
-    let topology = handles(js, config, stores).await?;
+    let [kv, users, templates]: [kv::Store; 3] =
+        stores.try_into().map_err(|_| TopologyError::Nats("bucket list".into()))?;
+    let topology = handles(js, config, kv, users, templates).await?;
     for &channel in &config.channels {
         let mut want = channel_consumer_config(channel, config, None);
         if let Ok(mut existing) = topology.intents.get_consumer::<pull::Config>(channel.as_str()).await {
@@ -486,17 +545,18 @@ pub async fn apply(js: &jetstream::Context, config: &Config) -> Result<Topology,
 async fn handles(
     js: &jetstream::Context,
     config: &Config,
-    stores: Vec<kv::Store>,
+    kv: kv::Store,
+    users: kv::Store,
+    templates: kv::Store,
 ) -> Result<Topology, TopologyError> {
-    let [ledger, templates]: [kv::Store; 2] =
-        stores.try_into().map_err(|_| TopologyError::Nats("bucket list changed".into()))?;
     Ok(Topology {
-        templates: crate::template_store::TemplateStore::new(templates),
         js: js.clone(),
         intents: js.get_stream(INTENTS_STREAM).await.map_err(|e| nats(INTENTS_STREAM)(&e))?,
         advisories: js.get_stream(ADVISORIES_STREAM).await.map_err(|e| nats(ADVISORIES_STREAM)(&e))?,
         dlq: js.get_stream(DLQ_STREAM).await.map_err(|e| nats(DLQ_STREAM)(&e))?,
-        ledger: Ledger::new(js.clone(), ledger, config.claim_ttl()),
+        ledger: Ledger::new(js.clone(), kv, config.claim_ttl()),
+        users: Users::new(users, config.required_categories.clone()),
+        templates: crate::template_store::TemplateStore::new(templates),
     })
 }
 

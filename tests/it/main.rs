@@ -15,3 +15,4 @@ mod ledger;
 mod outage;
 mod support;
 mod templates;
+mod users;

@@ -56,6 +56,8 @@ pub struct Stack<N = NatsServer> {
     pub token: String,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    /// `HERALD_DATA_DIR` of this stack (local copies), unless the test named one.
+    _data_dir: Option<tempfile::TempDir>,
     /// Last field: dropped last, and prints its log if the test panicked.
     pub nats: N,
 }
@@ -88,6 +90,13 @@ impl<N> Stack<N> {
             // The test receivers listen on 127.0.0.1.
             (config::WEBHOOK_ALLOW_PRIVATE, "true"),
         ];
+        // Each stack keeps its local copies apart from other tests' (and their nats-servers').
+        let data_dir =
+            (!pairs.iter().any(|(k, _)| *k == config::DATA_DIR)).then(|| tempfile::tempdir().unwrap());
+        let data_path = data_dir.as_ref().map(|d| d.path().to_str().unwrap().to_owned());
+        if let Some(path) = &data_path {
+            all.push((config::DATA_DIR, path));
+        }
         all.retain(|(k, _)| !pairs.iter().any(|(p, _)| p == k));
         all.extend_from_slice(pairs);
         let config = Config::from_pairs(&all).unwrap();
@@ -113,7 +122,7 @@ impl<N> Stack<N> {
             auth::DEFAULT_SCOPES,
             Duration::from_secs(600),
         );
-        Stack { base, config, js, http: http_client(), token, stop, tasks, nats }
+        Stack { base, config, js, http: http_client(), token, stop, tasks, _data_dir: data_dir, nats }
     }
 
     /// Stops the gateway and workers gracefully and waits for them.

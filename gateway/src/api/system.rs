@@ -18,6 +18,17 @@ pub struct SystemApi;
 struct HealthBody {
     /// `ok`, `ready` or why not.
     status: String,
+    /// (`/ready`) Changes of `herald_users` the gateway's local copy has not applied yet; it
+    /// grows while NATS is unreachable. Reported, not a reason to be unready: single-user
+    /// reads and writes go to the bucket itself.
+    #[oai(skip_serializing_if_is_none)]
+    users_copy_lag: Option<u64>,
+}
+
+impl HealthBody {
+    fn new(status: impl Into<String>, state: &AppState) -> HealthBody {
+        HealthBody { status: status.into(), users_copy_lag: Some(state.users_copy.status().lag) }
+    }
 }
 
 #[derive(ApiResponse)]
@@ -35,42 +46,42 @@ impl SystemApi {
     /// Liveness: the process answers.
     #[oai(path = "/health", method = "get", operation_id = "health")]
     async fn health(&self) -> Json<HealthBody> {
-        Json(HealthBody { status: "ok".into() })
+        Json(HealthBody { status: "ok".into(), users_copy_lag: None })
     }
 
     /// Readiness: NATS is connected, HERALD_INTENTS exists and has room for new notifications.
     #[oai(path = "/ready", method = "get", operation_id = "ready")]
     async fn ready(&self, state: Data<&Arc<AppState>>) -> ReadyResponse {
         if state.client.connection_state() != State::Connected {
-            return ReadyResponse::NotReady(Json(HealthBody { status: "not connected to NATS".into() }));
+            return ReadyResponse::NotReady(Json(HealthBody::new("not connected to NATS", &state)));
         }
         let Ok(topology) = state.topology() else {
             let status = state.topology_error().unwrap_or("streams not ensured yet").to_owned();
-            return ReadyResponse::NotReady(Json(HealthBody { status }));
+            return ReadyResponse::NotReady(Json(HealthBody::new(status, &state)));
         };
         let mut intents = topology.intents.clone();
         let check = tokio::time::timeout(state.config.nats_timeout, intents.info());
         match check.await {
             Ok(Ok(_)) => match state.storage_full() {
-                Some(why) => ReadyResponse::NotReady(Json(HealthBody {
-                    status: format!(
-                        "storage_full: new notifications are refused: {why} (see HERALD_MAX_STORAGE)"
-                    ),
-                })),
-                None => ReadyResponse::Ready(Json(HealthBody { status: "ready".into() })),
+                Some(why) => ReadyResponse::NotReady(Json(HealthBody::new(
+                    format!("storage_full: new notifications are refused: {why} (see HERALD_MAX_STORAGE)"),
+                    &state,
+                ))),
+                None => ReadyResponse::Ready(Json(HealthBody::new("ready", &state))),
             },
-            Ok(Err(e)) => {
-                ReadyResponse::NotReady(Json(HealthBody { status: format!("stream {INTENTS_STREAM}: {e}") }))
-            }
-            Err(_) => {
-                ReadyResponse::NotReady(Json(HealthBody { status: "NATS did not answer in time".into() }))
-            }
+            Ok(Err(e)) => ReadyResponse::NotReady(Json(HealthBody::new(
+                format!("stream {INTENTS_STREAM}: {e}"),
+                &state,
+            ))),
+            Err(_) => ReadyResponse::NotReady(Json(HealthBody::new("NATS did not answer in time", &state))),
         }
     }
 
     /// Prometheus metrics (text exposition format).
     #[oai(path = "/metrics", method = "get", operation_id = "metrics")]
     async fn metrics(&self, state: Data<&Arc<AppState>>) -> PlainText<String> {
+        let lag = state.users_copy.status().lag;
+        state.metrics.users_copy_lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
         PlainText(state.metrics.render())
     }
 }
