@@ -242,7 +242,11 @@ async fn health_ready_metrics_docs_and_spec_are_served() {
         }
     };
     assert_eq!(get("/health").await, (200, r#"{"status":"ok"}"#.to_owned()));
-    assert_eq!(get("/ready").await, (200, r#"{"status":"ready"}"#.to_owned()));
+    let (status, ready) = get("/ready").await;
+    let ready: Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert!(ready["users_copy_lag"].is_u64(), "/ready reports how far the users copy is behind: {ready}");
     let (status, metrics) = get("/metrics").await;
     assert_eq!(status, 200);
     for line in [
