@@ -12,7 +12,9 @@
 //! that the stream's duplicate window or, after it, the ledger turns into no second send.
 //!
 //! **Discard** deletes the letter. Every replay and discard publishes an [`AuditEvent`] on
-//! `herald.audit.dlq.<action>` (HERALD_AUDIT): who, when, which letter, why.
+//! `herald.audit.dlq.<action>` (HERALD_AUDIT): who, when, which letter, why. The event is
+//! stored before the letter is deleted, so a letter never leaves unaccounted for (an action
+//! interrupted in between and done again is recorded twice).
 //!
 //! **Bulk** actions count the letters a [`Filter`] matches up to the DLQ's last sequence when
 //! they start, then act on them in sequence order at a steady rate. Each letter acted on leaves
@@ -527,7 +529,6 @@ impl DeadLetters {
                 .map_err(nats)?;
             Replayed::Requeued { intent_sequence: ack.sequence }
         };
-        self.remove(sequence).await?;
         let outcome_name = match outcome {
             Replayed::Requeued { .. } => "requeued",
             Replayed::AlreadyDelivered => "already_delivered",
@@ -547,6 +548,9 @@ impl DeadLetters {
             count: 1,
         })
         .await?;
+        // Audited before the letter goes: a crash in between leaves the letter, and doing it
+        // again records it again, so no letter leaves the queue unaccounted for.
+        self.remove(sequence).await?;
         tracing::info!(dlq_sequence = sequence, notification_id = %intent.id, actor = %actor.0, outcome = outcome_name, "dead letter replayed");
         Ok(outcome)
     }
@@ -590,7 +594,6 @@ impl DeadLetters {
             return Err(DlqError::Invalid("a discard needs a reason".into()));
         }
         let letter = self.get(sequence).await?.ok_or(DlqError::NotFound(sequence))?;
-        self.remove(sequence).await?;
         self.audit(AuditEvent {
             action: "discard".into(),
             actor: actor.0.clone(),
@@ -606,6 +609,7 @@ impl DeadLetters {
             count: 1,
         })
         .await?;
+        self.remove(sequence).await?;
         tracing::info!(dlq_sequence = sequence, actor = %actor.0, reason, "dead letter discarded");
         Ok(())
     }
