@@ -12,14 +12,14 @@ use std::time::Instant;
 
 use async_nats::{
     connection::State,
-    header::{NATS_MESSAGE_ID, NATS_SCHEDULE, NATS_SCHEDULE_TARGET},
+    header::NATS_MESSAGE_ID,
     jetstream::{publish::PublishAck, stream::DirectGetErrorKind},
 };
-use chrono::{SecondsFormat, Utc};
+use chrono::Utc;
 use herald_shared::{
     Intent,
     intent::{MAX_INTENT_BYTES, headers},
-    topology::{Topology, intent_subject, is_storage_full, schedule_subject},
+    topology::{Topology, intent_subject, is_storage_full, schedule},
 };
 
 use crate::{AppState, errors::ApiError, metrics::ChannelLabel};
@@ -130,19 +130,7 @@ impl AppState {
         headers.insert(NATS_MESSAGE_ID, msg_id.as_str());
         let channel = intent.channel();
         let subject = match intent.send_at {
-            Some(at) if at > Utc::now() => {
-                // Schedules have whole seconds: round up, never fire early.
-                let at = match at.timestamp_subsec_nanos() {
-                    0 => at,
-                    nanos => at + chrono::Duration::nanoseconds(1_000_000_000 - i64::from(nanos)),
-                };
-                headers.insert(
-                    NATS_SCHEDULE,
-                    format!("@at {}", at.to_rfc3339_opts(SecondsFormat::Secs, true)).as_str(),
-                );
-                headers.insert(NATS_SCHEDULE_TARGET, intent_subject(channel).as_str());
-                schedule_subject(channel, &intent.id)
-            }
+            Some(at) if at > Utc::now() => schedule(&mut headers, channel, &intent.id, at),
             _ => intent_subject(channel),
         };
         let payload = intent.encode();

@@ -517,6 +517,20 @@ impl Ledger {
         futures::future::try_join_all(writes).await.map(|_| ())
     }
 
+    /// Records channels of notification `intent.id` that were passed over when the gateway chose
+    /// where it goes (`skipped`, with why), beside the channels its intents are stored for.
+    pub async fn passed_over(&self, intent: &Intent, passed: &[(Channel, String)]) -> Result<(), StateError> {
+        let now = Utc::now();
+        let writes = passed.iter().map(|(channel, why)| {
+            let key = LedgerKey::new(intent.tenant.as_deref(), &intent.id, *channel).kv_key();
+            let mut entry = Entry::accepted(intent, now);
+            entry.status = Status::Skipped;
+            entry.note = Some(why.clone());
+            async move { self.write(&key, &entry, None).await.map(|_| ()) }
+        });
+        futures::future::try_join_all(writes).await.map(|_| ())
+    }
+
     /// Decides what to do with message `sequence` carrying `intent`, and takes the claim (or
     /// the hold for parking) that decision needs, with a compare-and-set. See [`decide`].
     ///
@@ -768,8 +782,9 @@ impl Ledger {
         tenant: Option<&str>,
         id: &str,
     ) -> Result<Option<NotificationRecord>, StateError> {
-        // Only channels with a worker can have an entry: the gateway refuses the others.
-        let reads = Channel::ALL.into_iter().filter(|c| c.has_worker()).map(|c| {
+        // Every channel: one without a worker can still have an entry, as a channel the gateway
+        // passed over (`skipped`) on the way to the user's next one.
+        let reads = Channel::ALL.into_iter().map(|c| {
             let key = LedgerKey::new(tenant, id, c);
             async move { self.read(&key).await.map(|(e, _)| e.map(|e| (c, e))) }
         });

@@ -64,7 +64,8 @@ impl TemplateStore {
         TemplateStore { kv }
     }
 
-    fn key(tenant: &str, code: &str, locale: &str) -> String {
+    /// The KV key of a template: `<tenant token>.<code>.<locale>`.
+    pub fn key(tenant: &str, code: &str, locale: &str) -> String {
         format!("{}.{code}.{locale}", tenant_token(Some(tenant)))
     }
 

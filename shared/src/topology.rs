@@ -97,6 +97,28 @@ pub fn schedule_subject(channel: Channel, id: &str) -> String {
     format!("herald.schedule.{channel}.{id}")
 }
 
+/// Makes a publish a message schedule that fires the intent `id` on its channel's subject at
+/// `at` (rounded up to the second: schedules have whole seconds, and must never fire early),
+/// and answers the subject to publish it on.
+pub fn schedule(
+    headers: &mut async_nats::HeaderMap,
+    channel: Channel,
+    id: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> String {
+    use async_nats::header::{NATS_SCHEDULE, NATS_SCHEDULE_TARGET};
+    let at = match at.timestamp_subsec_nanos() {
+        0 => at,
+        nanos => at + chrono::Duration::nanoseconds(1_000_000_000 - i64::from(nanos)),
+    };
+    headers.insert(
+        NATS_SCHEDULE,
+        format!("@at {}", at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)).as_str(),
+    );
+    headers.insert(NATS_SCHEDULE_TARGET, intent_subject(channel).as_str());
+    schedule_subject(channel, id)
+}
+
 /// `herald.status.<channel>.<outcome>`.
 pub fn status_subject(channel: Channel, outcome: Outcome) -> String {
     format!("herald.status.{channel}.{outcome}")

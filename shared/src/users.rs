@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::{
+    Channel,
     intent::{is_valid_id, validate_webhook_url},
     ledger::tenant_token,
     preferences::{Invalid, Preferences},
@@ -528,6 +529,55 @@ impl Users {
 /// Decodes a stored user.
 pub fn decode(id: &str, bytes: &[u8]) -> Result<User, UserError> {
     serde_json::from_slice(bytes).map_err(|e| UserError::Corrupt(id.to_owned(), e.to_string()))
+}
+
+/// The channels a notification to `user` goes on when the request names none, and the
+/// channels passed over with why. Candidates are the user's fallback order if they gave one
+/// (then only the first usable channel is used: "push, else email"), else every channel in
+/// Herald's order. A channel is usable when `available` (it has a worker), the user did not
+/// switch it off, and there is an address for it (the user's, or `direct` from the request).
+pub fn channels_for(
+    user: &User,
+    direct: &crate::intent::Recipient,
+    available: impl Fn(Channel) -> bool,
+) -> (Vec<Channel>, Vec<(Channel, String)>) {
+    let f = &user.fields;
+    let ordered = !f.preferences.fallback.is_empty();
+    let candidates: Vec<Channel> =
+        if ordered { f.preferences.fallback.clone() } else { Channel::ALL.to_vec() };
+    let mut chosen = Vec::new();
+    let mut passed = Vec::new();
+    for channel in candidates {
+        let address = match channel {
+            Channel::Email => f.email.is_some() || direct.email.is_some(),
+            Channel::Sms => f.phone.is_some() || direct.phone.is_some(),
+            Channel::Push => !f.devices.is_empty() || !direct.push_tokens.is_empty(),
+            Channel::Webhook => f.webhook_url.is_some() || direct.webhook_url.is_some(),
+            Channel::Inapp => true,
+        };
+        let why = if !available(channel) {
+            Some(format!("{channel} is not available in this Herald"))
+        } else if f.preferences.channels.get(&channel) == Some(&false) {
+            Some(format!("user {} switched {channel} off", user.id))
+        } else if !address {
+            Some(format!("user {} has no {channel} address", user.id))
+        } else {
+            None
+        };
+        match why {
+            None => {
+                chosen.push(channel);
+                if ordered {
+                    break;
+                }
+            }
+            // Without a fallback order, channels the user has no address for are simply not
+            // theirs; with one, each channel passed over is recorded.
+            Some(why) if ordered => passed.push((channel, why)),
+            Some(_) => {}
+        }
+    }
+    (chosen, passed)
 }
 
 #[cfg(test)]

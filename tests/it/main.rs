@@ -13,6 +13,7 @@ mod failover;
 mod faults;
 mod ledger;
 mod outage;
+mod reference;
 mod support;
 mod templates;
 mod users;

@@ -38,12 +38,16 @@ use herald_shared::{
     intent::Rejection,
     ledger::{Begin, Held, Settle, Settled},
     state::Status,
-    topology::Topology,
+    topology::{self, Topology},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::Instrument;
 
-use crate::{Deliver, DeliveryError, park::park};
+use crate::{
+    Deliver, DeliveryError,
+    park::park,
+    resolve::{Resolved, Resolver},
+};
 
 /// Longest `Retry-After` honoured; a provider asking for more is retried after this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
@@ -63,6 +67,8 @@ pub struct ChannelWorker<D> {
     config: Config,
     topology: Topology,
     deliver: Arc<D>,
+    /// Makes notifications by user and template concrete (address, preferences, rendering).
+    resolver: Arc<Resolver>,
     /// `HERALD_UNCERTAIN` for this channel.
     uncertain: UncertainPolicy,
     /// Stream sequences of the messages this process is handling now: a redelivery of one of
@@ -72,9 +78,23 @@ pub struct ChannelWorker<D> {
 }
 
 impl<D: Deliver> ChannelWorker<D> {
-    pub fn new(channel: Channel, config: Config, topology: Topology, deliver: Arc<D>) -> ChannelWorker<D> {
+    pub fn new(
+        channel: Channel,
+        config: Config,
+        topology: Topology,
+        deliver: Arc<D>,
+        resolver: Arc<Resolver>,
+    ) -> ChannelWorker<D> {
         let uncertain = config.uncertain.for_channel(channel);
-        ChannelWorker { channel, config, topology, deliver, uncertain, handling: Default::default() }
+        ChannelWorker {
+            channel,
+            config,
+            topology,
+            deliver,
+            resolver,
+            uncertain,
+            handling: Default::default(),
+        }
     }
 
     /// Pulls and delivers until `stop` turns true, then waits for in-flight deliveries.
@@ -355,7 +375,12 @@ impl<D: Deliver> ChannelWorker<D> {
             }
         };
         let attempt = held.round_attempt();
-        match self.deliver.deliver(&intent).await {
+        let sent = match self.resolver.resolve(&intent, Utc::now()) {
+            Ok(Resolved::Send(concrete)) => self.deliver.deliver(&concrete).await,
+            Ok(decided) => return self.decided(message, &intent, held, decided).await,
+            Err(e) => Err(e),
+        };
+        match sent {
             Ok(()) => {
                 tracing::info!(attempt, "delivered");
                 match ledger.settle(&mut held, Settle::Delivered, UNTIL_STORED).await {
@@ -403,6 +428,60 @@ impl<D: Deliver> ChannelWorker<D> {
             }
         }
         true
+    }
+
+    /// Records a decision not to send now (suppressed, skipped, or deferred with a scheduled
+    /// copy for the end of the quiet hours), then acknowledges. The copy is stored before the
+    /// decision, so a crash in between only schedules it twice under one message id.
+    async fn decided(&self, message: &Message, intent: &Intent, mut held: Held, decided: Resolved) -> bool {
+        let outcome = match decided {
+            Resolved::Suppress(rule) => {
+                tracing::info!(%rule, "suppressed by the user's preferences");
+                Settle::Suppressed { rule }
+            }
+            Resolved::Skip(reason) => {
+                tracing::info!(%reason, "skipped: nothing to send it to");
+                Settle::Skipped { reason }
+            }
+            Resolved::Defer { until, why } => {
+                let mut headers = intent.headers();
+                let key = held.key.kv_key();
+                headers.insert(NATS_MESSAGE_ID, format!("defer:{key}:{}", until.timestamp()).as_str());
+                let subject = topology::schedule(&mut headers, self.channel, &intent.id, until);
+                let payload: bytes::Bytes = intent.encode().into();
+                let mut delay = Duration::from_millis(100);
+                loop {
+                    let stored = async {
+                        self.topology
+                            .js
+                            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                            .await?
+                            .await
+                    };
+                    match stored.await {
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot schedule the deferred copy yet; holding the message");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(HOLD_RETRY_MAX);
+                        }
+                    }
+                }
+                tracing::info!(%until, "deferred for the user's quiet hours");
+                Settle::Deferred { until, why }
+            }
+            Resolved::Send(_) => unreachable!("sends are delivered"),
+        };
+        match self.topology.ledger.settle(&mut held, outcome, UNTIL_STORED).await {
+            Ok(_) => {
+                self.ack(message, AckKind::Ack).await;
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record the decision; leaving the message unacknowledged");
+                false
+            }
+        }
     }
 
     /// Records that the notification is being dead-lettered (unless `recorded`), parks the

@@ -4,6 +4,8 @@
 //!   work, decoding, the claim and settlement in the delivery ledger, progress acks, retries
 //!   with `Nak(delay)`, dead-lettering, graceful shutdown.
 //! - [`webhook`]: the webhook channel: a signed JSON POST.
+//! - [`resolve`]: notifications by user and template made concrete at send time from the
+//!   local copies of users and templates: address, preferences, rendering.
 //! - [`park`]: copying a message into HERALD_DLQ (always before it is terminated).
 //! - [`mover`]: the advisory consumer that dead-letters intents the server stopped
 //!   redelivering (a worker died holding them on their last attempt).
@@ -15,11 +17,16 @@
 pub mod channel;
 pub mod mover;
 pub mod park;
+pub mod resolve;
 pub mod webhook;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use herald_shared::{Channel, Config, Intent, topology::Topology};
+use herald_shared::{
+    Channel, Config, Intent,
+    mirror::Mirror,
+    topology::{TEMPLATES_BUCKET, Topology, USERS_BUCKET},
+};
 use tokio::sync::watch;
 
 /// Why a delivery attempt failed.
@@ -51,11 +58,31 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    // Users and templates are read from local copies only; they follow the buckets from where
+    // they stopped, and serve from disk while NATS is away.
+    let users = Arc::new(Mirror::open(&config.data_dir, "users")?);
+    let templates = Arc::new(Mirror::open(&config.data_dir, "templates")?);
+    let mut followers = vec![
+        tokio::spawn(users.clone().follow(topology.js.clone(), USERS_BUCKET.to_owned())),
+        tokio::spawn(templates.clone().follow(topology.js.clone(), TEMPLATES_BUCKET.to_owned())),
+    ];
+    let resolver = Arc::new(resolve::Resolver::new(
+        users,
+        templates,
+        config.default_locale.clone(),
+        config.required_categories.clone(),
+    ));
     for &channel in &config.channels {
         match channel {
             Channel::Webhook => {
                 let sender = Arc::new(webhook::WebhookSender::new(&config)?);
-                let worker = channel::ChannelWorker::new(channel, config.clone(), topology.clone(), sender);
+                let worker = channel::ChannelWorker::new(
+                    channel,
+                    config.clone(),
+                    topology.clone(),
+                    sender,
+                    resolver.clone(),
+                );
                 tasks.spawn(worker.run(stop_rx.clone()));
             }
             other => anyhow::bail!("channel {other} has no worker in this version of Herald"),
@@ -67,6 +94,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     while let Some(result) = tasks.join_next().await {
         result??;
+    }
+    for f in followers.drain(..) {
+        f.abort();
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ use herald_shared::{
     auth::{SCOPE_READ, SCOPE_SEND},
     intent::{self, Content, Priority, Recipient, Rejection, TemplateRef},
     state::{ChannelState, NotificationRecord, Status},
+    users::{User, channels_for, user_key},
 };
 use poem::web::Data;
 use poem_openapi::{
@@ -258,10 +259,37 @@ impl NotificationsApi {
             .into());
         }
         let tenant = claims.tenant.clone().unwrap_or_else(|| claims.sub.clone());
-        let intents = into_intents(body.0, &tenant, &correlation.0.0)?;
+        let mut body = body.0;
+        let mut passed = Vec::new();
+        if let Some(user_id) = body.recipient.user_id.clone() {
+            let user = find_user(&state, &tenant, &user_id).await?;
+            if body.channels.is_none() {
+                let direct = recipient(&body.recipient);
+                let (chosen, over) = channels_for(&user, &direct, Channel::has_worker);
+                if chosen.is_empty() {
+                    return Err(ApiError::invalid(
+                        "recipient.user_id",
+                        format!("user {user_id} has no address for any channel this Herald delivers on"),
+                    )
+                    .into());
+                }
+                body.channels = Some(chosen.into_iter().map(ApiChannel::from).collect());
+                passed = over;
+            }
+        }
+        let intents = into_intents(body, &tenant, &correlation.0.0)?;
         let channels: Vec<ApiChannel> = intents.iter().map(|i| i.channel().into()).collect();
         let scheduled = intents[0].send_at.is_some_and(|t| t > Utc::now());
+        let first = intents[0].clone();
         let accepted = state.accept(intents, &tenant, key).await?;
+        if !passed.is_empty() && !accepted.duplicate {
+            // The channels passed over are part of the record; the notification is stored
+            // already, so a failure here is logged, not answered.
+            let ledger = &state.topology()?.ledger;
+            if let Err(e) = ledger.passed_over(&first, &passed).await {
+                tracing::warn!(notification_id = %accepted.id, error = %e, "cannot record the channels passed over");
+            }
+        }
         tracing::info!(
             notification_id = %accepted.id,
             correlation_id = %correlation.0.0,
@@ -337,19 +365,47 @@ fn notification_body(record: NotificationRecord) -> NotificationBody {
     }
 }
 
+fn recipient(r: &RecipientBody) -> Recipient {
+    Recipient {
+        user_id: r.user_id.clone(),
+        email: r.email.clone(),
+        phone: r.phone.clone(),
+        push_tokens: r.push_tokens.clone().unwrap_or_default(),
+        webhook_url: r.webhook_url.clone(),
+    }
+}
+
+/// The user a notification names, from the gateway's local copy, or from the bucket when the
+/// copy has not caught up with a user created a moment ago.
+async fn find_user(state: &AppState, tenant: &str, id: &str) -> Result<User, ApiError> {
+    let not_found = || ApiError::invalid("recipient.user_id", format!("no user {id:?}"));
+    if !herald_shared::users::is_valid_user_id(id) {
+        return Err(not_found());
+    }
+    if let Ok(Some((_, bytes))) = state.users_copy.get(&user_key(tenant, id))
+        && let Ok(user) = serde_json::from_slice::<User>(&bytes)
+    {
+        return Ok(user);
+    }
+    let read = tokio::time::timeout(state.config.nats_timeout, state.topology()?.users.get(tenant, id));
+    match read.await {
+        Ok(Ok(Some(v))) => Ok(v.value),
+        Ok(Ok(None)) => Err(not_found()),
+        Ok(Err(e)) => Err(ApiError::Unavailable(e.to_string())),
+        Err(_) => Err(ApiError::Unavailable("NATS did not answer in time".into())),
+    }
+}
+
 /// Checks a request and splits it into one intent per channel, sharing a fresh id.
 fn into_intents(
     req: NotificationRequest,
     tenant: &str,
     correlation_id: &str,
 ) -> Result<Vec<Intent>, ApiError> {
-    let recipient = Recipient {
-        user_id: req.recipient.user_id,
-        email: req.recipient.email,
-        phone: req.recipient.phone,
-        push_tokens: req.recipient.push_tokens.unwrap_or_default(),
-        webhook_url: req.recipient.webhook_url,
-    };
+    let recipient = recipient(&req.recipient);
+    if req.locale.is_some() && req.template.is_none() {
+        return Err(ApiError::invalid("locale", "only a template is rendered in a locale"));
+    }
     let channels: Vec<Channel> = match req.channels {
         Some(list) => {
             if list.is_empty() {

@@ -1,0 +1,289 @@
+//! Notifications sent by reference (`recipient.user_id` + `template` + `data`): addresses,
+//! preferences and templates resolved by the worker at send time from its local copies.
+
+use std::time::Duration;
+
+use chrono::{Timelike, Utc};
+use herald_shared::auth;
+use poem::http::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::{Sink, Stack, TENANT, eventually};
+
+/// A token of the tests' tenant for users, templates and notifications.
+fn token(stack: &Stack, tenant: &str) -> String {
+    auth::mint(
+        &stack.config.jwt_secret,
+        "tests",
+        Some(tenant),
+        &[
+            auth::SCOPE_SEND,
+            auth::SCOPE_READ,
+            auth::SCOPE_USERS_WRITE,
+            auth::SCOPE_USERS_READ,
+            auth::SCOPE_TEMPLATES_WRITE,
+            auth::SCOPE_TEMPLATES_READ,
+        ],
+        Duration::from_secs(600),
+    )
+}
+
+async fn call(stack: &Stack, method: &str, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+    let url = format!("{}{path}", stack.base);
+    let req = match method {
+        "PUT" => stack.http.put(url),
+        "POST" => stack.http.post(url),
+        _ => stack.http.get(url),
+    };
+    let resp = req
+        .bearer_auth(token)
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// A user and the `order_shipped` template in English and French.
+async fn setup(stack: &Stack, t: &str, user: Value) {
+    let (status, body) = call(stack, "PUT", "/v1/users/42", t, user).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    for (locale, title, body) in [
+        (
+            "en",
+            "Shipped",
+            "Hi {{user.name}}, order {{order}} ({{number total 2}}) ships {{date at \"long\"}}",
+        ),
+        (
+            "fr",
+            "Expédiée",
+            "Bonjour {{user.name}}, commande {{order}} ({{number total 2}}) expédiée le {{date at \"long\"}}",
+        ),
+    ] {
+        let (status, out) = call(
+            stack,
+            "PUT",
+            &format!("/v1/templates/order_shipped/{locale}"),
+            t,
+            json!({"webhook_title": title, "webhook_body": body}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{out}");
+    }
+}
+
+fn data() -> Value {
+    json!({"order": 1234, "total": 1234.5, "at": "2026-11-22T23:30:00Z"})
+}
+
+async fn send(stack: &Stack, t: &str, extra: Value) -> String {
+    let mut body = json!({"recipient": {"user_id": "42"}, "template": "order_shipped", "data": data()});
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    let (status, answer) = call(stack, "POST", "/v1/notifications", t, body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    answer["id"].as_str().unwrap().to_owned()
+}
+
+async fn record(stack: &Stack, t: &str, id: &str, status: &str) -> Value {
+    eventually(Duration::from_secs(90), &format!("{id} to be {status}"), || async {
+        let (code, body) = call(stack, "GET", &format!("/v1/notifications/{id}"), t, Value::Null).await;
+        (code == StatusCode::OK && body["status"] == status).then_some(body)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_notification_by_user_and_template_arrives_rendered_in_the_users_language() {
+    let sink = Sink::ok().await;
+    let stack = Stack::start().await;
+    let t = token(&stack, TENANT);
+    setup(
+        &stack,
+        &t,
+        json!({"name": "Zoé", "webhook_url": sink.url, "locale": "fr-CA", "time_zone": "America/Montreal"}),
+    )
+    .await;
+    let id = send(&stack, &t, json!({})).await;
+    let got = sink.wait_for(1).await;
+    assert_eq!(got[0].body["id"], id.as_str());
+    assert_eq!(got[0].body["title"], "Expédiée");
+    assert_eq!(
+        got[0].body["body"], "Bonjour Zoé, commande 1234 (1\u{a0}234,50) expédiée le 22 novembre 2026",
+        "French (fr-CA falls back to fr), Canadian number format, the date in Montreal"
+    );
+    record(&stack, &t, &id, "delivered").await;
+
+    // The request's locale wins over the user's.
+    send(&stack, &t, json!({"locale": "en"})).await;
+    let got = sink.wait_for(2).await;
+    assert_eq!(got[1].body["body"], "Hi Zoé, order 1234 (1,234.50) ships November 22, 2026");
+
+    // An unknown user, or another tenant's, is refused at once.
+    let other = token(&stack, "globex");
+    let (status, answer) = call(
+        &stack,
+        "POST",
+        "/v1/notifications",
+        &other,
+        json!({"recipient": {"user_id": "42"}, "template": "order_shipped", "data": data()}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["field"], "recipient.user_id");
+    let (status, answer) = call(
+        &stack,
+        "POST",
+        "/v1/notifications",
+        &t,
+        json!({"recipient": {"webhook_url": sink.url}, "content": {"body": "x"}, "locale": "fr"}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("locale")),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn an_opted_out_category_is_suppressed_and_a_required_one_is_not() {
+    let sink = Sink::ok().await;
+    let stack = Stack::start_with(&[("HERALD_REQUIRED_CATEGORIES", "security")]).await;
+    let t = token(&stack, TENANT);
+    setup(
+        &stack,
+        &t,
+        json!({
+            "name": "Ada", "webhook_url": sink.url,
+            "preferences": {"categories": {"marketing": {"webhook": false}}}
+        }),
+    )
+    .await;
+    let muted = send(&stack, &t, json!({"category": "marketing"})).await;
+    let body = record(&stack, &t, &muted, "suppressed").await;
+    assert_eq!(body["channels"][0]["status"], "suppressed");
+    assert_eq!(body["channels"][0]["note"], "the user muted marketing on webhook");
+    // A security notice goes through whatever the user said.
+    let required = send(&stack, &t, json!({"category": "security"})).await;
+    record(&stack, &t, &required, "delivered").await;
+    stack.wait_settled().await;
+    let got = sink.received();
+    assert_eq!(got.len(), 1, "only the required one was sent");
+    assert_eq!(got[0].body["id"], required.as_str());
+    let events = stack.status_events().await;
+    assert!(
+        events.iter().any(|(subject, e)| subject == "herald.status.webhook.suppressed"
+            && e["notification_id"] == muted.as_str()),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn quiet_hours_defer_until_the_window_ends_and_critical_goes_through() {
+    let sink = Sink::ok().await;
+    let stack = Stack::start().await;
+    let t = token(&stack, TENANT);
+    // Quiet from this minute to the next, in UTC: the deferral ends within a minute.
+    let now = Utc::now();
+    let start = format!("{:02}:{:02}", now.hour(), now.minute());
+    let next = now + chrono::Duration::minutes(1);
+    let end = format!("{:02}:{:02}", next.hour(), next.minute());
+    setup(
+        &stack,
+        &t,
+        json!({
+            "name": "Ada", "webhook_url": sink.url, "time_zone": "UTC",
+            "preferences": {"quiet_hours": {"start": start, "end": end}}
+        }),
+    )
+    .await;
+    let critical = send(&stack, &t, json!({"priority": "critical"})).await;
+    let got = sink.wait_for(1).await;
+    assert_eq!(got[0].body["id"], critical.as_str(), "critical passes through quiet hours");
+
+    let normal = send(&stack, &t, json!({})).await;
+    let deferred = record(&stack, &t, &normal, "deferred").await;
+    let until = deferred["channels"][0]["deferred_until"].as_str().unwrap().to_owned();
+    assert!(deferred["channels"][0]["note"].as_str().unwrap().contains("quiet hours"), "{deferred}");
+    assert_eq!(sink.received().len(), 1, "nothing sent during the quiet hours");
+    // Sent when the window ends, by a scheduled message (no worker waits for it).
+    let delivered = record(&stack, &t, &normal, "delivered").await;
+    let got = sink.wait_for(2).await;
+    assert_eq!(got[1].body["id"], normal.as_str());
+    let until = chrono::DateTime::parse_from_rfc3339(&until).unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339(delivered["channels"][0]["delivered_at"].as_str().unwrap())
+        .unwrap();
+    assert!(at >= until, "delivered at {at}, before the quiet hours ended at {until}");
+}
+
+#[tokio::test]
+async fn a_channel_the_user_lacks_falls_back_to_the_next_in_their_order() {
+    let sink = Sink::ok().await;
+    let stack = Stack::start().await;
+    let t = token(&stack, TENANT);
+    setup(
+        &stack,
+        &t,
+        json!({"name": "Ada", "webhook_url": sink.url, "preferences": {"fallback": ["push", "webhook"]}}),
+    )
+    .await;
+    let id = send(&stack, &t, json!({})).await;
+    let body = record(&stack, &t, &id, "delivered").await;
+    let channels: Vec<(&str, &str)> = body["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["channel"].as_str().unwrap(), c["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(channels, [("push", "skipped"), ("webhook", "delivered")], "{body}");
+    let push = &body["channels"][0];
+    assert!(push["note"].as_str().unwrap().contains("push"), "{push}");
+    assert_eq!(sink.wait_for(1).await[0].body["id"], id.as_str());
+}
+
+#[tokio::test]
+async fn a_user_without_the_channels_address_is_skipped_with_the_reason() {
+    let sink = Sink::ok().await;
+    let stack = Stack::start().await;
+    let t = token(&stack, TENANT);
+    setup(&stack, &t, json!({"name": "Ada", "email": "ada@example.com"})).await;
+    // The channel is named, so the gateway takes it; the worker finds no webhook_url.
+    let id = send(&stack, &t, json!({"channels": ["webhook"]})).await;
+    let body = record(&stack, &t, &id, "skipped").await;
+    assert_eq!(body["channels"][0]["note"], "user 42 has no webhook_url");
+    // Named nothing, and nothing usable: refused with the reason.
+    let (status, answer) = call(
+        &stack,
+        "POST",
+        "/v1/notifications",
+        &t,
+        json!({"recipient": {"user_id": "42"}, "template": "order_shipped", "data": data()}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    stack.wait_settled().await;
+    assert!(sink.received().is_empty());
+}
+
+#[tokio::test]
+async fn data_that_lacks_a_template_variable_is_dead_lettered_with_the_variable_named() {
+    let sink = Sink::ok().await;
+    let stack = Stack::start().await;
+    let t = token(&stack, TENANT);
+    setup(&stack, &t, json!({"name": "Ada", "webhook_url": sink.url})).await;
+    let (status, answer) = call(
+        &stack,
+        "POST",
+        "/v1/notifications",
+        &t,
+        json!({"recipient": {"user_id": "42"}, "template": "order_shipped", "data": {"order": 1}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let letters = stack.wait_dead_letters(1).await;
+    let error = crate::support::header(&letters[0], "Herald-Dlq-Last-Error");
+    assert!(error.contains("no `total`"), "{error}");
+    assert_eq!(crate::support::header(&letters[0], "Herald-Dlq-Reason"), "rejected");
+}
