@@ -40,7 +40,18 @@ struct Cli {
 enum Command {
     /// The whole stack for a developer: nats-server (unless HERALD_NATS_URL is set), the
     /// gateway and every worker in one process.
-    Up,
+    Up {
+        /// Load the example users and templates first (`herald seed`).
+        #[arg(long)]
+        seed: bool,
+    },
+    /// Load example users (42, 43) and templates (order_shipped, welcome) for a tenant, so a
+    /// first notification by user and template works.
+    Seed {
+        /// The tenant to load them for (a token's `tenant`, else its `sub`).
+        #[arg(long, default_value = herald_console::seed::TENANT)]
+        tenant: String,
+    },
     /// Only the HTTP gateway.
     Gateway,
     /// Only the channel workers.
@@ -152,7 +163,18 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Up => up(config, started).await,
+            Command::Up { seed } => up(config, started, seed).await,
+            Command::Seed { tenant } => {
+                let (_client, js) = topology::connect(&config, "herald-seed").await?;
+                let topology = topology::ensure_with_retry(&js, &config).await?;
+                let seeded = herald_console::seed::seed(&topology, &tenant).await?;
+                println!(
+                    "tenant {tenant}: users {}; templates {}",
+                    seeded.users.join(", "),
+                    seeded.templates.join(", ")
+                );
+                Ok(())
+            }
             Command::Gateway => gateway(config).await,
             Command::Console => herald_console::run(config, herald_console::cli::operator()).await,
             Command::Dlq { action } => herald_console::cli::run(config, action).await,
@@ -260,7 +282,7 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-async fn up(mut config: Config, started: Instant) -> anyhow::Result<()> {
+async fn up(mut config: Config, started: Instant, seed: bool) -> anyhow::Result<()> {
     // Kept alive until the end of this function: dropping it stops the child nats-server.
     let mut nats = None;
     if config.nats_urls.is_empty() {
@@ -287,12 +309,39 @@ async fn up(mut config: Config, started: Instant) -> anyhow::Result<()> {
     } else {
         topology::ensure_with_retry(&js, &config).await?
     };
+    if seed {
+        let seeded = herald_console::seed::seed(&topology, herald_console::seed::TENANT).await?;
+        tracing::info!(users = ?seeded.users, templates = ?seeded.templates, "seeded examples");
+    }
     let gateway = herald_gateway::Gateway::connect(config.clone()).await?;
     gateway.ready().await;
 
     let stop = shared_stop();
-    let token =
-        auth::mint(&config.jwt_secret, "dev", None, auth::DEFAULT_SCOPES, Duration::from_secs(24 * 3600));
+    let token = auth::mint(
+        &config.jwt_secret,
+        herald_console::seed::TENANT,
+        None,
+        &[
+            auth::SCOPE_SEND,
+            auth::SCOPE_READ,
+            auth::SCOPE_USERS_READ,
+            auth::SCOPE_USERS_WRITE,
+            auth::SCOPE_TEMPLATES_READ,
+            auth::SCOPE_TEMPLATES_WRITE,
+            auth::SCOPE_DLQ_ADMIN,
+        ],
+        Duration::from_secs(24 * 3600),
+    );
+    let by_reference = if seed {
+        format!(
+            "Or by user and template (seeded; the webhook goes to example.com, see its status with GET):\n\n  \
+             curl -sS http://{addr}/v1/notifications -H 'Authorization: Bearer {token}' \\\n    \
+             -H 'Content-Type: application/json' \\\n    \
+             -d '{{\"recipient\":{{\"user_id\":\"42\"}},\"template\":\"order_shipped\",\"data\":{{\"order\":1234,\"total\":59.9,\"shipped_at\":\"2026-11-22T10:00:00Z\"}}}}'\n\n"
+        )
+    } else {
+        String::new()
+    };
     let nats_url = config.nats_urls[0].clone();
     let workers = tokio::spawn(herald_workers::run(config.clone(), topology, stopped(stop.clone())));
     let serve = tokio::spawn(gateway.serve(listener, stopped(stop.clone())));
@@ -303,7 +352,7 @@ async fn up(mut config: Config, started: Instant) -> anyhow::Result<()> {
          -d '{{\"recipient\":{{\"webhook_url\":\"https://example.com/hook\"}},\"content\":{{\"title\":\"Shipped\",\"body\":\"Order 42 is on its way\"}}}}'\n\n\
          Or publish straight to JetStream:\n\n  nats --server {nats_url} pub herald.intent.webhook \\\n    \
          '{{\"id\":\"order-43\",\"recipient\":{{\"webhook_url\":\"https://example.com/hook\"}},\"content\":{{\"body\":\"hi\"}}}}' \\\n    \
-         -H Nats-Msg-Id:order-43\n\nctrl-c stops everything.\n",
+         -H Nats-Msg-Id:order-43\n\n{by_reference}ctrl-c stops everything.\n",
         started.elapsed().as_millis()
     );
     let (served, worked) = tokio::join!(serve, workers);

@@ -2,6 +2,8 @@
 //!
 //! - [`cli`]: `herald dlq list|show|replay|discard`, over the dead-letter core
 //!   ([`herald_shared::dlq`]).
+//! - [`seed`]: `herald seed`, example users and templates for a first notification by
+//!   reference.
 //! - `herald console` ([`run`]): the terminal console, in four parts kept apart:
 //!   - [`App`] (`app`): every bit of state, changed only by keys, ticks and [`Update`]s; keys
 //!     that need NATS return an [`Action`].
@@ -14,6 +16,7 @@
 //!     events and the worker's updates, and the terminal's restoration on exit and panic.
 
 pub mod cli;
+pub mod seed;
 
 mod app;
 mod history;

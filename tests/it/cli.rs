@@ -38,7 +38,7 @@ async fn up_runs_the_whole_stack_and_ctrl_c_stops_everything() {
     let dir = tempfile::tempdir().unwrap();
     let port = herald_shared::nats_server::free_port();
     let mut child = Command::new(HERALD)
-        .args(["up", "--http-addr", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args(["up", "--seed", "--http-addr", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir.path())
         .env_remove("HERALD_NATS_URL")
         .env("HERALD_LOG_FORMAT", "json")
@@ -78,6 +78,18 @@ async fn up_runs_the_whole_stack_and_ctrl_c_stops_everything() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 202);
+    // With --seed, the notification by user and template it prints is accepted too.
+    assert!(banner.contains("\"user_id\":\"42\""), "{banner}");
+    let resp = http
+        .post(format!("http://127.0.0.1:{port}/v1/notifications"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"recipient": {"user_id": "42"}, "template": "order_shipped",
+            "data": {"order": 1, "total": 2, "shipped_at": "2026-11-22T10:00:00Z"}}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    assert_eq!(status, 202, "{}", resp.text().await.unwrap());
 
     // The child nats-server is running with its store under the data dir.
     let nats_pid = std::fs::read_dir(dir.path().join("nats")).is_ok();

@@ -287,3 +287,47 @@ async fn data_that_lacks_a_template_variable_is_dead_lettered_with_the_variable_
     assert!(error.contains("no `total`"), "{error}");
     assert_eq!(crate::support::header(&letters[0], "Herald-Dlq-Reason"), "rejected");
 }
+
+#[tokio::test]
+async fn seeded_examples_make_a_first_notification_by_reference_work() {
+    let sink = Sink::ok().await;
+    let stack = Stack::start().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["seed", "--tenant", TENANT])
+        .env("HERALD_NATS_URL", stack.nats.url())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8(out.stdout).unwrap();
+    assert!(said.contains("users 42, 43") && said.contains("order_shipped/fr"), "{said}");
+    let t = token(&stack, TENANT);
+    let (status, user) = call(&stack, "GET", "/v1/users/43", &t, Value::Null).await;
+    assert_eq!((status, user["locale"].as_str()), (StatusCode::OK, Some("fr-CA")), "{user}");
+    // Zoé's seeded webhook is example.com's; a direct address in the request wins over it.
+    let (status, answer) = call(
+        &stack,
+        "POST",
+        "/v1/notifications",
+        &t,
+        json!({
+            "recipient": {"user_id": "43", "webhook_url": sink.url},
+            "template": "order_shipped",
+            "priority": "critical",
+            "data": {"order": 7, "total": 59.9, "shipped_at": "2026-11-22T10:00:00Z"}
+        }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let got = sink.wait_for(1).await;
+    assert_eq!(got[0].body["title"], "Commande 7 expédiée");
+    assert_eq!(got[0].body["body"], "Commande 7 (59,90) expédiée le 22 novembre 2026.");
+    // Seeding again changes nothing that is already there.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["seed", "--tenant", TENANT])
+        .env("HERALD_NATS_URL", stack.nats.url())
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    let (_, versions) = call(&stack, "GET", "/v1/templates/order_shipped/fr/versions", &t, Value::Null).await;
+    assert_eq!(versions["versions"].as_array().unwrap().len(), 1, "{versions}");
+}
