@@ -123,6 +123,9 @@ enum Command {
         /// Private stack: a local 3-node nats cluster, every stream with 3 replicas.
         #[arg(long)]
         cluster: bool,
+        /// Send by user and template (rendered by the worker) instead of inline content.
+        #[arg(long)]
+        by_reference: bool,
     },
 }
 
@@ -223,6 +226,7 @@ fn main() -> anyhow::Result<()> {
                 gateway_only,
                 sync_always,
                 cluster,
+                by_reference,
             } => {
                 let options = herald_gateway::bench::BenchOptions {
                     nats_url: url
@@ -243,6 +247,7 @@ fn main() -> anyhow::Result<()> {
                     },
                     cluster,
                     replicas: config.stream_replicas,
+                    by_reference,
                 };
                 let report = herald_gateway::bench::run(options, &config).await?;
                 println!("{report}");

@@ -44,8 +44,7 @@ use bytes::Bytes;
 use futures::{StreamExt, stream::FuturesUnordered};
 use hdrhistogram::Histogram;
 use herald_shared::{
-    Channel, Config, Intent,
-    auth::{self, DEFAULT_SCOPES},
+    Channel, Config, Intent, auth,
     intent::{self, Content, Recipient},
     nats_server::{self, CLUSTER_SIZE, Locator, NatsCluster, NatsServer, ServerOptions, SyncPolicy},
     topology::{self, BENCH_STREAM, BENCH_SUBJECT},
@@ -98,6 +97,9 @@ pub struct BenchOptions {
     pub cluster: bool,
     /// Replicas of the raw measurement's stream when `url` is given (Herald's own setting).
     pub replicas: usize,
+    /// Send by user and template (rendered by the worker from its local copies) instead of
+    /// inline content: the benchmark creates the user and the template first.
+    pub by_reference: bool,
 }
 
 /// Everything one run measured. [`fmt::Display`] prints it for people.
@@ -117,6 +119,8 @@ pub struct BenchReport {
     pub delivery: Option<Delivery>,
     /// Memory of the private `herald up` (None for a given gateway, or if it could not be read).
     pub memory: Option<Memory>,
+    /// Requests named a user and a template instead of carrying content.
+    pub by_reference: bool,
 }
 
 /// The system under test.
@@ -298,13 +302,22 @@ pub async fn run(options: BenchOptions, config: &Config) -> anyhow::Result<Bench
         }
     };
 
-    let token =
-        auth::mint(&config.jwt_secret, BENCH_SUBJECT_CLAIM, None, DEFAULT_SCOPES, Duration::from_secs(3600));
+    let token = auth::mint(
+        &config.jwt_secret,
+        BENCH_SUBJECT_CLAIM,
+        None,
+        &[auth::SCOPE_SEND, auth::SCOPE_READ, auth::SCOPE_USERS_WRITE, auth::SCOPE_TEMPLATES_WRITE],
+        Duration::from_secs(3600),
+    );
+    if options.by_reference {
+        create_user_and_template(&base_url, &token, &hook_url).await?;
+    }
     let plan = LoadPlan {
         endpoint: format!("{base_url}/v1/notifications"),
         authorization: HeaderValue::from_str(&format!("Bearer {token}"))
             .context("the minted token is not a header value")?,
         hook_url,
+        by_reference: options.by_reference,
         run_id: intent::new_id(),
         connections: options.connections,
         duration: options.duration,
@@ -338,8 +351,30 @@ pub async fn run(options: BenchOptions, config: &Config) -> anyhow::Result<Bench
         accept,
         delivery,
         memory,
+        by_reference: options.by_reference,
     })
 }
+
+/// The user and template a run by reference names: the user's webhook is the sink.
+async fn create_user_and_template(base_url: &str, token: &str, hook_url: &str) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let user =
+        serde_json::json!({"name": "Bench", "webhook_url": hook_url, "locale": "en", "time_zone": "UTC"});
+    let template =
+        serde_json::json!({"webhook_title": "bench", "webhook_body": "hello {{user.name}} #{{number n}}"});
+    for (path, body) in [
+        (format!("{base_url}/v1/users/{BENCH_USER}"), user),
+        (format!("{base_url}/v1/templates/{BENCH_TEMPLATE}/en"), template),
+    ] {
+        let resp = http.put(&path).bearer_auth(token).json(&body).send().await?;
+        anyhow::ensure!(resp.status().is_success(), "PUT {path}: {} {}", resp.status(), resp.text().await?);
+    }
+    Ok(())
+}
+
+/// The user and template of a run by reference.
+const BENCH_USER: &str = "bench";
+const BENCH_TEMPLATE: &str = "bench";
 
 /// Refuses options that cannot produce a measurement, before anything is started.
 fn check_options(options: &BenchOptions) -> anyhow::Result<()> {
@@ -727,6 +762,7 @@ struct LoadPlan {
     endpoint: String,
     authorization: HeaderValue,
     hook_url: String,
+    by_reference: bool,
     /// Makes this run's idempotency keys unique even against a long-running gateway.
     run_id: String,
     connections: usize,
@@ -788,6 +824,7 @@ async fn accept_phase(plan: &LoadPlan) -> anyhow::Result<AcceptStats> {
             path: endpoint.path().to_owned(),
             authorization: plan.authorization.clone(),
             hook_url: plan.hook_url.clone(),
+            by_reference: plan.by_reference,
             key_prefix: format!("bench-{}-{task}", plan.run_id),
             first_n: task as u64 * 1_000_000_000,
         };
@@ -850,6 +887,8 @@ struct LoadTask {
     path: String,
     authorization: HeaderValue,
     hook_url: String,
+    /// Name the bench user and template instead of the sink and inline content.
+    by_reference: bool,
     key_prefix: String,
     /// The `data.n` of this task's first request (tasks use disjoint ranges).
     first_n: u64,
@@ -896,10 +935,16 @@ impl LoadTask {
     /// Sends request `i` and records its outcome, with latency counted from `since`.
     async fn send(&mut self, i: u64, since: tokio::time::Instant, result: &mut TaskResult) {
         let n = self.first_n + i;
-        let body = format!(
-            r#"{{"recipient":{{"webhook_url":"{}"}},"channels":["webhook"],"content":{{"title":"bench","body":"hello"}},"data":{{"n":{n}}}}}"#,
-            self.hook_url
-        );
+        let body = if self.by_reference {
+            format!(
+                r#"{{"recipient":{{"user_id":"{BENCH_USER}"}},"channels":["webhook"],"template":"{BENCH_TEMPLATE}","data":{{"n":{n}}}}}"#
+            )
+        } else {
+            format!(
+                r#"{{"recipient":{{"webhook_url":"{}"}},"channels":["webhook"],"content":{{"title":"bench","body":"hello"}},"data":{{"n":{n}}}}}"#,
+                self.hook_url
+            )
+        };
         let key = format!("{}-{i}", self.key_prefix);
         let outcome = tokio::time::timeout(REQUEST_TIMEOUT, self.post(body, key)).await;
         let outcome = match outcome {
@@ -1037,6 +1082,11 @@ impl fmt::Display for BenchReport {
         let mode = match self.rate {
             Some(rate) => format!("open loop at {rate} req/s offered"),
             None => "closed loop".to_owned(),
+        };
+        let mode = if self.by_reference {
+            format!("{mode}, by user and template")
+        } else {
+            format!("{mode}, inline content")
         };
         writeln!(
             f,
@@ -1210,6 +1260,7 @@ mod tests {
                 complete: true,
             }),
             memory: Some(Memory { peak_kib: 40 * 1024, current_kib: 30 * 1024 }),
+            by_reference: true,
         };
         let text = report.to_string();
         for expected in [
@@ -1224,6 +1275,7 @@ mod tests {
             "p50 1.50 ms",
             "2 × 503, 1 transport",
             "peak 40.0 MB",
+            "by user and template",
         ] {
             assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
         }
