@@ -96,7 +96,7 @@ impl ErrorClass {
 }
 
 /// Everything a dead letter says about why it is there.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DeadLetter {
     pub reason: Reason,
     pub error_class: ErrorClass,

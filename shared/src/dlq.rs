@@ -122,7 +122,7 @@ pub struct Letter {
     /// When it was parked (`Herald-Dlq-Dead-At`, else when the DLQ stored it).
     pub dead_at: DateTime<Utc>,
     /// Why it was parked; `None` for a message that is not Herald's letter format.
-    pub parked: Option<Parked>,
+    pub parked: Option<DeadLetter>,
     /// The parked intent's notification id, tenant and correlation id, when it decodes (from
     /// its headers otherwise).
     pub notification_id: Option<String>,
@@ -138,30 +138,6 @@ pub struct Letter {
     pub payload: Bytes,
     /// Why the payload cannot be replayed as it is, if it cannot.
     pub decode_error: Option<String>,
-}
-
-/// The letter's own account of why it is in the DLQ.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Parked {
-    pub reason: Reason,
-    pub error_class: ErrorClass,
-    pub attempts: u32,
-    pub last_error: String,
-    pub original_subject: String,
-    pub original_sequence: u64,
-}
-
-impl From<DeadLetter> for Parked {
-    fn from(d: DeadLetter) -> Parked {
-        Parked {
-            reason: d.reason,
-            error_class: d.error_class,
-            attempts: d.attempts,
-            last_error: d.last_error,
-            original_subject: d.original_subject,
-            original_sequence: d.original_sequence,
-        }
-    }
 }
 
 impl Letter {
@@ -183,7 +159,7 @@ impl Letter {
     ) -> Letter {
         let header = |name: &str| h.get(name).map(|v| v.as_str().to_owned());
         let channel = subject.strip_prefix("herald.dlq.").and_then(|c| c.parse::<Channel>().ok());
-        let parked = DeadLetter::from_headers(h).map(Parked::from);
+        let parked = DeadLetter::from_headers(h);
         let dead_at = header(dlq_headers::DEAD_AT)
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.with_timezone(&Utc))
@@ -822,7 +798,7 @@ mod tests {
             sequence: 1,
             channel: Some(channel),
             dead_at: Utc::now() - chrono::Duration::seconds(age_secs),
-            parked: Some(Parked {
+            parked: Some(DeadLetter {
                 reason,
                 error_class: if reason == Reason::Rejected {
                     ErrorClass::Permanent

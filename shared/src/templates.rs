@@ -150,6 +150,33 @@ impl Parts {
         Ok(())
     }
 
+    /// Only the parts `channel` shows: what a worker of that channel renders.
+    pub fn only(&self, channel: crate::Channel) -> Parts {
+        use crate::Channel;
+        let p = self.clone();
+        match channel {
+            Channel::Email => Parts {
+                email_subject: p.email_subject,
+                email_text: p.email_text,
+                email_html: p.email_html,
+                ..Parts::default()
+            },
+            Channel::Sms => Parts { sms_text: p.sms_text, ..Parts::default() },
+            Channel::Push => Parts {
+                push_title: p.push_title,
+                push_body: p.push_body,
+                push_data: p.push_data,
+                ..Parts::default()
+            },
+            Channel::Webhook => {
+                Parts { webhook_title: p.webhook_title, webhook_body: p.webhook_body, ..Parts::default() }
+            }
+            Channel::Inapp => {
+                Parts { inapp_title: p.inapp_title, inapp_body: p.inapp_body, ..Parts::default() }
+            }
+        }
+    }
+
     /// The parts with text, by channel: whether the template covers `channel`.
     pub fn covers(&self, channel: crate::Channel) -> bool {
         use crate::Channel;
@@ -229,11 +256,16 @@ impl Default for Audience {
     }
 }
 
-/// Renders templates. Build one and keep it: it holds the helpers.
+/// Renders templates. Build one and keep it: it holds the helpers, and the parts it has
+/// compiled (by source text, so a new version is simply a new entry).
 pub struct Renderer {
     text: Handlebars<'static>,
     html: Handlebars<'static>,
+    compiled: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Template>>>,
 }
+
+/// Compiled parts kept before the cache starts over (templates are few; data is not cached).
+const COMPILED_KEPT: usize = 4096;
 
 impl Default for Renderer {
     fn default() -> Renderer {
@@ -259,7 +291,7 @@ impl Renderer {
             h.register_helper("date", Box::new(date_helper));
             h
         };
-        Renderer { text: build(false), html: build(true) }
+        Renderer { text: build(false), html: build(true), compiled: Default::default() }
     }
 
     /// Renders every part of `parts` with `data` (a JSON object) for `audience`.
@@ -283,7 +315,7 @@ impl Renderer {
         );
         let context = Context::wraps(Value::Object(root)).map_err(|e| problem("data", e.to_string()))?;
         let one = |name: &str, source: &String, html: bool| -> Result<String, RenderProblem> {
-            let template = Template::compile(source).map_err(|e| problem(name, e.to_string()))?;
+            let template = self.compiled(source).map_err(|e| problem(name, e.to_string()))?;
             let registry = if html { &self.html } else { &self.text };
             let mut out = StringOutput::new();
             let mut rc = RenderContext::new(None);
@@ -319,6 +351,22 @@ impl Renderer {
             inapp_title: opt("inapp_title", &parts.inapp_title, false)?,
             inapp_body: opt("inapp_body", &parts.inapp_body, false)?,
         })
+    }
+}
+
+impl Renderer {
+    /// `source` compiled, from the cache when it was compiled before.
+    fn compiled(&self, source: &str) -> Result<std::sync::Arc<Template>, handlebars::TemplateError> {
+        if let Some(t) = self.compiled.lock().expect("never poisoned").get(source) {
+            return Ok(t.clone());
+        }
+        let template = std::sync::Arc::new(Template::compile(source)?);
+        let mut cache = self.compiled.lock().expect("never poisoned");
+        if cache.len() >= COMPILED_KEPT {
+            cache.clear();
+        }
+        cache.insert(source.to_owned(), template.clone());
+        Ok(template)
     }
 }
 

@@ -331,3 +331,65 @@ async fn seeded_examples_make_a_first_notification_by_reference_work() {
     let (_, versions) = call(&stack, "GET", "/v1/templates/order_shipped/fr/versions", &t, Value::Null).await;
     assert_eq!(versions["versions"].as_array().unwrap().len(), 1, "{versions}");
 }
+
+#[tokio::test]
+async fn a_worker_restarted_while_nats_is_down_renders_from_its_local_copies() {
+    use std::sync::Arc;
+
+    use herald_shared::{
+        Channel, Intent,
+        intent::{Recipient, TemplateRef},
+        mirror::Mirror,
+        topology::{TEMPLATES_BUCKET, USERS_BUCKET},
+    };
+    use herald_workers::resolve::{Resolved, Resolver};
+
+    let mut stack = Stack::start().await;
+    let t = token(&stack, TENANT);
+    setup(
+        &stack,
+        &t,
+        json!({"name": "Zoé", "webhook_url": "https://example.com/hook", "locale": "fr", "time_zone": "Europe/Paris"}),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let user_key = herald_shared::users::user_key(TENANT, "42");
+    let template_key = herald_shared::template_store::TemplateStore::key(TENANT, "order_shipped", "fr");
+    {
+        // The worker's copies follow the buckets while NATS is there...
+        let users = Arc::new(Mirror::open(dir.path(), "users").unwrap());
+        let templates = Arc::new(Mirror::open(dir.path(), "templates").unwrap());
+        let tasks = [
+            tokio::spawn(users.clone().follow(stack.js.clone(), USERS_BUCKET.to_owned())),
+            tokio::spawn(templates.clone().follow(stack.js.clone(), TEMPLATES_BUCKET.to_owned())),
+        ];
+        eventually(Duration::from_secs(5), "the copies to catch up", || {
+            let ready =
+                users.get(&user_key).unwrap().is_some() && templates.get(&template_key).unwrap().is_some();
+            async move { ready.then_some(()) }
+        })
+        .await;
+        for task in tasks {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+    // ...then NATS goes away, and the worker starts again from its files alone.
+    stack.shutdown().await;
+    stack.nats.stop();
+    let users = Arc::new(Mirror::open(dir.path(), "users").unwrap());
+    let templates = Arc::new(Mirror::open(dir.path(), "templates").unwrap());
+    let resolver = Resolver::new(users, templates, "en".into(), vec![]);
+    let mut intent =
+        Intent::new(Channel::Webhook, Recipient { user_id: Some("42".into()), ..Recipient::default() });
+    intent.tenant = Some(TENANT.into());
+    intent.template = Some(TemplateRef { code: "order_shipped".into(), locale: None });
+    intent.data = data().as_object().unwrap().clone();
+    let Resolved::Send(concrete) = resolver.resolve(&intent, Utc::now()).unwrap() else { panic!("not sent") };
+    assert_eq!(concrete.recipient.webhook_url.as_deref(), Some("https://example.com/hook"));
+    assert_eq!(concrete.content.title.as_deref(), Some("Expédiée"));
+    assert_eq!(
+        concrete.content.body.as_deref(),
+        Some("Bonjour Zoé, commande 1234 (1\u{202f}234,50) expédiée le 23 novembre 2026")
+    );
+}

@@ -13,7 +13,7 @@ use herald_shared::{
     mirror::Mirror,
     preferences::{self, Decision, Rule},
     template_store::{TemplateStore, Version},
-    templates::{Audience, Renderer, fallbacks},
+    templates::{Audience, Renderer, canonical_locale, fallbacks},
     users::{User, user_key},
 };
 
@@ -108,6 +108,8 @@ impl Resolver {
                 .clone()
                 .or_else(|| user.as_ref().and_then(|u| u.fields.locale.clone()))
                 .unwrap_or_else(|| self.default_locale.clone());
+            // Templates are stored under canonical tags (`fr-CA`); a user's `fr-ca` finds them.
+            let wanted = canonical_locale(&wanted).unwrap_or(wanted);
             let version = self.template(tenant, &t.code, &wanted)?;
             if !version.parts.covers(channel) {
                 return Ok(Resolved::Skip(format!(
