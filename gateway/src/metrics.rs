@@ -7,6 +7,11 @@ use prometheus_client::{
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CopyLabel {
+    pub copy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChannelLabel {
     pub channel: String,
 }
@@ -30,6 +35,9 @@ pub struct Metrics {
     /// Changes of `herald_users` not yet in the local copy (set when `/metrics` is read), so an
     /// alert can fire on a copy that stopped following.
     pub users_copy_lag: Gauge,
+    /// The same for every local copy this process follows (in `herald up` the workers' copies
+    /// of users and templates too), by file.
+    pub copy_lag: Family<CopyLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -58,7 +66,13 @@ impl Default for Metrics {
             "Changes of the herald_users bucket not yet applied to the local redb copy",
             users_copy_lag.clone(),
         );
-        Metrics { registry, accepted, duplicates, rejected, publish_seconds, users_copy_lag }
+        let copy_lag = Family::<CopyLabel, Gauge>::default();
+        registry.register(
+            "copy_lag",
+            "Changes of a bucket not yet applied to a local redb copy of this process, by copy",
+            copy_lag.clone(),
+        );
+        Metrics { registry, accepted, duplicates, rejected, publish_seconds, users_copy_lag, copy_lag }
     }
 }
 

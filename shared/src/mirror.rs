@@ -64,6 +64,19 @@ pub struct MirrorStatus {
     pub applied_since_open: u64,
 }
 
+/// Every copy this process keeps current, by file name (`users-0`), so whatever serves
+/// `/ready` and `/metrics` reports all of them: the gateway's and, in `herald up`, the
+/// workers'.
+static FOLLOWING: std::sync::Mutex<Vec<(String, std::sync::Weak<Mirror>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The status of every copy this process follows, by file name.
+pub fn following() -> Vec<(String, MirrorStatus)> {
+    let mut all = FOLLOWING.lock().expect("never poisoned");
+    all.retain(|(_, m)| m.strong_count() > 0);
+    all.iter().filter_map(|(name, m)| m.upgrade().map(|m| (name.clone(), m.status()))).collect()
+}
+
 /// A bucket's local copy.
 pub struct Mirror {
     db: Arc<Database>,
@@ -191,6 +204,8 @@ impl Mirror {
     /// Keeps the copy current with `bucket` until the future is dropped, resuming after NATS
     /// outages from the last revision stored.
     pub async fn follow(self: Arc<Self>, js: jetstream::Context, bucket: String) {
+        let name = self.path.file_stem().map_or_else(|| bucket.clone(), |s| s.to_string_lossy().into_owned());
+        FOLLOWING.lock().expect("never poisoned").push((name, Arc::downgrade(&self)));
         let mut delay = Duration::from_millis(100);
         loop {
             match self.follow_once(&js, &bucket).await {

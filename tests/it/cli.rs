@@ -90,6 +90,16 @@ async fn up_runs_the_whole_stack_and_ctrl_c_stops_everything() {
         .unwrap();
     let status = resp.status();
     assert_eq!(status, 202, "{}", resp.text().await.unwrap());
+    // Every local copy of the process (the gateway's users, the worker's users and templates)
+    // says how far behind it is.
+    let ready: serde_json::Value =
+        http.get(format!("http://127.0.0.1:{port}/ready")).send().await.unwrap().json().await.unwrap();
+    let copies: Vec<&str> = ready["copies_lag"].as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(copies.iter().filter(|c| c.starts_with("users-")).count(), 2, "{ready}");
+    assert_eq!(copies.iter().filter(|c| c.starts_with("templates-")).count(), 1, "{ready}");
+    let metrics =
+        http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l.starts_with("herald_gateway_copy_lag{copy=\"templates-")), "{metrics}");
 
     // The child nats-server is running with its store under the data dir.
     let nats_pid = std::fs::read_dir(dir.path().join("nats")).is_ok();

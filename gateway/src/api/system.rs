@@ -23,11 +23,21 @@ struct HealthBody {
     /// reads and writes go to the bucket itself.
     #[oai(skip_serializing_if_is_none)]
     users_copy_lag: Option<u64>,
+    /// (`/ready`) The same for every local copy this process keeps, by file (`users-0`,
+    /// `templates-0`): in `herald up` the workers' copies of users and templates too.
+    #[oai(skip_serializing_if_is_none)]
+    copies_lag: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 impl HealthBody {
     fn new(status: impl Into<String>, state: &AppState) -> HealthBody {
-        HealthBody { status: status.into(), users_copy_lag: Some(state.users_copy.status().lag) }
+        HealthBody {
+            status: status.into(),
+            users_copy_lag: Some(state.users_copy.status().lag),
+            copies_lag: Some(
+                herald_shared::mirror::following().into_iter().map(|(n, s)| (n, s.lag)).collect(),
+            ),
+        }
     }
 }
 
@@ -46,7 +56,7 @@ impl SystemApi {
     /// Liveness: the process answers.
     #[oai(path = "/health", method = "get", operation_id = "health")]
     async fn health(&self) -> Json<HealthBody> {
-        Json(HealthBody { status: "ok".into(), users_copy_lag: None })
+        Json(HealthBody { status: "ok".into(), users_copy_lag: None, copies_lag: None })
     }
 
     /// Readiness: NATS is connected, HERALD_INTENTS exists and has room for new notifications.
@@ -82,6 +92,10 @@ impl SystemApi {
     async fn metrics(&self, state: Data<&Arc<AppState>>) -> PlainText<String> {
         let lag = state.users_copy.status().lag;
         state.metrics.users_copy_lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
+        for (copy, status) in herald_shared::mirror::following() {
+            let gauge = state.metrics.copy_lag.get_or_create(&crate::metrics::CopyLabel { copy });
+            gauge.set(i64::try_from(status.lag).unwrap_or(i64::MAX));
+        }
         PlainText(state.metrics.render())
     }
 }
