@@ -87,7 +87,7 @@ async fn send(stack: &Stack, t: &str, extra: Value) -> String {
 }
 
 async fn record(stack: &Stack, t: &str, id: &str, status: &str) -> Value {
-    eventually(Duration::from_secs(90), &format!("{id} to be {status}"), || async {
+    eventually(Duration::from_secs(150), &format!("{id} to be {status}"), || async {
         let (code, body) = call(stack, "GET", &format!("/v1/notifications/{id}"), t, Value::Null).await;
         (code == StatusCode::OK && body["status"] == status).then_some(body)
     })
@@ -185,10 +185,11 @@ async fn quiet_hours_defer_until_the_window_ends_and_critical_goes_through() {
     let sink = Sink::ok().await;
     let stack = Stack::start().await;
     let t = token(&stack, TENANT);
-    // Quiet from this minute to the next, in UTC: the deferral ends within a minute.
+    // Quiet from this minute to the next, in UTC, so the deferral ends within a minute; late in
+    // a minute, to the one after, so the window cannot close before the test has sent.
     let now = Utc::now();
     let start = format!("{:02}:{:02}", now.hour(), now.minute());
-    let next = now + chrono::Duration::minutes(1);
+    let next = now + chrono::Duration::minutes(if now.second() < 45 { 1 } else { 2 });
     let end = format!("{:02}:{:02}", next.hour(), next.minute());
     setup(
         &stack,
