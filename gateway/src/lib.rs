@@ -48,6 +48,8 @@ pub struct AppState {
     storage: std::sync::Mutex<Storage>,
     /// Why the topology cannot be used, if it cannot (a replica mismatch): `/ready` says it.
     topology_error: std::sync::OnceLock<String>,
+    /// Renders template previews; keeps the parts it compiled.
+    pub(crate) renderer: herald_shared::templates::Renderer,
     /// Bulk dead-letter jobs started here, for `GET /v1/dlq/jobs/{job}`.
     pub(crate) dlq_jobs: api::Jobs,
     /// The local copy of `herald_users`, which `GET /v1/users` lists from (single-user reads go
@@ -77,6 +79,19 @@ impl AppState {
 
     pub(crate) fn note_ledger_full(&self, full: bool) {
         self.storage.lock().expect("never poisoned").ledger_full = full;
+    }
+
+    /// `work` within `rounds` NATS timeouts (an operation of several requests in a row gets
+    /// several), or `503 unavailable`: a request never hangs on NATS.
+    pub(crate) async fn within<T, E: Into<ApiError>>(
+        &self,
+        rounds: u32,
+        work: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, ApiError> {
+        match tokio::time::timeout(self.config.nats_timeout * rounds, work).await {
+            Ok(r) => r.map_err(Into::into),
+            Err(_) => Err(ApiError::Unavailable("NATS did not answer in time".into())),
+        }
     }
 
     /// Why new notifications cannot be stored now, if they cannot.
@@ -166,6 +181,7 @@ impl Gateway {
             storage: Default::default(),
             topology_error: Default::default(),
             dlq_jobs: Default::default(),
+            renderer: Default::default(),
             users_copy: users_copy.clone(),
         });
         let background = state.clone();

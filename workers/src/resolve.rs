@@ -14,7 +14,7 @@ use herald_shared::{
     preferences::{self, Decision, Rule},
     template_store::{TemplateStore, Version},
     templates::{Audience, Renderer, canonical_locale, fallbacks},
-    users::{User, user_key},
+    users::{User, parse_time_zone, user_key},
 };
 
 use crate::DeliveryError;
@@ -69,7 +69,7 @@ impl Resolver {
         let time_zone = user
             .as_ref()
             .and_then(|u| u.fields.time_zone.as_deref())
-            .and_then(|tz| tz.parse::<chrono_tz::Tz>().ok())
+            .and_then(parse_time_zone)
             .unwrap_or(chrono_tz::UTC);
         if let Some(u) = &user {
             let prefs = &u.fields.preferences;

@@ -7,7 +7,8 @@ use chrono::{DateTime, Utc};
 use herald_shared::{
     auth::{Claims, SCOPE_TEMPLATES_READ, SCOPE_TEMPLATES_WRITE},
     template_store::{Found, TemplateStore},
-    templates::{Audience, Parts, Renderer, canonical_locale, valid_code},
+    templates::{Audience, Parts, canonical_locale, valid_code},
+    users::{Precondition, parse_time_zone},
 };
 use poem::web::Data;
 use poem_openapi::{
@@ -17,7 +18,7 @@ use poem_openapi::{
 };
 use serde::Deserialize;
 
-use super::Tags;
+use super::{Tags, etag, precondition};
 use crate::{
     AppState,
     auth::BearerAuth,
@@ -109,10 +110,6 @@ fn body((v, _): Found) -> TemplateBody {
         restores: v.restores,
         parts: v.parts.into(),
     }
-}
-
-fn etag(found: &Found) -> String {
-    format!("\"{}\"", found.1)
 }
 
 /// A version in the history (without its parts).
@@ -230,21 +227,18 @@ async fn timely<T>(
     state: &AppState,
     f: impl Future<Output = Result<T, herald_shared::template_store::StoreError>>,
 ) -> Result<T, ApiError> {
-    match tokio::time::timeout(state.config.nats_timeout * 2, f).await {
-        Ok(r) => r.map_err(ApiError::from),
-        Err(_) => Err(ApiError::Unavailable("NATS did not answer in time".into())),
-    }
+    state.within(2, f).await
 }
 
-/// `If-Match: "<revision>"` (or a bare number).
-fn if_match(header: Option<String>) -> Result<Option<u64>, ApiError> {
-    header
-        .map(|h| {
-            h.trim().trim_start_matches("W/").trim_matches('"').parse::<u64>().map_err(|_| {
-                ApiError::malformed(Some("If-Match".into()), "If-Match must be an ETag this API gave")
-            })
-        })
-        .transpose()
+/// `If-Match` for a template: absent, or the `ETag` it must still be at.
+fn if_match(header: Option<&str>) -> Result<Option<u64>, ApiError> {
+    match precondition(header)? {
+        Precondition::None => Ok(None),
+        Precondition::Revision(r) => Ok(Some(r)),
+        Precondition::Exists => {
+            Err(ApiError::malformed(Some("If-Match".into()), "templates take the ETag of a version, not `*`"))
+        }
+    }
 }
 
 fn not_found(code: &str, locale: &str) -> ApiError {
@@ -274,7 +268,7 @@ impl TemplatesApi {
         let claims = auth.require(SCOPE_TEMPLATES_WRITE)?;
         self::code(&code.0)?;
         let locale = self::locale(&locale.0)?;
-        let expected = if_match(if_match_header.0)?;
+        let expected = if_match(if_match_header.0.as_deref())?;
         let parts: Parts = parts.0.into();
         parts.check().map_err(ApiError::from)?;
         let store = store(&state)?;
@@ -282,7 +276,7 @@ impl TemplatesApi {
             timely(&state, store.put(tenant(claims), &code.0, &locale, parts, &claims.sub, None, expected))
                 .await?;
         tracing::info!(code = %code.0, %locale, version = found.0.version, author = %claims.sub, "template written");
-        let tag = etag(&found);
+        let tag = etag(found.1);
         Ok(TemplateResponse::Ok(Json(body(found)), tag))
     }
 
@@ -308,7 +302,7 @@ impl TemplatesApi {
             Some(n) => timely(&state, store.version(tenant(claims), &code.0, &locale, n)).await?,
         };
         let found = found.ok_or_else(|| not_found(&code.0, &locale))?;
-        let tag = etag(&found);
+        let tag = etag(found.1);
         Ok(TemplateResponse::Ok(Json(body(found)), tag))
     }
 
@@ -378,7 +372,7 @@ impl TemplatesApi {
         )
         .await?;
         tracing::info!(code = %code.0, %locale, version = found.0.version, restores = n, author = %claims.sub, "template rolled back");
-        let tag = etag(&found);
+        let tag = etag(found.1);
         Ok(TemplateResponse::Ok(Json(body(found)), tag))
     }
 
@@ -434,7 +428,7 @@ impl TemplatesApi {
             None => state.config.default_locale.clone(),
         };
         let time_zone = match &request.time_zone {
-            Some(tz) => tz.parse::<chrono_tz::Tz>().map_err(|_| {
+            Some(tz) => parse_time_zone(tz).ok_or_else(|| {
                 ApiError::invalid(
                     "time_zone",
                     format!("{tz:?} is not an IANA time zone such as Europe/Paris"),
@@ -451,7 +445,7 @@ impl TemplatesApi {
         let (version, _) = found.ok_or_else(|| not_found(&code.0, &wanted))?;
         let data = serde_json::Value::Object(request.data.unwrap_or_default().into_iter().collect());
         let audience = Audience { locale: wanted, time_zone };
-        let rendered = Renderer::new().render(&version.parts, &data, &audience).map_err(ApiError::from)?;
+        let rendered = state.renderer.render(&version.parts, &data, &audience).map_err(ApiError::from)?;
         Ok(RenderResponse::Ok(Json(RenderedBody {
             code: version.code,
             locale: version.locale,

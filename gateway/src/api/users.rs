@@ -15,7 +15,7 @@ use herald_shared::{
     auth::{Claims, SCOPE_USERS_READ, SCOPE_USERS_WRITE},
     preferences::{Day, Preferences, QuietHours, hh_mm},
     topology::USERS_BUCKET,
-    users::{self, Device, Platform, Precondition, User, UserFields, Versioned},
+    users::{self, Device, Platform, User, UserFields, Versioned},
 };
 use poem::web::Data;
 use poem_openapi::{
@@ -26,7 +26,7 @@ use poem_openapi::{
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Tags, notifications::ApiChannel};
+use super::{Tags, etag, notifications::ApiChannel, precondition};
 use crate::{
     AppState,
     auth::BearerAuth,
@@ -233,26 +233,6 @@ fn tenant(claims: &Claims) -> &str {
     claims.tenant.as_deref().unwrap_or(&claims.sub)
 }
 
-fn etag(revision: u64) -> String {
-    format!("\"{revision}\"")
-}
-
-/// `If-Match`: absent, `*`, or one quoted (or bare) revision. Weak tags never match a strong
-/// comparison, so they are refused rather than silently ignored.
-fn precondition(raw: Option<&str>) -> Result<Precondition, ApiError> {
-    let Some(raw) = raw.map(str::trim) else { return Ok(Precondition::None) };
-    if raw == "*" {
-        return Ok(Precondition::Exists);
-    }
-    let unquoted = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')).unwrap_or(raw);
-    unquoted.parse::<u64>().map(Precondition::Revision).map_err(|_| {
-        ApiError::malformed(
-            Some("If-Match".into()),
-            format!("If-Match must be `*` or one ETag this API gave (like \"12\"), not {raw:?}"),
-        )
-    })
-}
-
 fn check_id(id: &str) -> Result<(), ApiError> {
     if users::is_valid_user_id(id) {
         Ok(())
@@ -267,9 +247,7 @@ async fn bounded<T>(
     work: impl Future<Output = Result<T, ApiError>>,
 ) -> Result<T, ApiError> {
     // A write reads and writes, and may retry once or twice after a lost race.
-    tokio::time::timeout(state.config.nats_timeout * 3, work)
-        .await
-        .unwrap_or_else(|_| Err(ApiError::Unavailable("NATS did not answer in time".into())))
+    state.within(3, work).await
 }
 
 fn channel(name: &str, field: &str) -> Result<Channel, ApiError> {
