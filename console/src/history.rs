@@ -150,6 +150,7 @@ mod tests {
             correlation_id: None,
             tenant: None,
             retry_at: None,
+            calls: Vec::new(),
             at,
         }
     }

@@ -30,8 +30,32 @@ pub const MAX_ATTEMPTS: &str = "HERALD_MAX_ATTEMPTS";
 pub const DUPLICATE_WINDOW: &str = "HERALD_DUPLICATE_WINDOW";
 pub const MAX_BODY_BYTES: &str = "HERALD_MAX_BODY_BYTES";
 pub const NATS_TIMEOUT: &str = "HERALD_NATS_TIMEOUT";
-pub const WEBHOOK_TIMEOUT: &str = "HERALD_WEBHOOK_TIMEOUT";
-pub const WEBHOOK_CONCURRENCY: &str = "HERALD_WEBHOOK_CONCURRENCY";
+pub const SEND_TIMEOUT: &str = "HERALD_SEND_TIMEOUT";
+pub const SEND_CONCURRENCY: &str = "HERALD_SEND_CONCURRENCY";
+pub const BREAKER: &str = "HERALD_BREAKER";
+pub const PROVIDER_RATES: &str = "HERALD_PROVIDER_RATES";
+pub const METRICS_ADDR: &str = "HERALD_METRICS_ADDR";
+pub const SMTP_URLS: &str = "HERALD_SMTP_URLS";
+pub const SMTP_PASSWORD: &str = "HERALD_SMTP_PASSWORD";
+pub const SMTP_PASSWORD_FILE: &str = "HERALD_SMTP_PASSWORD_FILE";
+pub const EMAIL_FROM: &str = "HERALD_EMAIL_FROM";
+pub const EMAIL_REPLY_TO: &str = "HERALD_EMAIL_REPLY_TO";
+pub const TWILIO_ACCOUNT_SID: &str = "HERALD_TWILIO_ACCOUNT_SID";
+pub const TWILIO_AUTH_TOKEN: &str = "HERALD_TWILIO_AUTH_TOKEN";
+pub const TWILIO_AUTH_TOKEN_FILE: &str = "HERALD_TWILIO_AUTH_TOKEN_FILE";
+pub const TWILIO_FROM: &str = "HERALD_TWILIO_FROM";
+pub const TWILIO_BASE_URL: &str = "HERALD_TWILIO_BASE_URL";
+pub const FCM_PROJECT_ID: &str = "HERALD_FCM_PROJECT_ID";
+pub const FCM_CREDENTIALS: &str = "HERALD_FCM_CREDENTIALS";
+pub const FCM_CREDENTIALS_FILE: &str = "HERALD_FCM_CREDENTIALS_FILE";
+pub const FCM_BASE_URL: &str = "HERALD_FCM_BASE_URL";
+pub const FCM_TOKEN_URL: &str = "HERALD_FCM_TOKEN_URL";
+pub const APNS_KEY: &str = "HERALD_APNS_KEY";
+pub const APNS_KEY_FILE: &str = "HERALD_APNS_KEY_FILE";
+pub const APNS_KEY_ID: &str = "HERALD_APNS_KEY_ID";
+pub const APNS_TEAM_ID: &str = "HERALD_APNS_TEAM_ID";
+pub const APNS_TOPIC: &str = "HERALD_APNS_TOPIC";
+pub const APNS_BASE_URL: &str = "HERALD_APNS_BASE_URL";
 pub const WEBHOOK_ALLOW_PRIVATE: &str = "HERALD_WEBHOOK_ALLOW_PRIVATE";
 pub const CHANNELS: &str = "HERALD_CHANNELS";
 pub const LOG_FORMAT: &str = "HERALD_LOG_FORMAT";
@@ -115,18 +139,106 @@ pub const VARS: &[Var] = &[
         default: Some("1500ms"),
         help: "how long a JetStream call may take before the gateway answers 503",
     },
-    Var { name: WEBHOOK_TIMEOUT, default: Some("10s"), help: "timeout of one webhook POST" },
     Var {
-        name: WEBHOOK_CONCURRENCY,
+        name: SEND_TIMEOUT,
+        default: Some("10s"),
+        help: "timeout of one call to a provider (SMTP, Twilio, FCM, APNs, a webhook receiver); per channel: `10s,sms=5s`",
+    },
+    Var {
+        name: SEND_CONCURRENCY,
         default: Some("64"),
-        help: "webhook deliveries in flight per worker process",
+        help: "deliveries in flight per channel worker; per channel: `64,email=16`",
+    },
+    Var {
+        name: BREAKER,
+        default: Some("5,30s"),
+        help: "circuit breaker of each provider and webhook host: consecutive transient failures that open it, and how long it stays open before one probe",
+    },
+    Var {
+        name: PROVIDER_RATES,
+        default: None,
+        help: "sends per second (or minute) allowed per provider, e.g. `twilio=10/s,smtp=100/s,fcm=500/s`; unset: unlimited",
+    },
+    Var {
+        name: METRICS_ADDR,
+        default: None,
+        help: "address `herald worker` serves Prometheus `/metrics` on (`herald up` serves them on the gateway's); unset: none",
+    },
+    Var {
+        name: SMTP_URLS,
+        default: None,
+        help: "SMTP servers in order of preference, comma separated: `smtp://user@host:587` (STARTTLS), `smtps://host:465` (implicit TLS), `smtp://host:25?tls=none` (plain)",
+    },
+    Var {
+        name: SMTP_PASSWORD,
+        default: None,
+        help: "password for the SMTP URLs' user (or `HERALD_SMTP_PASSWORD_FILE`)",
+    },
+    Var { name: SMTP_PASSWORD_FILE, default: None, help: "file holding the SMTP password" },
+    Var {
+        name: EMAIL_FROM,
+        default: None,
+        help: "From of every email unless its template says otherwise, e.g. `Acme <noreply@acme.test>`",
+    },
+    Var {
+        name: EMAIL_REPLY_TO,
+        default: None,
+        help: "Reply-To of every email unless its template says otherwise",
+    },
+    Var { name: TWILIO_ACCOUNT_SID, default: None, help: "Twilio account SID (`AC…`); set to enable SMS" },
+    Var {
+        name: TWILIO_AUTH_TOKEN,
+        default: None,
+        help: "Twilio auth token (or `HERALD_TWILIO_AUTH_TOKEN_FILE`)",
+    },
+    Var { name: TWILIO_AUTH_TOKEN_FILE, default: None, help: "file holding the Twilio auth token" },
+    Var {
+        name: TWILIO_FROM,
+        default: None,
+        help: "sender of SMS: an E.164 number, or a Messaging Service SID (`MG…`)",
+    },
+    Var {
+        name: TWILIO_BASE_URL,
+        default: Some("https://api.twilio.com"),
+        help: "base URL of the Twilio-compatible API",
+    },
+    Var {
+        name: FCM_PROJECT_ID,
+        default: None,
+        help: "Firebase project id; set to enable push to Android and web devices",
+    },
+    Var {
+        name: FCM_CREDENTIALS,
+        default: None,
+        help: "the Firebase service-account key (JSON), or `HERALD_FCM_CREDENTIALS_FILE`",
+    },
+    Var { name: FCM_CREDENTIALS_FILE, default: None, help: "file holding the Firebase service-account key" },
+    Var { name: FCM_BASE_URL, default: Some("https://fcm.googleapis.com"), help: "base URL of FCM HTTP v1" },
+    Var { name: FCM_TOKEN_URL, default: None, help: "OAuth2 token endpoint; unset: the key's `token_uri`" },
+    Var {
+        name: APNS_KEY,
+        default: None,
+        help: "APNs token-auth key (.p8, PEM), or `HERALD_APNS_KEY_FILE`; set to enable push to Apple devices",
+    },
+    Var { name: APNS_KEY_FILE, default: None, help: "file holding the APNs key (.p8)" },
+    Var { name: APNS_KEY_ID, default: None, help: "the APNs key's id (10 characters)" },
+    Var { name: APNS_TEAM_ID, default: None, help: "the Apple developer team id" },
+    Var { name: APNS_TOPIC, default: None, help: "the app's bundle id (`apns-topic`)" },
+    Var {
+        name: APNS_BASE_URL,
+        default: Some("https://api.push.apple.com"),
+        help: "APNs endpoint (`https://api.sandbox.push.apple.com` for development builds)",
     },
     Var {
         name: WEBHOOK_ALLOW_PRIVATE,
         default: Some("false"),
         help: "`true` lets webhooks reach loopback, private and link-local addresses (development)",
     },
-    Var { name: CHANNELS, default: Some("webhook"), help: "channels `herald worker` and `herald up` run" },
+    Var {
+        name: CHANNELS,
+        default: None,
+        help: "channels this deployment delivers on (the gateway refuses others; `herald worker` runs them); unset: webhook and every channel whose provider is configured",
+    },
     Var { name: LOG_FORMAT, default: Some("text"), help: "`text` (human-readable) or `json`" },
     Var {
         name: NATS_SERVER,
@@ -178,36 +290,164 @@ pub enum UncertainPolicy {
     Park,
 }
 
-/// [`UncertainPolicy`] per channel: a default and overrides.
+/// A setting with a default and per-channel overrides, written `default,channel=value,…`
+/// (`resend,webhook=park`, `64,email=16`); either part may be left out.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UncertainPolicies {
-    pub default: UncertainPolicy,
-    pub overrides: Vec<(Channel, UncertainPolicy)>,
+pub struct PerChannel<T> {
+    pub default: T,
+    pub overrides: Vec<(Channel, T)>,
 }
 
-impl UncertainPolicies {
-    pub fn for_channel(&self, channel: Channel) -> UncertainPolicy {
-        self.overrides.iter().find(|(c, _)| *c == channel).map_or(self.default, |(_, p)| *p)
+impl<T: Clone> PerChannel<T> {
+    pub fn for_channel(&self, channel: Channel) -> T {
+        self.overrides.iter().find(|(c, _)| *c == channel).map_or(&self.default, |(_, v)| v).clone()
     }
 
-    fn parse(s: &str) -> Result<UncertainPolicies, String> {
-        let mode = |m: &str| match m.trim() {
-            "resend" => Ok(UncertainPolicy::Resend),
-            "park" => Ok(UncertainPolicy::Park),
-            other => Err(format!("{other:?} is neither `resend` nor `park`")),
-        };
-        let mut policies = UncertainPolicies { default: UncertainPolicy::Resend, overrides: Vec::new() };
-        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            match item.split_once('=') {
-                Some((channel, m)) => policies.overrides.push((channel.trim().parse()?, mode(m)?)),
-                None => policies.default = mode(item)?,
+    /// Parses `s` with `item` for each value; `fallback` is the default when `s` names none.
+    fn parse(
+        s: &str,
+        fallback: T,
+        item: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<PerChannel<T>, String> {
+        let mut out = PerChannel { default: fallback, overrides: Vec::new() };
+        for part in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            match part.split_once('=') {
+                Some((channel, v)) => out.overrides.push((channel.trim().parse()?, item(v.trim())?)),
+                None => out.default = item(part)?,
             }
         }
-        Ok(policies)
+        Ok(out)
     }
 }
 
-/// The output format of logs.
+/// [`UncertainPolicy`] per channel.
+pub type UncertainPolicies = PerChannel<UncertainPolicy>;
+
+fn uncertain_mode(m: &str) -> Result<UncertainPolicy, String> {
+    match m.trim() {
+        "resend" => Ok(UncertainPolicy::Resend),
+        "park" => Ok(UncertainPolicy::Park),
+        other => Err(format!("{other:?} is neither `resend` nor `park`")),
+    }
+}
+
+/// A secret from the configuration: its `Debug` form never shows it, so neither a logged
+/// `Config` nor an error carries it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+/// When a provider's circuit breaker opens, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerPolicy {
+    /// Consecutive transient failures that open it.
+    pub failures: u32,
+    /// How long it stays open before one probe is let through.
+    pub open_for: Duration,
+}
+
+/// Sends allowed per second to one provider (a token bucket holding one second's worth).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+}
+
+/// Email over SMTP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SmtpSettings {
+    /// Servers in order of preference (`smtp://`, `smtps://`), without passwords.
+    pub urls: Vec<url::Url>,
+    pub password: Option<Secret>,
+    /// Mailbox every email is from unless its template says otherwise.
+    pub from: String,
+    pub reply_to: Option<String>,
+}
+
+/// SMS through a Twilio-compatible API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TwilioSettings {
+    pub account_sid: String,
+    pub auth_token: Secret,
+    /// An E.164 number or a Messaging Service SID (`MG…`).
+    pub from: String,
+    pub base_url: url::Url,
+}
+
+/// Push to Android and web devices through FCM HTTP v1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FcmSettings {
+    pub project_id: String,
+    /// The service-account key (JSON with `client_email`, `private_key`, `token_uri`).
+    pub credentials: Secret,
+    pub base_url: url::Url,
+    /// Overrides the key's `token_uri`.
+    pub token_url: Option<url::Url>,
+}
+
+/// Push to Apple devices through APNs with token authentication.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApnsSettings {
+    /// The .p8 key (PEM, PKCS#8, P-256).
+    pub key: Secret,
+    pub key_id: String,
+    pub team_id: String,
+    pub topic: String,
+    pub base_url: url::Url,
+}
+
+/// The providers configured, with the limits every channel shares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Providers {
+    pub smtp: Option<SmtpSettings>,
+    pub twilio: Option<TwilioSettings>,
+    pub fcm: Option<FcmSettings>,
+    pub apns: Option<ApnsSettings>,
+    pub breaker: BreakerPolicy,
+    /// By provider name (`smtp`, `smtp-2`, `twilio`, `fcm`, `apns`, `webhook`).
+    pub rates: Vec<(String, Rate)>,
+}
+
+impl Providers {
+    /// The rate limit of the provider called `name`, if any.
+    pub fn rate(&self, name: &str) -> Option<Rate> {
+        self.rates.iter().find(|(n, _)| n == name).map(|(_, r)| *r)
+    }
+
+    /// Whether `channel` has a provider configured (the webhook channel needs none).
+    pub fn configured(&self, channel: Channel) -> bool {
+        match channel {
+            Channel::Webhook => true,
+            Channel::Email => self.smtp.is_some(),
+            Channel::Sms => self.twilio.is_some(),
+            Channel::Push => self.fcm.is_some() || self.apns.is_some(),
+            Channel::Inapp => false,
+        }
+    }
+
+    /// How many providers a send on `channel` may try in turn (failover).
+    pub fn chain_len(&self, channel: Channel) -> u32 {
+        match (channel, &self.smtp) {
+            (Channel::Email, Some(s)) => s.urls.len().max(1) as u32,
+            _ => 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -243,14 +483,19 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Bound on every JetStream call made while a client waits.
     pub nats_timeout: Duration,
-    /// Timeout of one webhook POST.
-    pub webhook_timeout: Duration,
-    /// Webhook sends in flight per process.
-    pub webhook_concurrency: usize,
+    /// Timeout of one provider call, per channel.
+    pub send_timeout: PerChannel<Duration>,
+    /// Deliveries in flight per channel worker.
+    pub send_concurrency: PerChannel<usize>,
+    /// Providers, breakers and rate limits.
+    pub providers: Providers,
+    /// Where `herald worker` serves `/metrics`.
+    pub metrics_addr: Option<SocketAddr>,
     /// Whether webhooks may reach loopback, private and link-local addresses. Off by default:
     /// webhook URLs come from API callers, and the receiver's answer shows in `last_error`.
     pub webhook_allow_private: bool,
-    /// Channels this process's workers serve.
+    /// Channels this deployment delivers on: the gateway accepts only these, `herald worker`
+    /// runs these.
     pub channels: Vec<Channel>,
     /// Log output format.
     pub log_format: LogFormat,
@@ -304,7 +549,7 @@ impl Config {
                 }),
             }
         };
-        Ok(Config {
+        let mut config = Config {
             nats_urls: value(NATS_URL)
                 .map(|s| s.split(',').map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect())
                 .unwrap_or_default(),
@@ -321,7 +566,9 @@ impl Config {
                     _ => Err("expected 1 to 5".into()),
                 }
             })?,
-            uncertain: parse_with(UNCERTAIN, &required(UNCERTAIN), UncertainPolicies::parse)?,
+            uncertain: parse_with(UNCERTAIN, &required(UNCERTAIN), |s| {
+                PerChannel::parse(s, UncertainPolicy::Resend, uncertain_mode)
+            })?,
             max_storage: parse_with(MAX_STORAGE, &required(MAX_STORAGE), |s| match parse_bytes(s) {
                 Ok(n) if n >= MIN_STORAGE => Ok(n),
                 Ok(_) => Err(format!("at least {MIN_STORAGE} bytes")),
@@ -341,13 +588,23 @@ impl Config {
                 }
             })?,
             nats_timeout: parse_with(NATS_TIMEOUT, &required(NATS_TIMEOUT), parse_duration)?,
-            webhook_timeout: parse_with(WEBHOOK_TIMEOUT, &required(WEBHOOK_TIMEOUT), parse_duration)?,
-            webhook_concurrency: parse_with(WEBHOOK_CONCURRENCY, &required(WEBHOOK_CONCURRENCY), |s| {
-                match s.parse::<usize>() {
-                    Ok(n) if n >= 1 => Ok(n),
-                    _ => Err("expected a whole number of at least 1".into()),
-                }
+            send_timeout: parse_with(SEND_TIMEOUT, &required(SEND_TIMEOUT), |s| {
+                PerChannel::parse(s, Duration::from_secs(10), |v| match parse_duration(v)? {
+                    d if d.is_zero() => Err("a timeout must be greater than zero".into()),
+                    d => Ok(d),
+                })
             })?,
+            send_concurrency: parse_with(SEND_CONCURRENCY, &required(SEND_CONCURRENCY), |s| {
+                PerChannel::parse(s, 64, |v| match v.parse::<usize>() {
+                    Ok(n @ 1..=10_000) => Ok(n),
+                    _ => Err(format!("{v:?} is not a whole number from 1 to 10000")),
+                })
+            })?,
+            metrics_addr: match value(METRICS_ADDR) {
+                None => None,
+                Some(a) => Some(parse_with(METRICS_ADDR, &a, |s| s.parse().map_err(|e| format!("{e}")))?),
+            },
+            providers: providers(&value)?,
             webhook_allow_private: parse_with(
                 WEBHOOK_ALLOW_PRIVATE,
                 &required(WEBHOOK_ALLOW_PRIVATE),
@@ -357,9 +614,7 @@ impl Config {
                     _ => Err("expected `true` or `false`".into()),
                 },
             )?,
-            channels: parse_with(CHANNELS, &required(CHANNELS), |s| {
-                s.split(',').map(|c| c.trim().parse::<Channel>()).collect::<Result<Vec<_>, _>>()
-            })?,
+            channels: Vec::new(),
             log_format: parse_with(LOG_FORMAT, &required(LOG_FORMAT), |s| match s {
                 "text" => Ok(LogFormat::Text),
                 "json" => Ok(LogFormat::Json),
@@ -379,7 +634,19 @@ impl Config {
                 })?,
             },
             data_dir,
-        })
+        };
+        config.channels = match value(CHANNELS) {
+            Some(list) => parse_with(CHANNELS, &list, |s| {
+                let channels =
+                    s.split(',').map(|c| c.trim().parse::<Channel>()).collect::<Result<Vec<_>, _>>()?;
+                match channels.iter().find(|c| !config.providers.configured(**c)) {
+                    Some(c) => Err(format!("{c} has no provider configured ({})", provider_vars(*c))),
+                    None => Ok(channels),
+                }
+            })?,
+            None => Channel::ALL.into_iter().filter(|c| config.providers.configured(*c)).collect(),
+        };
+        Ok(config)
     }
 
     /// A configuration for tests and tools: defaults, fixed secrets, everything else from `pairs`.
@@ -399,17 +666,166 @@ pub const MIN_STORAGE: u64 = 4 * 1024 * 1024;
 
 impl Config {
     /// How long a worker's claim on a delivery lasts, which is also the consumers' ack wait: the
-    /// longest a live worker needs to send (`HERALD_WEBHOOK_TIMEOUT`) and record the outcome (two
+    /// longest a live worker needs to send (`HERALD_SEND_TIMEOUT`) and record the outcome (two
     /// JetStream calls), plus two seconds. A live worker keeps its message with progress acks
     /// for as long as it needs; only a dead one lets the ack wait expire, and by then its claim
     /// has expired too.
+    /// How long a worker's claim on a delivery lasts (the consumers' ack wait): the longest
+    /// attempt any channel may make (each provider of its failover chain timing out in turn),
+    /// plus two NATS round trips and two seconds.
     pub fn claim_ttl(&self) -> Duration {
-        self.webhook_timeout + self.nats_timeout * 2 + Duration::from_secs(2)
+        let longest = Channel::ALL
+            .into_iter()
+            .map(|c| self.send_timeout.for_channel(c) * self.providers.chain_len(c))
+            .max()
+            .unwrap_or_default();
+        longest + self.nats_timeout * 2 + Duration::from_secs(2)
     }
 }
 
 /// Parses `8GB`, `512MiB` or a plain number of bytes (KB, MB, GB, TB are powers of 1000;
 /// KiB, MiB, GiB, TiB powers of 1024).
+/// The variables that configure `channel`'s provider, for an error message.
+fn provider_vars(channel: Channel) -> &'static str {
+    match channel {
+        Channel::Email => "set HERALD_SMTP_URLS and HERALD_EMAIL_FROM",
+        Channel::Sms => "set HERALD_TWILIO_ACCOUNT_SID, HERALD_TWILIO_AUTH_TOKEN and HERALD_TWILIO_FROM",
+        Channel::Push => {
+            "set HERALD_FCM_PROJECT_ID and HERALD_FCM_CREDENTIALS, or the HERALD_APNS_* variables"
+        }
+        Channel::Inapp => "this version of Herald has no in-app worker",
+        Channel::Webhook => "none is needed",
+    }
+}
+
+/// Reads the provider settings. A provider is configured when its first variable is set; the
+/// rest it needs are then required.
+fn providers(value: &impl Fn(&'static str) -> Option<String>) -> Result<Providers, ConfigError> {
+    let need = |name: &'static str, what: &str| {
+        value(name).ok_or_else(|| ConfigError {
+            name,
+            value: String::new(),
+            reason: format!("unset, but {what} needs it"),
+        })
+    };
+    // A secret comes from its variable or from the file `<NAME>_FILE` names.
+    let secret = |name: &'static str, file: &'static str| -> Result<Option<Secret>, ConfigError> {
+        if let Some(v) = value(name) {
+            return Ok(Some(Secret::new(v)));
+        }
+        let Some(path) = value(file) else { return Ok(None) };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(Secret::new(text.trim_end_matches(['\r', '\n'])))),
+            Err(e) => Err(ConfigError { name: file, value: path, reason: format!("cannot read it: {e}") }),
+        }
+    };
+    let need_secret = |name: &'static str, file: &'static str, what: &str| {
+        secret(name, file)?.ok_or_else(|| ConfigError {
+            name,
+            value: String::new(),
+            reason: format!("unset (and {file} too), but {what} needs it"),
+        })
+    };
+    let http_url = |name: &'static str, v: String| {
+        parse_with(name, &v, |s| match url::Url::parse(s) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(u),
+            Ok(_) => Err("expected an http:// or https:// URL".into()),
+            Err(e) => Err(e.to_string()),
+        })
+    };
+    let smtp = match value(SMTP_URLS) {
+        None => None,
+        Some(list) => {
+            let urls = parse_with(SMTP_URLS, &list, |s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(|u| {
+                        let url = url::Url::parse(u).map_err(|e| format!("{u:?}: {e}"))?;
+                        if !matches!(url.scheme(), "smtp" | "smtps") || url.host().is_none() {
+                            return Err(format!("{u:?} is not an smtp:// or smtps:// URL with a host"));
+                        }
+                        if url.password().is_some() {
+                            return Err(
+                                "put the password in HERALD_SMTP_PASSWORD(_FILE), not in the URL".into()
+                            );
+                        }
+                        Ok(url)
+                    })
+                    .collect::<Result<Vec<_>, String>>()
+            })?;
+            Some(SmtpSettings {
+                urls,
+                password: secret(SMTP_PASSWORD, SMTP_PASSWORD_FILE)?,
+                from: need(EMAIL_FROM, "email")?,
+                reply_to: value(EMAIL_REPLY_TO),
+            })
+        }
+    };
+    let twilio = match value(TWILIO_ACCOUNT_SID) {
+        None => None,
+        Some(account_sid) => Some(TwilioSettings {
+            account_sid,
+            auth_token: need_secret(TWILIO_AUTH_TOKEN, TWILIO_AUTH_TOKEN_FILE, "SMS")?,
+            from: need(TWILIO_FROM, "SMS")?,
+            base_url: http_url(TWILIO_BASE_URL, need(TWILIO_BASE_URL, "SMS")?)?,
+        }),
+    };
+    let fcm = match value(FCM_PROJECT_ID) {
+        None => None,
+        Some(project_id) => Some(FcmSettings {
+            project_id,
+            credentials: need_secret(FCM_CREDENTIALS, FCM_CREDENTIALS_FILE, "FCM")?,
+            base_url: http_url(FCM_BASE_URL, need(FCM_BASE_URL, "FCM")?)?,
+            token_url: value(FCM_TOKEN_URL).map(|v| http_url(FCM_TOKEN_URL, v)).transpose()?,
+        }),
+    };
+    let apns = match secret(APNS_KEY, APNS_KEY_FILE)? {
+        None => None,
+        Some(key) => Some(ApnsSettings {
+            key,
+            key_id: need(APNS_KEY_ID, "APNs")?,
+            team_id: need(APNS_TEAM_ID, "APNs")?,
+            topic: need(APNS_TOPIC, "APNs")?,
+            base_url: http_url(APNS_BASE_URL, need(APNS_BASE_URL, "APNs")?)?,
+        }),
+    };
+    let breaker = parse_with(BREAKER, &value(BREAKER).unwrap_or_default(), |s| {
+        let (n, d) = s.split_once(',').ok_or("expected `failures,duration`, e.g. `5,30s`")?;
+        match (n.trim().parse::<u32>(), parse_duration(d)) {
+            (Ok(failures @ 1..), Ok(open_for)) if !open_for.is_zero() => {
+                Ok(BreakerPolicy { failures, open_for })
+            }
+            _ => Err("expected `failures,duration` with both above zero, e.g. `5,30s`".into()),
+        }
+    })?;
+    let rates = match value(PROVIDER_RATES) {
+        None => Vec::new(),
+        Some(list) => parse_with(PROVIDER_RATES, &list, |s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|i| !i.is_empty())
+                .map(|item| {
+                    let bad = || format!("{item:?} is not `provider=count/s` or `provider=count/m`");
+                    let (name, rate) = item.split_once('=').ok_or_else(bad)?;
+                    let (count, per) = rate.trim().split_once('/').ok_or_else(bad)?;
+                    let count: f64 = count.trim().parse().map_err(|_| bad())?;
+                    let per_second = match per.trim() {
+                        "s" => count,
+                        "m" => count / 60.0,
+                        _ => return Err(bad()),
+                    };
+                    if !(per_second > 0.0 && per_second.is_finite()) {
+                        return Err(bad());
+                    }
+                    Ok((name.trim().to_owned(), Rate { per_second }))
+                })
+                .collect::<Result<Vec<_>, String>>()
+        })?,
+    };
+    Ok(Providers { smtp, twilio, fcm, apns, breaker, rates })
+}
+
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -544,7 +960,7 @@ mod tests {
             (HTTP_ADDR, "localhost"),
             (CHANNELS, "webhook,pigeon"),
             (LOG_FORMAT, "xml"),
-            (WEBHOOK_CONCURRENCY, "-1"),
+            (SEND_CONCURRENCY, "-1"),
             (MAX_BODY_BYTES, "10000000"),
             (WEBHOOK_ALLOW_PRIVATE, "yes"),
             (UNCERTAIN, "maybe"),

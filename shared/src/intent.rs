@@ -32,6 +32,8 @@ pub const MAX_INTENT_BYTES: usize = 256 * 1024;
 pub const MAX_METADATA_ENTRIES: usize = 64;
 /// Longest category, tenant, metadata key (and a quarter of the longest metadata value).
 pub const MAX_SHORT_TEXT: usize = 256;
+/// Most device tokens one push intent may name.
+pub const MAX_PUSH_TOKENS: usize = 100;
 /// Longest title or subject, in characters.
 pub const MAX_TITLE: usize = 1024;
 
@@ -58,12 +60,6 @@ impl Channel {
             Channel::Webhook => "webhook",
             Channel::Inapp => "inapp",
         }
-    }
-
-    /// Whether this build has a worker for the channel. Requests for other channels are refused
-    /// at the gateway instead of piling up in a stream nobody reads.
-    pub fn has_worker(self) -> bool {
-        matches!(self, Channel::Webhook)
     }
 }
 
@@ -175,6 +171,10 @@ pub struct Intent {
     /// When the gateway accepted it (for direct publishes without it, when JetStream stored it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<DateTime<Utc>>,
+    /// The user's fallback channels after this one, in order: if this channel cannot deliver
+    /// (the provider refuses the address for good, or the user has none), the next takes over.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<Channel>,
 }
 
 fn default_version() -> u16 {
@@ -225,6 +225,7 @@ impl Intent {
             expires_at: None,
             metadata: BTreeMap::new(),
             created_at: Some(Utc::now()),
+            fallback: Vec::new(),
         }
     }
 
@@ -317,13 +318,15 @@ impl Intent {
             ));
         }
         let channel = self.channel.ok_or_else(|| Rejection::invalid("channel", "missing"))?;
+        // Each channel needs its address, unless the user's is looked up at send time.
+        let by_user = self.recipient.user_id.is_some();
+        let r = &self.recipient;
         match channel {
-            Channel::Webhook => match self.recipient.webhook_url.as_deref() {
+            Channel::Webhook => match r.webhook_url.as_deref() {
                 Some(url) => {
                     validate_webhook_url(url).map_err(|m| Rejection::invalid("recipient.webhook_url", m))?;
                 }
-                // The user's webhook_url is looked up at send time.
-                None if self.recipient.user_id.is_some() => {}
+                None if by_user => {}
                 None => {
                     return Err(Rejection::invalid(
                         "recipient.webhook_url",
@@ -331,12 +334,69 @@ impl Intent {
                     ));
                 }
             },
-            other => {
-                return Err(Rejection::invalid(
-                    "channels",
-                    format!("channel {other} has no worker in this version of Herald"),
-                ));
+            Channel::Email => match r.email.as_deref() {
+                Some(e) if !crate::users::is_email_address(e) => {
+                    return Err(Rejection::invalid(
+                        "recipient.email",
+                        format!("{e:?} is not an email address"),
+                    ));
+                }
+                Some(_) => {}
+                None if by_user => {}
+                None => {
+                    return Err(Rejection::invalid(
+                        "recipient.email",
+                        "required for the email channel (or a recipient.user_id)",
+                    ));
+                }
+            },
+            Channel::Sms => match r.phone.as_deref() {
+                Some(p) if !crate::users::is_e164(p) => {
+                    return Err(Rejection::invalid(
+                        "recipient.phone",
+                        format!("{p:?} is not an E.164 number (`+` and 2 to 15 digits, e.g. +4915112345678)"),
+                    ));
+                }
+                Some(_) => {}
+                None if by_user => {}
+                None => {
+                    return Err(Rejection::invalid(
+                        "recipient.phone",
+                        "required for the sms channel (or a recipient.user_id)",
+                    ));
+                }
+            },
+            Channel::Push => {
+                if r.push_tokens.len() > MAX_PUSH_TOKENS {
+                    return Err(Rejection::invalid(
+                        "recipient.push_tokens",
+                        format!("more than {MAX_PUSH_TOKENS} tokens"),
+                    ));
+                }
+                if let Some(t) = r.push_tokens.iter().find(|t| !crate::users::is_valid_device_token(t)) {
+                    return Err(Rejection::invalid(
+                        "recipient.push_tokens",
+                        format!("{:?} is not a device token", t.chars().take(40).collect::<String>()),
+                    ));
+                }
+                if r.push_tokens.is_empty() && !by_user {
+                    return Err(Rejection::invalid(
+                        "recipient.push_tokens",
+                        "required for the push channel (or a recipient.user_id)",
+                    ));
+                }
             }
+            Channel::Inapp => {
+                if !by_user {
+                    return Err(Rejection::invalid("recipient.user_id", "required for the inapp channel"));
+                }
+            }
+        }
+        if self.fallback.contains(&channel) || self.fallback.len() > Channel::ALL.len() {
+            return Err(Rejection::invalid(
+                "fallback",
+                "lists each later channel once, never the intent's own",
+            ));
         }
         if let Some(t) = &self.tenant
             && !is_valid_tenant(t)
@@ -576,10 +636,8 @@ mod tests {
     }
 
     #[test]
-    fn channels_parse_and_only_webhook_has_a_worker() {
+    fn channels_parse() {
         assert_eq!("webhook".parse::<Channel>(), Ok(Channel::Webhook));
         assert!("pigeon".parse::<Channel>().unwrap_err().contains("pigeon"));
-        let with_worker: Vec<_> = Channel::ALL.into_iter().filter(|c| c.has_worker()).collect();
-        assert_eq!(with_worker, vec![Channel::Webhook]);
     }
 }

@@ -128,6 +128,9 @@ pub struct Entry {
     /// The end of the quiet hours a deferred notification waits for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deferred_until: Option<DateTime<Utc>>,
+    /// The provider calls of the latest attempt that made any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<crate::state::ProviderCall>,
     /// Present while a worker is sending (status `sending`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<Claim>,
@@ -165,6 +168,7 @@ impl Entry {
             retry_at: None,
             note: None,
             deferred_until: None,
+            calls: Vec::new(),
             claim: None,
             parking: None,
             sequence: None,
@@ -184,6 +188,7 @@ impl Entry {
             delivered_at: self.delivered_at,
             note: self.note.clone(),
             deferred_until: self.deferred_until,
+            calls: self.calls.clone(),
         }
     }
 }
@@ -398,6 +403,8 @@ pub struct Held {
     pub claim: Option<Claim>,
     /// The message being handled.
     pub sequence: u64,
+    /// The provider calls of this attempt, stored with its outcome.
+    pub calls: Vec<crate::state::ProviderCall>,
 }
 
 impl Held {
@@ -619,7 +626,8 @@ impl Ledger {
                 }
             };
             let Some(revision) = written else { continue };
-            let held = Held { key: key.clone(), revision, entry: entry.clone(), claim, sequence };
+            let held =
+                Held { key: key.clone(), revision, entry: entry.clone(), claim, sequence, calls: Vec::new() };
             return Ok(match decision {
                 Decision::Send { takeover, .. } => Begin::Send { held, takeover },
                 Decision::Park { reason, error_class, error } => {
@@ -711,10 +719,13 @@ impl Ledger {
         } else {
             (held.entry.clone(), Some(held.revision))
         };
-        let entry = match merge(&current, held.claim.as_ref(), outcome, now) {
+        let mut entry = match merge(&current, held.claim.as_ref(), outcome, now) {
             Merge::Keep(status) => return Ok(Some(Settled::Superseded(status))),
             Merge::Write(e) => *e,
         };
+        if !held.calls.is_empty() {
+            entry.calls = held.calls.clone();
+        }
         match self.write(&held.key.kv_key(), &entry, revision).await {
             Ok(Some(rev)) => {
                 held.revision = rev;
@@ -757,6 +768,7 @@ impl Ledger {
                 Outcome::Deferred => e.deferred_until,
                 _ => None,
             },
+            calls: held.calls.clone(),
             at: e.updated_at,
         };
         let mut headers = HeaderMap::new();

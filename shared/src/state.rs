@@ -74,6 +74,103 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// Why one call to a provider failed: the single classification every channel shares, which
+/// decides retry or dead letter, feeds the circuit breakers, and labels the failure metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// No answer in time (`HERALD_SEND_TIMEOUT`).
+    Timeout,
+    /// Could not connect, or the connection broke.
+    Connection,
+    /// The provider asked to slow down (429, Twilio 20429, FCM `QUOTA_EXCEEDED`, APNs
+    /// `TooManyRequests`).
+    RateLimited,
+    /// The provider is failing for now (5xx, SMTP 4xx, `UNAVAILABLE`, `INTERNAL`).
+    Unavailable,
+    /// Not tried: the provider's (or webhook host's) circuit breaker is open.
+    CircuitOpen,
+    /// The address is not usable: an invalid mailbox, number or device token.
+    InvalidRecipient,
+    /// The provider refused Herald's credentials or configuration.
+    Unauthorized,
+    /// The provider refused this message for good (another 4xx, SMTP 5xx).
+    Rejected,
+}
+
+impl FailureKind {
+    pub const ALL: [FailureKind; 8] = [
+        FailureKind::Timeout,
+        FailureKind::Connection,
+        FailureKind::RateLimited,
+        FailureKind::Unavailable,
+        FailureKind::CircuitOpen,
+        FailureKind::InvalidRecipient,
+        FailureKind::Unauthorized,
+        FailureKind::Rejected,
+    ];
+
+    /// Whether another attempt may succeed.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            FailureKind::Timeout
+                | FailureKind::Connection
+                | FailureKind::RateLimited
+                | FailureKind::Unavailable
+                | FailureKind::CircuitOpen
+        )
+    }
+
+    /// Whether it says the provider itself is unwell (counts towards its circuit breaker).
+    pub fn trips_breaker(self) -> bool {
+        matches!(self, FailureKind::Timeout | FailureKind::Connection | FailureKind::Unavailable)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Timeout => "timeout",
+            FailureKind::Connection => "connection",
+            FailureKind::RateLimited => "rate_limited",
+            FailureKind::Unavailable => "unavailable",
+            FailureKind::CircuitOpen => "circuit_open",
+            FailureKind::InvalidRecipient => "invalid_recipient",
+            FailureKind::Unauthorized => "unauthorized",
+            FailureKind::Rejected => "rejected",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One call to one provider within an attempt: which provider, what it answered and how fast.
+/// An attempt has one per provider tried (failover) or, for push, per device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProviderCall {
+    /// `smtp`, `smtp-2`, `twilio`, `fcm`, `apns`, `webhook`.
+    pub provider: String,
+    /// The provider's id for the message (SMTP `Message-ID`, Twilio `sid`, FCM `name`,
+    /// `apns-id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_message_id: Option<String>,
+    pub latency_ms: u64,
+    /// Set when the call failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Push: the device (the last 8 characters of its token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Anything else worth knowing (SMS: segments and encoding; push: device removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
 /// One channel's part of a notification record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChannelState {
@@ -92,6 +189,9 @@ pub struct ChannelState {
     /// When a deferred notification is sent (the end of the user's quiet hours).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deferred_until: Option<DateTime<Utc>>,
+    /// The provider calls of the latest attempt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<ProviderCall>,
 }
 
 /// The record of one notification across its channels.
@@ -158,6 +258,9 @@ pub struct StatusEvent {
     /// When the next attempt is due (outcome `retrying`), or the deferral ends (`deferred`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<DateTime<Utc>>,
+    /// The provider calls of this attempt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<ProviderCall>,
     pub at: DateTime<Utc>,
 }
 
@@ -194,6 +297,7 @@ mod tests {
                             delivered_at: None,
                             note: None,
                             deferred_until: None,
+                            calls: Vec::new(),
                         },
                     )
                 })

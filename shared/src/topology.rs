@@ -337,7 +337,7 @@ pub fn channel_consumer_config(channel: Channel, config: &Config, start: Option<
         },
         ack_wait: config.claim_ttl(),
         max_deliver: max_deliveries(config.retry.max_attempts),
-        max_ack_pending: (config.webhook_concurrency * 2 + MAX_WAITING_RETRIES) as i64,
+        max_ack_pending: (config.send_concurrency.for_channel(channel) * 2 + MAX_WAITING_RETRIES) as i64,
         ..Default::default()
     }
 }

@@ -115,6 +115,38 @@ pub fn is_valid_user_id(id: &str) -> bool {
     is_valid_id(id)
 }
 
+/// A mailbox an SMTP server takes in `RCPT TO` (RFC 5321): a dot-atom local part of at most 64
+/// bytes (letters, digits, ``!#$%&'*+/=?^_`{|}~-``, UTF-8 letters per RFC 6531; dots only
+/// between characters), `@`, and a domain of dot-separated labels (letters, digits, inner `-`)
+/// or an address literal in brackets; 254 bytes at most. Quoted local parts are refused:
+/// nobody sends notifications to them, and they are where header injection hides.
+pub fn is_email_address(address: &str) -> bool {
+    let Some((local, domain)) = address.rsplit_once('@') else { return false };
+    let atext = |c: char| {
+        c.is_ascii_alphanumeric()
+            || "!#$%&'*+/=?^_`{|}~-".contains(c)
+            || (!c.is_ascii() && c.is_alphanumeric())
+    };
+    let dot_atom = |s: &str, allowed: &dyn Fn(char) -> bool| {
+        !s.is_empty() && s.split('.').all(|part| !part.is_empty() && part.chars().all(allowed))
+    };
+    let label = |l: &str| {
+        (1..=63).contains(&l.len())
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && c.is_alphanumeric()))
+    };
+    let domain_ok = match domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+        Some(literal) => {
+            literal.parse::<std::net::Ipv4Addr>().is_ok()
+                || literal.strip_prefix("IPv6:").is_some_and(|v6| v6.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => domain.len() <= 253 && domain.split('.').all(label),
+    };
+    address.len() <= 254 && local.len() <= 64 && dot_atom(local, &atext) && domain_ok
+}
+
 /// `+` and 2 to 15 digits, the first not 0 (ITU-T E.164).
 pub fn is_e164(phone: &str) -> bool {
     let Some(digits) = phone.strip_prefix('+') else { return false };
@@ -201,18 +233,10 @@ impl UserFields {
                 return Err(Invalid::new(field, format!("longer than {MAX_TEXT} characters")));
             }
         }
-        if let Some(email) = &self.email {
-            let well_formed = email.len() <= 254
-                && !email.chars().any(|c| c.is_whitespace() || c.is_control())
-                && email.split_once('@').is_some_and(|(local, domain)| {
-                    !local.is_empty()
-                        && !domain.is_empty()
-                        && !domain.contains('@')
-                        && !domain.starts_with('.')
-                });
-            if !well_formed {
-                return Err(Invalid::new("email", format!("{email:?} is not an email address")));
-            }
+        if let Some(email) = &self.email
+            && !is_email_address(email)
+        {
+            return Err(Invalid::new("email", format!("{email:?} is not an email address")));
         }
         if let Some(phone) = &self.phone
             && !is_e164(phone)
@@ -531,8 +555,9 @@ pub fn decode(id: &str, bytes: &[u8]) -> Result<User, UserError> {
     serde_json::from_slice(bytes).map_err(|e| UserError::Corrupt(id.to_owned(), e.to_string()))
 }
 
-/// The channels a notification to `user` goes on when the request names none, and the
-/// channels passed over with why. Candidates are the user's fallback order if they gave one
+/// The channels a notification to `user` goes on when the request names none, the channels
+/// passed over with why, and (with a fallback order) the channels after the chosen one, which
+/// take over at send time if it cannot deliver. Candidates are the user's fallback order if they gave one
 /// (then only the first usable channel is used: "push, else email"), else every channel in
 /// Herald's order. A channel is usable when `available` (it has a worker), the user did not
 /// switch it off, and there is an address for it (the user's, or `direct` from the request).
@@ -540,14 +565,16 @@ pub fn channels_for(
     user: &User,
     direct: &crate::intent::Recipient,
     available: impl Fn(Channel) -> bool,
-) -> (Vec<Channel>, Vec<(Channel, String)>) {
+) -> (Vec<Channel>, Vec<(Channel, String)>, Vec<Channel>) {
     let f = &user.fields;
     let ordered = !f.preferences.fallback.is_empty();
     let candidates: Vec<Channel> =
         if ordered { f.preferences.fallback.clone() } else { Channel::ALL.to_vec() };
     let mut chosen = Vec::new();
     let mut passed = Vec::new();
+    let mut rest = candidates.clone();
     for channel in candidates {
+        rest.remove(0);
         let address = match channel {
             Channel::Email => f.email.is_some() || direct.email.is_some(),
             Channel::Sms => f.phone.is_some() || direct.phone.is_some(),
@@ -577,7 +604,11 @@ pub fn channels_for(
             Some(_) => {}
         }
     }
-    (chosen, passed)
+    rest.retain(|c| available(*c));
+    if !ordered {
+        rest.clear();
+    }
+    (chosen, passed, rest)
 }
 
 #[cfg(test)]

@@ -594,7 +594,7 @@ impl Cluster {
             (config::DATA_DIR, dir.join("data").display().to_string()),
             (config::UNCERTAIN, uncertain.into()),
             (config::NATS_TIMEOUT, "1s".into()),
-            (config::WEBHOOK_TIMEOUT, "2s".into()),
+            (config::SEND_TIMEOUT, "2s".into()),
             (config::RETRY_BACKOFF, "100ms,200ms,500ms".into()),
             (config::MAX_ATTEMPTS, "8".into()),
         ];

@@ -120,8 +120,8 @@ async fn transient_failures_retry_then_deliver() {
 #[tokio::test]
 async fn deliveries_in_flight_are_bounded() {
     let stack = Stack::start_with(&[
-        (herald_shared::config::WEBHOOK_CONCURRENCY, "2"),
-        (herald_shared::config::WEBHOOK_TIMEOUT, "2s"),
+        (herald_shared::config::SEND_CONCURRENCY, "2"),
+        (herald_shared::config::SEND_TIMEOUT, "2s"),
     ])
     .await;
     let sink = Sink::start(vec![], Reply::Slow(300)).await;
@@ -257,7 +257,7 @@ async fn send_at_delays_delivery() {
 
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_deliveries() {
-    let mut stack = Stack::start_with(&[(herald_shared::config::WEBHOOK_TIMEOUT, "5s")]).await;
+    let mut stack = Stack::start_with(&[(herald_shared::config::SEND_TIMEOUT, "5s")]).await;
     let sink = Sink::start(vec![], Reply::Slow(1000)).await;
     let id = stack.send(webhook_body(&sink.url), None).await;
     // The request has reached the receiver, which takes a second to answer: stop now. The
@@ -353,8 +353,8 @@ async fn a_direct_publish_with_a_future_send_at_waits_for_it() {
 #[tokio::test]
 async fn a_stopped_worker_leaves_nothing_waiting_for_its_ack_wait() {
     let mut stack = Stack::start_with(&[
-        (herald_shared::config::WEBHOOK_CONCURRENCY, "1"),
-        (herald_shared::config::WEBHOOK_TIMEOUT, "3s"),
+        (herald_shared::config::SEND_CONCURRENCY, "1"),
+        (herald_shared::config::SEND_TIMEOUT, "3s"),
     ])
     .await;
     let sink = Sink::start(vec![], Reply::Slow(700)).await;

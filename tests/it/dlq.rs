@@ -487,7 +487,7 @@ async fn bulk_replay_of_a_thousand_letters_keeps_its_rate_and_delivers_each_once
     let sink = Sink::start(vec![Reply::Status(400); N], Reply::Status(200)).await;
     // Generous timeouts: a loaded machine must not turn a slow answer into a second send (a
     // webhook answered after the worker's timeout is retried, and the sink would count it twice).
-    let stack = Stack::start_with(&[("HERALD_WEBHOOK_TIMEOUT", "10s"), ("HERALD_NATS_TIMEOUT", "5s")]).await;
+    let stack = Stack::start_with(&[("HERALD_SEND_TIMEOUT", "10s"), ("HERALD_NATS_TIMEOUT", "5s")]).await;
     for _ in 0..N {
         stack.send(webhook_body(&sink.url), None).await;
     }
@@ -539,7 +539,7 @@ async fn an_interrupted_bulk_replay_run_again_finishes_without_sending_anything_
     let sink = Sink::start(vec![Reply::Status(400); N], Reply::Status(200)).await;
     // Generous timeouts: a loaded machine must not turn a slow answer into a second send (a
     // webhook answered after the worker's timeout is retried, and the sink would count it twice).
-    let stack = Stack::start_with(&[("HERALD_WEBHOOK_TIMEOUT", "10s"), ("HERALD_NATS_TIMEOUT", "5s")]).await;
+    let stack = Stack::start_with(&[("HERALD_SEND_TIMEOUT", "10s"), ("HERALD_NATS_TIMEOUT", "5s")]).await;
     for _ in 0..N {
         stack.send(webhook_body(&sink.url), None).await;
     }

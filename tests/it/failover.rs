@@ -33,7 +33,7 @@ async fn a_cluster_losing_its_leaders_under_load_loses_nothing_and_sends_nothing
             (config::UNCERTAIN, "park"),
             (config::MAX_ATTEMPTS, "10"),
             (config::RETRY_BACKOFF, "200ms,500ms,1s"),
-            (config::WEBHOOK_TIMEOUT, "2s"),
+            (config::SEND_TIMEOUT, "2s"),
             (config::NATS_TIMEOUT, "2s"),
         ],
     )

@@ -26,7 +26,7 @@ impl WorkerProcess {
             .env(config::RETRY_BACKOFF, "50ms")
             // Long enough to kill the worker mid-send. A dead worker's message comes back after
             // the claim's lifetime: 1 s + 2 × 1 s + 2 s = 5 s.
-            .env(config::WEBHOOK_TIMEOUT, "1s")
+            .env(config::SEND_TIMEOUT, "1s")
             .env(config::NATS_TIMEOUT, "1s")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -24,7 +24,7 @@ fn direct(id: &str, url: &str) -> Vec<u8> {
 /// nothing is sent twice once NATS is back.
 #[tokio::test]
 async fn a_send_whose_outcome_cannot_be_recorded_yet_is_held_not_repeated() {
-    let mut stack = Stack::start_with(&[(config::WEBHOOK_TIMEOUT, "5s")]).await;
+    let mut stack = Stack::start_with(&[(config::SEND_TIMEOUT, "5s")]).await;
     let sink = Sink::start(vec![], Reply::Slow(1000)).await;
     let id = stack.send(webhook_body(&sink.url), Some("held-1")).await;
     sink.wait_for(1).await;
@@ -44,8 +44,7 @@ async fn a_send_whose_outcome_cannot_be_recorded_yet_is_held_not_repeated() {
 /// another message id): exactly one claims it and sends.
 #[tokio::test]
 async fn two_messages_for_one_notification_at_once_send_once() {
-    let stack =
-        Stack::start_with(&[(config::WEBHOOK_CONCURRENCY, "4"), (config::WEBHOOK_TIMEOUT, "3s")]).await;
+    let stack = Stack::start_with(&[(config::SEND_CONCURRENCY, "4"), (config::SEND_TIMEOUT, "3s")]).await;
     let sink = Sink::start(vec![], Reply::Slow(800)).await;
     stack.publish_intent(direct("twice", &sink.url), Some("twice-a"), None).await;
     stack.publish_intent(direct("twice", &sink.url), Some("twice-b"), None).await;
@@ -65,7 +64,7 @@ async fn retries_wait_what_the_backoff_says() {
     let stack = Stack::start_with(&[
         (config::RETRY_BACKOFF, "1s,3s,2s"),
         (config::MAX_ATTEMPTS, "4"),
-        (config::WEBHOOK_TIMEOUT, "2s"),
+        (config::SEND_TIMEOUT, "2s"),
     ])
     .await;
     let sink =
@@ -260,8 +259,8 @@ async fn a_worker_with_other_replicas_refuses_to_start() {
 async fn a_full_store_refuses_new_notifications_and_loses_none() {
     let stack = Stack::start_with(&[
         (config::MAX_STORAGE, "4MiB"),
-        (config::WEBHOOK_CONCURRENCY, "8"),
-        (config::WEBHOOK_TIMEOUT, "60s"),
+        (config::SEND_CONCURRENCY, "8"),
+        (config::SEND_TIMEOUT, "60s"),
     ])
     .await;
     let sink = Sink::start(vec![], Reply::Held).await;

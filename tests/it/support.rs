@@ -83,7 +83,7 @@ impl<N> Stack<N> {
             (config::NATS_URL, url),
             (config::RETRY_BACKOFF, "50ms,100ms"),
             (config::MAX_ATTEMPTS, "3"),
-            (config::WEBHOOK_TIMEOUT, "300ms"),
+            (config::SEND_TIMEOUT, "300ms"),
             (config::NATS_TIMEOUT, "1s"),
             (config::MAX_BODY_BYTES, "16384"),
             (config::WEBHOOK_SECRET, WEBHOOK_SECRET),

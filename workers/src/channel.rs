@@ -1,7 +1,7 @@
 //! The loop every channel worker runs.
 //!
 //! One durable pull consumer per channel. The worker pulls exactly as many messages as it has
-//! free delivery slots (`HERALD_WEBHOOK_CONCURRENCY`) and starts each as it arrives, so no
+//! free delivery slots (`HERALD_SEND_CONCURRENCY`) and starts each as it arrives, so no
 //! message waits in a buffer while its ack wait runs, and memory stays bounded. While a message
 //! is handled the worker sends progress acks, so the server redelivers only what a dead worker
 //! held. For each message:
@@ -99,7 +99,7 @@ impl<D: Deliver> ChannelWorker<D> {
 
     /// Pulls and delivers until `stop` turns true, then waits for in-flight deliveries.
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let concurrency = self.config.webhook_concurrency;
+        let concurrency = self.config.send_concurrency.for_channel(self.channel);
         let limit = Arc::new(Semaphore::new(concurrency));
         let this = Arc::new(self);
         // The ack floor of the consumer as last seen: where a recreated one resumes.
@@ -376,7 +376,11 @@ impl<D: Deliver> ChannelWorker<D> {
         };
         let attempt = held.round_attempt();
         let sent = match self.resolver.resolve(&intent, Utc::now()) {
-            Ok(Resolved::Send(concrete)) => self.deliver.deliver(&concrete).await,
+            Ok(Resolved::Send(concrete)) => {
+                let delivery = self.deliver.deliver(&concrete).await;
+                held.calls = delivery.calls;
+                delivery.result
+            }
             Ok(decided) => return self.decided(message, &intent, held, decided).await,
             Err(e) => Err(e),
         };

@@ -3,7 +3,11 @@
 //! - [`channel`]: the loop every channel shares: a durable pull consumer, bounded in-flight
 //!   work, decoding, the claim and settlement in the delivery ledger, progress acks, retries
 //!   with `Nak(delay)`, dead-lettering, graceful shutdown.
-//! - [`webhook`]: the webhook channel: a signed JSON POST.
+//! - [`provider`]: the provider trait, and what every channel wraps around its providers:
+//!   failover along an ordered list, rate limits, circuit breakers, timeouts, call records.
+//! - [`channels`]: the one registry of channels: what each is made of.
+//! - [`webhook`]: the webhook channel's provider: a signed JSON POST.
+//! - [`metrics`]: the provider metrics, and `/metrics` for `herald worker`.
 //! - [`resolve`]: notifications by user and template made concrete at send time from the
 //!   local copies of users and templates: address, preferences, rendering.
 //! - [`park`]: copying a message into HERALD_DLQ (always before it is terminated).
@@ -11,19 +15,22 @@
 //!   redelivering (a worker died holding them on their last attempt).
 //!
 //! A channel's delivery code implements [`Deliver`] and says, through [`DeliveryError`],
-//! whether a failure is transient (retry) or permanent (dead-letter now). Workers never call
-//! the gateway.
+//! whether a failure is transient (retry) or permanent (dead-letter now), with a record of the
+//! provider calls it made. Workers never call the gateway.
 
 pub mod channel;
+pub mod channels;
+pub mod metrics;
 pub mod mover;
 pub mod park;
+pub mod provider;
 pub mod resolve;
 pub mod webhook;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use herald_shared::{
-    Channel, Config, Intent,
+    Config, Intent,
     mirror::Mirror,
     topology::{TEMPLATES_BUCKET, Topology, USERS_BUCKET},
 };
@@ -44,9 +51,23 @@ pub enum DeliveryError {
     Permanent { message: String },
 }
 
-/// Delivery through one provider.
+/// What one attempt on a channel came to, and the provider calls it made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub result: Result<(), DeliveryError>,
+    pub calls: Vec<herald_shared::state::ProviderCall>,
+}
+
+impl Delivery {
+    /// An attempt that ended before any provider was called.
+    pub fn failed(error: DeliveryError) -> Delivery {
+        Delivery { result: Err(error), calls: Vec::new() }
+    }
+}
+
+/// One attempt to deliver on a channel.
 pub trait Deliver: Send + Sync + 'static {
-    fn deliver(&self, intent: &Intent) -> impl Future<Output = Result<(), DeliveryError>> + Send;
+    fn deliver<'a>(&'a self, intent: &'a Intent) -> impl Future<Output = Delivery> + Send + 'a;
 }
 
 /// Runs the workers of `config.channels` and the dead-letter mover until `shutdown` completes,
@@ -72,21 +93,18 @@ pub async fn run(
         config.default_locale.clone(),
         config.required_categories.clone(),
     ));
+    let provider_metrics = Arc::new(metrics::WorkerMetrics::default());
+    metrics::expose(&provider_metrics);
     for &channel in &config.channels {
-        match channel {
-            Channel::Webhook => {
-                let sender = Arc::new(webhook::WebhookSender::new(&config)?);
-                let worker = channel::ChannelWorker::new(
-                    channel,
-                    config.clone(),
-                    topology.clone(),
-                    sender,
-                    resolver.clone(),
-                );
-                tasks.spawn(worker.run(stop_rx.clone()));
-            }
-            other => anyhow::bail!("channel {other} has no worker in this version of Herald"),
-        }
+        let sender = channels::build(channel, &config, &topology, provider_metrics.clone())?;
+        let worker = channel::ChannelWorker::new(
+            channel,
+            config.clone(),
+            topology.clone(),
+            Arc::new(sender),
+            resolver.clone(),
+        );
+        tasks.spawn(worker.run(stop_rx.clone()));
     }
     tasks.spawn(mover::run(topology.clone(), config.retry.max_attempts, stop_rx.clone()));
     shutdown.await;

@@ -19,11 +19,11 @@ use std::{
 };
 
 use chrono::Utc;
-use herald_shared::{Config, Intent, signature};
+use herald_shared::{Channel, Config, Intent, signature, state::FailureKind};
 use reqwest::{StatusCode, header::RETRY_AFTER};
 use serde::Serialize;
 
-use crate::{Deliver, DeliveryError};
+use crate::provider::{Provider, ProviderError, Receipt, Sending};
 
 /// The JSON document a webhook receives.
 #[derive(Debug, Serialize)]
@@ -60,15 +60,16 @@ impl WebhookSender {
         if !config.webhook_allow_private {
             builder = builder.dns_resolver(Arc::new(PublicOnly));
         }
+        let timeout = config.send_timeout.for_channel(Channel::Webhook);
         let http = builder
-            .timeout(config.webhook_timeout)
-            .connect_timeout(config.webhook_timeout.min(Duration::from_secs(5)))
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
             .redirect(reqwest::redirect::Policy::none())
             // Webhook targets are addressed directly; a proxy from the environment would
             // silently reroute (or break) them.
             .no_proxy()
             .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
-            .pool_max_idle_per_host(config.webhook_concurrency)
+            .pool_max_idle_per_host(config.send_concurrency.for_channel(Channel::Webhook))
             .build()?;
         Ok(WebhookSender {
             http,
@@ -78,23 +79,35 @@ impl WebhookSender {
     }
 }
 
-impl Deliver for WebhookSender {
-    async fn deliver(&self, intent: &Intent) -> Result<(), DeliveryError> {
-        let url = intent
-            .recipient
-            .webhook_url
-            .as_deref()
-            .ok_or_else(|| DeliveryError::Permanent { message: "recipient has no webhook_url".into() })?;
+impl Provider for WebhookSender {
+    fn name(&self) -> &str {
+        "webhook"
+    }
+
+    /// Each receiving host (and port) has its own breaker: one dead receiver fails fast
+    /// without slowing the others.
+    fn breaker_key(&self, to: &str) -> Option<String> {
+        let url = url::Url::parse(to).ok()?;
+        Some(format!("{}:{}", url.host_str()?, url.port_or_known_default()?))
+    }
+
+    fn send<'a>(&'a self, intent: &'a Intent, url: &'a str) -> Sending<'a> {
+        Box::pin(self.post(intent, url))
+    }
+}
+
+impl WebhookSender {
+    async fn post(&self, intent: &Intent, url: &str) -> Result<Receipt, ProviderError> {
+        let refused = |message: String| ProviderError::new(FailureKind::Rejected, message);
         if !self.allow_private {
-            let parsed =
-                url::Url::parse(url).map_err(|e| DeliveryError::Permanent { message: e.to_string() })?;
+            let parsed = url::Url::parse(url).map_err(|e| refused(e.to_string()))?;
             let literal = match parsed.host() {
                 Some(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
                 Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
                 _ => None,
             };
             if literal.is_some_and(|ip| !is_public(ip)) {
-                return Err(DeliveryError::Permanent { message: PrivateAddress.to_string() });
+                return Err(refused(PrivateAddress.to_string()));
             }
         }
         let body = serde_json::to_vec(&WebhookBody {
@@ -125,14 +138,16 @@ impl Deliver for WebhookSender {
             .await
             .map_err(|e| {
                 if caused_by_private_address(&e) {
-                    DeliveryError::Permanent { message: PrivateAddress.to_string() }
+                    refused(PrivateAddress.to_string())
+                } else if e.is_timeout() {
+                    ProviderError::new(FailureKind::Timeout, "timed out")
                 } else {
-                    DeliveryError::Transient { message: describe(&e), retry_after: None }
+                    ProviderError::new(FailureKind::Connection, describe(&e))
                 }
             })?;
         let status = response.status();
         if status.is_success() {
-            return Ok(());
+            return Ok(Receipt::default());
         }
         let retry_after =
             response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
@@ -232,16 +247,17 @@ pub fn is_public(ip: IpAddr) -> bool {
     }
 }
 
-/// 408, 429 and 5xx are worth retrying; any other non-2xx answer is final.
-pub fn classify(status: StatusCode, message: String, retry_after: Option<Duration>) -> DeliveryError {
-    if status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS
-        || status.is_server_error()
-    {
-        DeliveryError::Transient { message, retry_after }
-    } else {
-        DeliveryError::Permanent { message }
-    }
+/// An HTTP provider's error status: 408 timed out, 429 slow down, 5xx unavailable (all worth
+/// retrying); 401 and 403 refuse Herald's credentials; any other answer refuses the message.
+pub fn classify(status: StatusCode, message: String, retry_after: Option<Duration>) -> ProviderError {
+    let kind = match status {
+        StatusCode::REQUEST_TIMEOUT => FailureKind::Timeout,
+        StatusCode::TOO_MANY_REQUESTS => FailureKind::RateLimited,
+        s if s.is_server_error() => FailureKind::Unavailable,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => FailureKind::Unauthorized,
+        _ => FailureKind::Rejected,
+    };
+    ProviderError::new(kind, message).with_retry_after(retry_after)
 }
 
 /// `Retry-After` is either delay-seconds or an HTTP date.
@@ -280,7 +296,7 @@ mod tests {
             (301, false),
         ] {
             let e = classify(StatusCode::from_u16(code).unwrap(), String::new(), None);
-            assert_eq!(matches!(e, DeliveryError::Transient { .. }), transient, "{code}");
+            assert_eq!(e.kind.is_transient(), transient, "{code}");
         }
     }
 

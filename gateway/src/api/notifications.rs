@@ -261,11 +261,13 @@ impl NotificationsApi {
         let tenant = claims.tenant.clone().unwrap_or_else(|| claims.sub.clone());
         let mut body = body.0;
         let mut passed = Vec::new();
+        let mut fallback = Vec::new();
+        let available = &state.config.channels;
         if let Some(user_id) = body.recipient.user_id.clone() {
             let user = find_user(&state, &tenant, &user_id).await?;
             if body.channels.is_none() {
                 let direct = recipient(&body.recipient);
-                let (chosen, over) = channels_for(&user, &direct, Channel::has_worker);
+                let (chosen, over, rest) = channels_for(&user, &direct, |c| available.contains(&c));
                 if chosen.is_empty() {
                     return Err(ApiError::invalid(
                         "recipient.user_id",
@@ -275,9 +277,10 @@ impl NotificationsApi {
                 }
                 body.channels = Some(chosen.into_iter().map(ApiChannel::from).collect());
                 passed = over;
+                fallback = rest;
             }
         }
-        let intents = into_intents(body, &tenant, &correlation.0.0)?;
+        let intents = into_intents(body, &tenant, &correlation.0.0, available, fallback)?;
         let channels: Vec<ApiChannel> = intents.iter().map(|i| i.channel().into()).collect();
         let scheduled = intents[0].send_at.is_some_and(|t| t > Utc::now());
         let first = intents[0].clone();
@@ -397,10 +400,14 @@ async fn find_user(state: &AppState, tenant: &str, id: &str) -> Result<User, Api
 }
 
 /// Checks a request and splits it into one intent per channel, sharing a fresh id.
+/// `available`: the channels this deployment delivers on; `fallback`: the user's channels after
+/// the chosen one, which take over at send time if it cannot deliver.
 fn into_intents(
     req: NotificationRequest,
     tenant: &str,
     correlation_id: &str,
+    available: &[Channel],
+    fallback: Vec<Channel>,
 ) -> Result<Vec<Intent>, ApiError> {
     let recipient = recipient(&req.recipient);
     if req.locale.is_some() && req.template.is_none() {
@@ -438,10 +445,11 @@ fn into_intents(
             inferred
         }
     };
-    if let Some((i, c)) = channels.iter().enumerate().find(|(_, c)| !c.has_worker()) {
+    if let Some((i, c)) = channels.iter().enumerate().find(|(_, c)| !available.contains(c)) {
+        let names: Vec<&str> = available.iter().map(|c| c.as_str()).collect();
         return Err(ApiError::invalid(
             format!("channels[{i}]"),
-            format!("channel {c} is not available in this version of Herald (available: webhook)"),
+            format!("channel {c} is not available in this Herald (available: {})", names.join(", ")),
         ));
     }
     let content = req
@@ -475,6 +483,7 @@ fn into_intents(
                 expires_at: req.expires_at,
                 metadata: req.metadata.clone().unwrap_or_default(),
                 created_at: Some(now),
+                fallback: fallback.clone(),
                 ..Intent::new(channel, recipient.clone())
             };
             intent.validate().map_err(|r| match r {

@@ -96,6 +96,6 @@ impl SystemApi {
             let gauge = state.metrics.copy_lag.get_or_create(&crate::metrics::CopyLabel { copy });
             gauge.set(i64::try_from(status.lag).unwrap_or(i64::MAX));
         }
-        PlainText(state.metrics.render())
+        PlainText(herald_shared::telemetry::render_metrics(&state.metrics.render()))
     }
 }

@@ -1,0 +1,87 @@
+//! The one registry of channels: what each channel this build delivers on is made of. The
+//! gateway accepts the channels of `HERALD_CHANNELS` (by default webhook and every channel
+//! whose provider is configured, see `Providers::configured`), and this is where each gets its
+//! providers.
+//!
+//! | channel | address | providers, in order |
+//! |---|---|---|
+//! | email | `recipient.email` | `smtp`, `smtp-2`, … (`HERALD_SMTP_URLS`) |
+//! | sms | `recipient.phone` | `twilio` |
+//! | push | each device token | `fcm` or `apns`, by the device's platform |
+//! | webhook | `recipient.webhook_url` | `webhook` (a breaker per receiving host) |
+
+use std::sync::Arc;
+
+use herald_shared::{Channel, Config, Intent, topology::Topology};
+
+use crate::{
+    Deliver, Delivery, DeliveryError,
+    metrics::WorkerMetrics,
+    provider::{Chain, Provider},
+    webhook::WebhookSender,
+};
+
+/// A channel's sender.
+pub enum Sender {
+    /// One address per intent, sent through a chain of providers.
+    Addressed(Addressed),
+}
+
+impl Deliver for Sender {
+    async fn deliver<'a>(&'a self, intent: &'a Intent) -> Delivery {
+        match self {
+            Sender::Addressed(a) => a.deliver(intent).await,
+        }
+    }
+}
+
+/// Builds the sender of `channel` from the configuration.
+pub fn build(
+    channel: Channel,
+    config: &Config,
+    _topology: &Topology,
+    metrics: Arc<WorkerMetrics>,
+) -> anyhow::Result<Sender> {
+    let chain = |providers: Vec<Arc<dyn Provider>>| {
+        for p in &providers {
+            metrics.declare(channel, p.name());
+        }
+        Chain::new(channel, providers, config, metrics.clone())
+    };
+    match channel {
+        Channel::Webhook => {
+            let webhook: Arc<dyn Provider> = Arc::new(WebhookSender::new(config)?);
+            Ok(Sender::Addressed(Addressed { chain: chain(vec![webhook]), channel }))
+        }
+        other => anyhow::bail!("channel {other} has no worker in this version of Herald"),
+    }
+}
+
+/// A channel with one address per intent.
+pub struct Addressed {
+    chain: Chain,
+    channel: Channel,
+}
+
+/// The address `intent` has for `channel`, if any.
+pub fn address(intent: &Intent, channel: Channel) -> Option<&str> {
+    let r = &intent.recipient;
+    match channel {
+        Channel::Email => r.email.as_deref(),
+        Channel::Sms => r.phone.as_deref(),
+        Channel::Webhook => r.webhook_url.as_deref(),
+        Channel::Push | Channel::Inapp => None,
+    }
+}
+
+impl Deliver for Addressed {
+    async fn deliver<'a>(&'a self, intent: &'a Intent) -> Delivery {
+        let Some(to) = address(intent, self.channel) else {
+            return Delivery::failed(DeliveryError::Permanent {
+                message: format!("recipient has no address for {}", self.channel),
+            });
+        };
+        let (result, calls) = self.chain.send(intent, to, None).await;
+        Delivery { result: result.map(|_| ()).map_err(DeliveryError::from), calls }
+    }
+}
