@@ -14,6 +14,7 @@ mod faults;
 mod ledger;
 mod outage;
 mod reference;
+mod resilience;
 mod support;
 mod templates;
 mod users;

@@ -71,10 +71,11 @@ pub trait Deliver: Send + Sync + 'static {
 }
 
 /// Runs the workers of `config.channels` and the dead-letter mover until `shutdown` completes,
-/// then lets in-flight deliveries finish.
+/// then lets in-flight deliveries finish. Provider calls are counted in `provider_metrics`.
 pub async fn run(
     config: Config,
     topology: Topology,
+    provider_metrics: Arc<metrics::WorkerMetrics>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -93,8 +94,6 @@ pub async fn run(
         config.default_locale.clone(),
         config.required_categories.clone(),
     ));
-    let provider_metrics = Arc::new(metrics::WorkerMetrics::default());
-    metrics::expose(&provider_metrics);
     for &channel in &config.channels {
         let sender = channels::build(channel, &config, &topology, provider_metrics.clone())?;
         let worker = channel::ChannelWorker::new(
