@@ -21,7 +21,9 @@ use bytes::Bytes;
 use herald_shared::{Channel, auth, config, deadletter::headers as dlq, state::ProviderCall};
 use http_body_util::{BodyExt, Full};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use poem::{EndpointExt, Request, Response, Route, handler, http::StatusCode, listener::TcpAcceptor, web::Data};
+use poem::{
+    EndpointExt, Request, Response, Route, handler, http::StatusCode, listener::TcpAcceptor, web::Data,
+};
 use serde_json::{Value, json};
 
 use crate::support::{Stack, TENANT, eventually, header};
@@ -66,7 +68,10 @@ struct Script {
 impl Script {
     fn new(script: &[(&str, Vec<Answer>)]) -> Arc<Script> {
         let s = Arc::new(Script::default());
-        s.answers.lock().unwrap().extend(script.iter().map(|(t, a)| (t.to_string(), a.iter().cloned().collect())));
+        s.answers
+            .lock()
+            .unwrap()
+            .extend(script.iter().map(|(t, a)| (t.to_string(), a.iter().cloned().collect())));
         s
     }
 
@@ -172,7 +177,11 @@ fn check_token_request(req: &Request, body: &[u8], token_url: &str) -> Vec<Strin
     validation.set_issuer(&[CLIENT_EMAIL]);
     validation.set_audience(&[token_url]);
     validation.set_required_spec_claims(&["exp", "iss", "aud"]);
-    match jsonwebtoken::decode::<GoogleClaims>(&assertion, &DecodingKey::from_rsa_pem(FCM_PUBLIC.as_bytes()).unwrap(), &validation) {
+    match jsonwebtoken::decode::<GoogleClaims>(
+        &assertion,
+        &DecodingKey::from_rsa_pem(FCM_PUBLIC.as_bytes()).unwrap(),
+        &validation,
+    ) {
         Ok(t) => {
             if t.claims.scope != "https://www.googleapis.com/auth/firebase.messaging" {
                 problems.push(format!("scope {:?}", t.claims.scope));
@@ -220,15 +229,17 @@ fn check_send(req: &Request, body: &Value, issued: &[String]) -> Vec<String> {
             problems.push(format!("unexpected message.{key}"));
         }
     }
-    if let Some(n) = message.get("notification") {
-        if !n.as_object().is_some_and(|n| n.keys().all(|k| k == "title" || k == "body") && n.values().all(Value::is_string)) {
-            problems.push(format!("notification {n}"));
-        }
+    if let Some(n) = message.get("notification")
+        && !n.as_object().is_some_and(|n| {
+            n.keys().all(|k| k == "title" || k == "body") && n.values().all(Value::is_string)
+        })
+    {
+        problems.push(format!("notification {n}"));
     }
-    if let Some(d) = message.get("data") {
-        if !d.as_object().is_some_and(|d| d.values().all(Value::is_string)) {
-            problems.push(format!("data is not a map of strings: {d}"));
-        }
+    if let Some(d) = message.get("data")
+        && !d.as_object().is_some_and(|d| d.values().all(Value::is_string))
+    {
+        problems.push(format!("data is not a map of strings: {d}"));
     }
     problems
 }
@@ -245,7 +256,10 @@ async fn fcm_api(req: &Request, body: Vec<u8>, state: Data<&Arc<FcmState>>) -> R
         let problems = check_token_request(req, &body, &state.token_url);
         if !problems.is_empty() {
             state.token_problems.lock().unwrap().extend(problems);
-            return json_response(400, json!({"error": "invalid_grant", "error_description": "Invalid JWT Signature."}));
+            return json_response(
+                400,
+                json!({"error": "invalid_grant", "error_description": "Invalid JWT Signature."}),
+            );
         }
         let token = {
             let mut issued = state.issued.lock().unwrap();
@@ -253,7 +267,10 @@ async fn fcm_api(req: &Request, body: Vec<u8>, state: Data<&Arc<FcmState>>) -> R
             issued.push(token.clone());
             token
         };
-        return json_response(200, json!({"access_token": token, "expires_in": 3599, "token_type": "Bearer"}));
+        return json_response(
+            200,
+            json!({"access_token": token, "expires_in": 3599, "token_type": "Bearer"}),
+        );
     }
     let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let issued = state.issued.lock().unwrap().clone();
@@ -261,20 +278,33 @@ async fn fcm_api(req: &Request, body: Vec<u8>, state: Data<&Arc<FcmState>>) -> R
     let token = json["message"]["token"].as_str().unwrap_or_default().to_owned();
     let answer = state.script.next(&token);
     let id = matches!(answer, Answer::Ok).then(|| {
-        format!("projects/{PROJECT}/messages/0:{}%{:016x}", state.script.sent.lock().unwrap().len(), 0xfeed_u64)
+        format!(
+            "projects/{PROJECT}/messages/0:{}%{:016x}",
+            state.script.sent.lock().unwrap().len(),
+            0xfeed_u64
+        )
     });
     let headers = req
         .headers()
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
         .collect();
-    state.script.sent.lock().unwrap().push(Sent { token, body: json, headers, problems, id: id.clone(), at: Instant::now() });
+    state.script.sent.lock().unwrap().push(Sent {
+        token,
+        body: json,
+        headers,
+        problems,
+        id: id.clone(),
+        at: Instant::now(),
+    });
     match answer {
         Answer::Ok => json_response(200, json!({"name": id})),
         Answer::Error(status, code, retry_after) => {
             let (canonical, message) = match code {
                 "UNREGISTERED" => ("NOT_FOUND", "Requested entity was not found."),
-                "INVALID_ARGUMENT" => ("INVALID_ARGUMENT", "The registration token is not a valid FCM registration token"),
+                "INVALID_ARGUMENT" => {
+                    ("INVALID_ARGUMENT", "The registration token is not a valid FCM registration token")
+                }
                 "SENDER_ID_MISMATCH" => ("PERMISSION_DENIED", "SenderId mismatch"),
                 "QUOTA_EXCEEDED" => ("RESOURCE_EXHAUSTED", "Quota exceeded for quota metric 'Send requests'"),
                 "UNAVAILABLE" => ("UNAVAILABLE", "The service is currently unavailable."),
@@ -361,7 +391,10 @@ fn check_apns(req: &hyper::Request<()>, body: &Value) -> Vec<String> {
         problems.push(format!("version {:?}", req.version()));
     }
     let token = req.uri().path().strip_prefix("/3/device/").unwrap_or_default();
-    if req.method() != hyper::Method::POST || token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if req.method() != hyper::Method::POST
+        || token.len() != 64
+        || !token.bytes().all(|b| b.is_ascii_hexdigit())
+    {
         problems.push(format!("{} {} is not POST /3/device/<64 hex>", req.method(), req.uri().path()));
     }
     let auth = h("authorization");
@@ -377,7 +410,8 @@ fn check_apns(req: &hyper::Request<()>, body: &Value) -> Vec<String> {
                     if t.header.kid.as_deref() != Some(KEY_ID) {
                         problems.push(format!("kid {:?}", t.header.kid));
                     }
-                    if t.claims.iss != TEAM_ID || (chrono::Utc::now().timestamp() - t.claims.iat).abs() > 3600 {
+                    if t.claims.iss != TEAM_ID || (chrono::Utc::now().timestamp() - t.claims.iat).abs() > 3600
+                    {
                         problems.push("iss or iat wrong".into());
                     }
                 }
@@ -408,7 +442,10 @@ fn check_apns(req: &hyper::Request<()>, body: &Value) -> Vec<String> {
     problems
 }
 
-async fn apns_api(req: hyper::Request<hyper::body::Incoming>, state: &ApnsState) -> hyper::Response<Full<Bytes>> {
+async fn apns_api(
+    req: hyper::Request<hyper::body::Incoming>,
+    state: &ApnsState,
+) -> hyper::Response<Full<Bytes>> {
     let (parts, incoming) = req.into_parts();
     let bytes = incoming.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
@@ -427,7 +464,8 @@ async fn apns_api(req: hyper::Request<hyper::body::Incoming>, state: &ApnsState)
         }
     }
     let answer = state.script.next(&token);
-    let id = headers.get("apns-id").cloned().unwrap_or_else(|| uuid::Uuid::now_v7().to_string().to_uppercase());
+    let id =
+        headers.get("apns-id").cloned().unwrap_or_else(|| uuid::Uuid::now_v7().to_string().to_uppercase());
     state.script.sent.lock().unwrap().push(Sent {
         token,
         body,
@@ -580,14 +618,20 @@ async fn every_device_of_a_user_gets_it_through_its_platform_with_the_providers_
         json!({"message": {"token": android, "notification": {"title": "Shipped", "body": "Order 42 is on its way"}, "data": {"order": "42"}}})
     );
     let to_iphone = &script.sent_to(&iphone)[0];
-    assert_eq!(to_iphone.body, json!({"aps": {"alert": {"title": "Shipped", "body": "Order 42 is on its way"}}, "order": "42"}));
+    assert_eq!(
+        to_iphone.body,
+        json!({"aps": {"alert": {"title": "Shipped", "body": "Order 42 is on its way"}}, "order": "42"})
+    );
     assert_eq!(to_iphone.headers["apns-id"], id, "the notification id is the apns-id, so retries share it");
     assert_eq!(to_iphone.headers["apns-priority"], "10");
     assert_eq!(to_iphone.headers["apns-expiration"], "0");
 
     let calls = push_calls(&stack, &id).await;
     for (token, provider, sent) in [(android, "fcm", to_android), (iphone.as_str(), "apns", to_iphone)] {
-        let call = calls.iter().find(|c| c.device.as_deref() == Some(label(token).as_str())).expect("a call per device");
+        let call = calls
+            .iter()
+            .find(|c| c.device.as_deref() == Some(label(token).as_str()))
+            .expect("a call per device");
         assert_eq!(call.provider, provider);
         assert_eq!(call.provider_message_id, sent.id, "{provider}");
         assert!(call.provider_message_id.is_some());
@@ -634,7 +678,11 @@ async fn an_unregistered_fcm_device_is_removed_from_the_user_while_the_other_dev
 
     // A sender id mismatch refuses the address but the device stays; with no device left
     // that took it, the notification is dead-lettered at once.
-    script.answers.lock().unwrap().insert(kept.into(), vec![Answer::Error(403, "SENDER_ID_MISMATCH", None)].into());
+    script
+        .answers
+        .lock()
+        .unwrap()
+        .insert(kept.into(), vec![Answer::Error(403, "SENDER_ID_MISMATCH", None)].into());
     let id = send_to_user(&stack, "bob").await;
     stack.wait_status(&id, "dead_lettered").await;
     assert_eq!(user_devices(&stack, "bob").await, vec![kept.to_owned()]);
@@ -683,7 +731,11 @@ async fn fcm_outages_and_refused_access_tokens_are_retried() {
     assert_eq!(fcm.issued().len(), 1);
 
     // FCM refuses the access token once: it is dropped, the retry fetches a new one.
-    script.answers.lock().unwrap().insert("fcm-refused".into(), vec![Answer::Error(401, "UNAUTHENTICATED", None)].into());
+    script
+        .answers
+        .lock()
+        .unwrap()
+        .insert("fcm-refused".into(), vec![Answer::Error(401, "UNAUTHENTICATED", None)].into());
     let id = send("fcm-refused").await;
     stack.wait_status(&id, "delivered").await;
     assert_eq!(fcm.issued().len(), 2, "a new access token after the 401");
@@ -705,7 +757,13 @@ async fn apns_unregistered_and_bad_tokens_are_removed_and_outages_retried() {
     let script = Script::new(&[
         (&unregistered, vec![Answer::Error(410, "Unregistered", None)]),
         (&bad, vec![Answer::Error(400, "BadDeviceToken", None)]),
-        (&flaky, vec![Answer::Error(503, "ServiceUnavailable", None), Answer::Error(500, "InternalServerError", None)]),
+        (
+            &flaky,
+            vec![
+                Answer::Error(503, "ServiceUnavailable", None),
+                Answer::Error(500, "InternalServerError", None),
+            ],
+        ),
     ]);
     let apns = Apns::start(script.clone()).await;
     let stack = stack(None, Some(&apns)).await;
@@ -723,7 +781,11 @@ async fn apns_unregistered_and_bad_tokens_are_removed_and_outages_retried() {
 
     // A user whose only device is gone: removed, and nothing is left to retry.
     let only = apns_token(5);
-    script.answers.lock().unwrap().insert(only.clone(), vec![Answer::Error(400, "BadDeviceToken", None)].into());
+    script
+        .answers
+        .lock()
+        .unwrap()
+        .insert(only.clone(), vec![Answer::Error(400, "BadDeviceToken", None)].into());
     put_user(&stack, "di", &[(&only, "apns")]).await;
     let id = send_to_user(&stack, "di").await;
     stack.wait_status(&id, "dead_lettered").await;
@@ -740,8 +802,12 @@ async fn apns_unregistered_and_bad_tokens_are_removed_and_outages_retried() {
 
     // Every request carried one provider token, and HTTP/1.1 gets nothing from this server.
     assert_eq!(apns.jwts().len(), 1);
-    let http1 = reqwest::Client::builder().http1_only().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
-    assert!(http1.post(format!("{}/3/device/{ok}", apns.url)).body("{}").send().await.is_err(), "the stand-in is HTTP/2 only");
+    let http1 =
+        reqwest::Client::builder().http1_only().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
+    assert!(
+        http1.post(format!("{}/3/device/{ok}", apns.url)).body("{}").send().await.is_err(),
+        "the stand-in is HTTP/2 only"
+    );
 }
 
 #[tokio::test]
@@ -767,7 +833,10 @@ async fn a_refused_apns_provider_token_is_replaced_once_then_unauthorized() {
     assert_eq!(script.sent_to(&invalid).len(), 2, "one replacement, then unauthorized");
     assert_eq!(apns.jwts().len(), 3);
     let (_, record) = stack.get(&id).await;
-    assert!(record["channels"][0]["last_error"].as_str().unwrap().contains("InvalidProviderToken"), "{record}");
+    assert!(
+        record["channels"][0]["last_error"].as_str().unwrap().contains("InvalidProviderToken"),
+        "{record}"
+    );
 }
 
 #[tokio::test]

@@ -12,7 +12,9 @@ use std::{
 
 use base64::Engine;
 use herald_shared::{config, deadletter::headers as dlq};
-use poem::{EndpointExt, Request, Response, Route, handler, http::StatusCode, listener::TcpAcceptor, web::Data};
+use poem::{
+    EndpointExt, Request, Response, Route, handler, http::StatusCode, listener::TcpAcceptor, web::Data,
+};
 use serde_json::{Value, json};
 
 use crate::support::{Stack, header};
@@ -85,7 +87,14 @@ impl Twilio {
 
     /// The requests for `to`, in order.
     pub fn sent_to(&self, to: &str) -> Vec<Sent> {
-        self.state.sent.lock().unwrap().iter().filter(|s| s.form.get("To").is_some_and(|t| t == to)).cloned().collect()
+        self.state
+            .sent
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.form.get("To").is_some_and(|t| t == to))
+            .cloned()
+            .collect()
     }
 
     /// The stack's settings for this stand-in.
@@ -112,13 +121,16 @@ fn check(req: &Request, form: &HashMap<String, String>) -> Vec<String> {
     }
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{ACCOUNT_SID}:{AUTH_TOKEN}"));
     if h("authorization") != format!("Basic {basic}") {
-        problems.push(format!("authorization {:?} is not basic auth with the SID and token", h("authorization")));
+        problems
+            .push(format!("authorization {:?} is not basic auth with the SID and token", h("authorization")));
     }
     if !h("content-type").starts_with("application/x-www-form-urlencoded") {
         problems.push(format!("content type {:?} is not a form", h("content-type")));
     }
     let to = form.get("To").map(String::as_str).unwrap_or_default();
-    let e164 = to.strip_prefix('+').is_some_and(|d| (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()));
+    let e164 = to
+        .strip_prefix('+')
+        .is_some_and(|d| (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()));
     if !e164 {
         problems.push(format!("To {to:?} is not E.164"));
     }
@@ -141,10 +153,16 @@ async fn messages(req: &Request, body: Vec<u8>, state: Data<&Arc<State>>) -> Res
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     let problems = check(req, &form);
     let to = form.get("To").cloned().unwrap_or_default();
-    let answer = state.script.lock().unwrap().get_mut(&to).and_then(VecDeque::pop_front).unwrap_or(Answer::Created);
+    let answer =
+        state.script.lock().unwrap().get_mut(&to).and_then(VecDeque::pop_front).unwrap_or(Answer::Created);
     let n = state.sent.lock().unwrap().len();
     let sid = matches!(answer, Answer::Created).then(|| format!("SM{n:032x}"));
-    state.sent.lock().unwrap().push(Sent { form: form.clone(), problems, sid: sid.clone(), at: Instant::now() });
+    state.sent.lock().unwrap().push(Sent {
+        form: form.clone(),
+        problems,
+        sid: sid.clone(),
+        at: Instant::now(),
+    });
     let json_response = |status: u16, body: Value| {
         Response::builder()
             .status(StatusCode::from_u16(status).unwrap())
@@ -194,9 +212,9 @@ async fn messages(req: &Request, body: Vec<u8>, state: Data<&Arc<State>>) -> Res
             }
             response
         }
-        Answer::Bare(status) => {
-            Response::builder().status(StatusCode::from_u16(status).unwrap()).body("<html>Service Unavailable</html>")
-        }
+        Answer::Bare(status) => Response::builder()
+            .status(StatusCode::from_u16(status).unwrap())
+            .body("<html>Service Unavailable</html>"),
     }
 }
 
@@ -229,7 +247,8 @@ async fn an_sms_is_posted_as_twilio_documents_and_its_sid_and_segments_recorded(
     let stack = stack(&twilio).await;
     let short = stack.send(sms("+15551230001", "Your code is 123456"), None).await;
     let long = stack.send(sms("+15551230002", &"ж".repeat(71)), None).await;
-    for (id, to, segments) in [(&short, "+15551230001", "1 segment, GSM-7"), (&long, "+15551230002", "2 segments, UCS-2")]
+    for (id, to, segments) in
+        [(&short, "+15551230001", "1 segment, GSM-7"), (&long, "+15551230002", "2 segments, UCS-2")]
     {
         stack.wait_status(id, "delivered").await;
         let sent = twilio.sent_to(to);
@@ -277,11 +296,20 @@ async fn twilio_errors_retry_or_dead_letter_by_class_and_never_show_the_token() 
     }
     // Twilio said wait a second: the retry waited at least that, not the 200 ms backoff.
     let limited = twilio.sent_to("+15551110005");
-    assert!(limited[1].at - limited[0].at >= Duration::from_millis(950), "{:?}", limited[1].at - limited[0].at);
+    assert!(
+        limited[1].at - limited[0].at >= Duration::from_millis(950),
+        "{:?}",
+        limited[1].at - limited[0].at
+    );
     let letters = stack.wait_dead_letters(5).await;
     assert_eq!(letters.len(), 5);
     let last_errors: Vec<String> = letters.iter().map(|m| header(m, dlq::LAST_ERROR)).collect();
-    assert!(last_errors.iter().any(|e| e.contains("twilio error 21211") && e.contains("not a valid phone number")), "{last_errors:?}");
+    assert!(
+        last_errors
+            .iter()
+            .any(|e| e.contains("twilio error 21211") && e.contains("not a valid phone number")),
+        "{last_errors:?}"
+    );
     let (_, invalid) = stack.get(&ids[0]).await;
     assert!(invalid["channels"][0]["last_error"].as_str().unwrap().contains("21211"), "{invalid}");
 

@@ -54,6 +54,10 @@ struct ProviderToken {
     /// The current token replaced one APNs refused: if it is refused too, the credentials are
     /// wrong, and making more would only trip Apple's limit on token updates.
     after_refusal: bool,
+    /// The `iat` of the last token made. ES256 signatures here are deterministic (RFC 6979),
+    /// so a replacement made within the same second would be the refused token again: each new
+    /// token is issued at least a second after the last.
+    last_iat: i64,
 }
 
 #[derive(Serialize)]
@@ -100,11 +104,13 @@ impl ApnsProvider {
         }
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.key_id.clone());
-        let claims = Claims { iss: &self.team_id, iat: chrono::Utc::now().timestamp() };
+        let iat = chrono::Utc::now().timestamp().max(state.last_iat + 1);
+        let claims = Claims { iss: &self.team_id, iat };
         let jwt = jsonwebtoken::encode(&header, &claims, &self.key).map_err(|e| {
             ProviderError::new(FailureKind::Unauthorized, format!("apns: signing the provider token: {e}"))
         })?;
         state.current = Some((jwt.clone(), Instant::now()));
+        state.last_iat = iat;
         Ok(jwt)
     }
 
@@ -250,6 +256,29 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_provider_token_is_replaced_once() {
+        let key = include_str!("../../tests/fixtures/test-only-apns-ec-private.p8");
+        let config = Config::from_pairs(&[
+            (herald_shared::config::APNS_KEY, key),
+            (herald_shared::config::APNS_KEY_ID, "ABC123DEFG"),
+            (herald_shared::config::APNS_TEAM_ID, "DEF123GHIJ"),
+            (herald_shared::config::APNS_TOPIC, "com.example"),
+            (herald_shared::config::APNS_BASE_URL, "http://127.0.0.1:1"),
+        ])
+        .unwrap();
+        let apns = ApnsProvider::new(config.providers.apns.as_ref().unwrap(), &config).unwrap();
+        let first = apns.provider_token().unwrap();
+        assert_eq!(apns.provider_token().unwrap(), first, "reused");
+        let refusal =
+            || ProviderError::new(FailureKind::Unauthorized, "apns InvalidProviderToken (HTTP 403)");
+        assert_eq!(apns.refused(&first, refusal()).kind, FailureKind::Unavailable, "transient once");
+        let second = apns.provider_token().unwrap();
+        assert_ne!(second, first, "a new token, even within the same second");
+        assert_eq!(apns.refused(&second, refusal()).kind, FailureKind::Unauthorized);
+        assert_eq!(apns.provider_token().unwrap(), second, "kept: no more updates than Apple allows");
+    }
+
+    #[test]
     fn the_payload_puts_data_beside_aps() {
         let mut intent: Intent = serde_json::from_value(json!({
             "recipient": {"push_tokens": ["apns:x"]},
@@ -257,7 +286,10 @@ mod tests {
             "data": {"order": 42, "aps": "ignored"}
         }))
         .unwrap();
-        assert_eq!(payload(&intent), json!({"aps": {"alert": {"title": "Shipped", "body": "Order 42"}}, "order": 42}));
+        assert_eq!(
+            payload(&intent),
+            json!({"aps": {"alert": {"title": "Shipped", "body": "Order 42"}}, "order": 42})
+        );
         intent.content.title = None;
         assert_eq!(payload(&intent)["aps"], json!({"alert": {"body": "Order 42"}}));
     }

@@ -18,9 +18,9 @@ use crate::{
     Deliver, Delivery, DeliveryError,
     apns::ApnsProvider,
     fcm::FcmProvider,
-    push::PushSender,
     metrics::WorkerMetrics,
     provider::{Chain, Provider},
+    push::PushSender,
     sms::TwilioProvider,
     webhook::WebhookSender,
 };
@@ -30,7 +30,7 @@ pub enum Sender {
     /// One address per intent, sent through a chain of providers.
     Addressed(Addressed),
     /// Every device of the recipient, each through its platform's chain.
-    Push(PushSender),
+    Push(Box<PushSender>),
 }
 
 impl Deliver for Sender {
@@ -83,9 +83,11 @@ pub fn build(
                 None => None,
             };
             if fcm.is_none() && apns.is_none() {
-                anyhow::bail!("the push channel needs FCM or APNs: set HERALD_FCM_PROJECT_ID or HERALD_APNS_KEY and their companions");
+                anyhow::bail!(
+                    "the push channel needs FCM or APNs: set HERALD_FCM_PROJECT_ID or HERALD_APNS_KEY and their companions"
+                );
             }
-            Ok(Sender::Push(PushSender { fcm, apns, users: topology.users.clone() }))
+            Ok(Sender::Push(Box::new(PushSender { fcm, apns, users: topology.users.clone() })))
         }
         other => anyhow::bail!("channel {other} has no worker in this version of Herald"),
     }

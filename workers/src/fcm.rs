@@ -94,7 +94,9 @@ impl FcmProvider {
         let token_url = match (&settings.token_url, &account.token_uri) {
             (Some(url), _) => url.to_string(),
             (None, Some(uri)) => uri.clone(),
-            (None, None) => anyhow::bail!("HERALD_FCM_CREDENTIALS has no token_uri; set HERALD_FCM_TOKEN_URL"),
+            (None, None) => {
+                anyhow::bail!("HERALD_FCM_CREDENTIALS has no token_uri; set HERALD_FCM_TOKEN_URL")
+            }
         };
         let timeout = config.send_timeout.for_channel(Channel::Push);
         let http = reqwest::Client::builder()
@@ -143,8 +145,9 @@ impl FcmProvider {
         };
         let mut header = Header::new(Algorithm::RS256);
         header.kid = self.key_id.clone();
-        let assertion = jsonwebtoken::encode(&header, &claims, &self.key)
-            .map_err(|e| ProviderError::new(FailureKind::Unauthorized, format!("fcm: signing the token request: {e}")))?;
+        let assertion = jsonwebtoken::encode(&header, &claims, &self.key).map_err(|e| {
+            ProviderError::new(FailureKind::Unauthorized, format!("fcm: signing the token request: {e}"))
+        })?;
         let response = self
             .http
             .post(&self.token_url)
@@ -170,7 +173,10 @@ impl FcmProvider {
             return Err(classify(status, message, None));
         }
         let answer: TokenAnswer = serde_json::from_str(&text).map_err(|e| {
-            ProviderError::new(FailureKind::Unavailable, format!("fcm: token endpoint answered without a token: {e}"))
+            ProviderError::new(
+                FailureKind::Unavailable,
+                format!("fcm: token endpoint answered without a token: {e}"),
+            )
         })?;
         Ok((answer.access_token, Duration::from_secs(answer.expires_in.unwrap_or(ASSERTION_LIFETIME))))
     }
@@ -194,7 +200,10 @@ impl FcmProvider {
             }
             let text = first_bytes(response, ERROR_BODY_BYTES).await;
             let sent: Sent = serde_json::from_str(&text).map_err(|e| {
-                ProviderError::new(FailureKind::Unavailable, format!("fcm: HTTP {status} without a message name: {e}"))
+                ProviderError::new(
+                    FailureKind::Unavailable,
+                    format!("fcm: HTTP {status} without a message name: {e}"),
+                )
             })?;
             return Ok(Receipt { provider_message_id: Some(sent.name), detail: None });
         }
@@ -334,7 +343,11 @@ mod tests {
         }
         let e = classify_error(StatusCode::SERVICE_UNAVAILABLE, "<html>", Some(Duration::from_secs(9)));
         assert_eq!((e.kind, e.retry_after), (FailureKind::Unavailable, Some(Duration::from_secs(9))));
-        let e = classify_error(StatusCode::UNAUTHORIZED, r#"{"error": {"code": 401, "status": "UNAUTHENTICATED", "message": "bad"}}"#, None);
+        let e = classify_error(
+            StatusCode::UNAUTHORIZED,
+            r#"{"error": {"code": 401, "status": "UNAUTHENTICATED", "message": "bad"}}"#,
+            None,
+        );
         assert_eq!(e.kind, FailureKind::Unauthorized);
     }
 

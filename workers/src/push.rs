@@ -75,7 +75,9 @@ impl Deliver for PushSender {
             }
         }
         if tokens.is_empty() {
-            return Delivery::failed(DeliveryError::Permanent { message: "recipient has no push tokens".into() });
+            return Delivery::failed(DeliveryError::Permanent {
+                message: "recipient has no push tokens".into(),
+            });
         }
         // The futures are made first (they start only when polled) so the stream holds no
         // closure over borrowed tokens.
@@ -102,19 +104,30 @@ fn outcome(delivered: bool, failures: &[(String, ProviderError)]) -> Result<(), 
     if delivered {
         return Ok(());
     }
-    let message =
-        failures.iter().map(|(label, e)| format!("device {label}: {}", e.message)).collect::<Vec<_>>().join("; ");
-    let transient: Vec<&ProviderError> = failures.iter().map(|(_, e)| e).filter(|e| e.kind.is_transient()).collect();
+    let message = failures
+        .iter()
+        .map(|(label, e)| format!("device {label}: {}", e.message))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let transient: Vec<&ProviderError> =
+        failures.iter().map(|(_, e)| e).filter(|e| e.kind.is_transient()).collect();
     if transient.is_empty() {
         Err(DeliveryError::Permanent { message })
     } else {
-        Err(DeliveryError::Transient { message, retry_after: transient.iter().filter_map(|e| e.retry_after).max() })
+        Err(DeliveryError::Transient {
+            message,
+            retry_after: transient.iter().filter_map(|e| e.retry_after).max(),
+        })
     }
 }
 
 impl PushSender {
     /// One device: its label, the outcome and the calls made.
-    async fn one(&self, intent: &Intent, raw: &str) -> (String, Result<Receipt, ProviderError>, Vec<ProviderCall>) {
+    async fn one(
+        &self,
+        intent: &Intent,
+        raw: &str,
+    ) -> (String, Result<Receipt, ProviderError>, Vec<ProviderCall>) {
         let (platform, token) = device(raw);
         let label = device_label(token);
         let chain = match platform {
@@ -153,7 +166,8 @@ impl PushSender {
     /// of it, for the call's record.
     async fn remove(&self, intent: &Intent, token: &str) -> String {
         let label = device_label(token);
-        let (Some(tenant), Some(user)) = (intent.tenant.as_deref(), intent.recipient.user_id.as_deref()) else {
+        let (Some(tenant), Some(user)) = (intent.tenant.as_deref(), intent.recipient.user_id.as_deref())
+        else {
             return "device unregistered (no user to remove it from)".into();
         };
         let change = |u: &herald_shared::users::User| -> Result<UserFields, Removal> {
@@ -219,7 +233,10 @@ mod tests {
     #[test]
     fn any_device_delivers_else_any_transient_retries() {
         let e = |kind, secs: Option<u64>| {
-            ("…x".to_owned(), ProviderError::new(kind, "no").with_retry_after(secs.map(std::time::Duration::from_secs)))
+            (
+                "…x".to_owned(),
+                ProviderError::new(kind, "no").with_retry_after(secs.map(std::time::Duration::from_secs)),
+            )
         };
         assert_eq!(outcome(true, &[e(FailureKind::InvalidRecipient, None)]), Ok(()));
         assert!(matches!(
@@ -228,7 +245,11 @@ mod tests {
         ));
         let retry = outcome(
             false,
-            &[e(FailureKind::InvalidRecipient, None), e(FailureKind::Unavailable, Some(3)), e(FailureKind::RateLimited, Some(7))],
+            &[
+                e(FailureKind::InvalidRecipient, None),
+                e(FailureKind::Unavailable, Some(3)),
+                e(FailureKind::RateLimited, Some(7)),
+            ],
         );
         match retry {
             Err(DeliveryError::Transient { retry_after, message }) => {

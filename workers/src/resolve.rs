@@ -214,7 +214,8 @@ fn fill_address(intent: &mut Intent, user: &User) -> Result<(), String> {
         Channel::Push => {
             if r.push_tokens.is_empty() {
                 // APNs devices as `apns:<token>`, so the push sender knows their platform.
-                r.push_tokens = f.devices.iter().map(|d| crate::push::token_for(d.platform, &d.token)).collect();
+                r.push_tokens =
+                    f.devices.iter().map(|d| crate::push::token_for(d.platform, &d.token)).collect();
                 if r.push_tokens.is_empty() {
                     return Err(missing("push device"));
                 }

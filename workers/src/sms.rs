@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use herald_shared::{Channel, Config, Intent, config::TwilioSettings, config::Secret, state::FailureKind};
+use herald_shared::{Channel, Config, Intent, config::Secret, config::TwilioSettings, state::FailureKind};
 use reqwest::{StatusCode, header::RETRY_AFTER};
 use serde::Deserialize;
 
@@ -139,10 +139,8 @@ struct TwilioError {
 /// 20429: slow down; 20003: credentials), then the HTTP status as for any provider.
 pub fn classify_error(status: StatusCode, body: &str, retry_after: Option<Duration>) -> ProviderError {
     let error: TwilioError = serde_json::from_str(body).unwrap_or_default();
-    let said = error
-        .message
-        .clone()
-        .unwrap_or_else(|| body.chars().take(200).collect::<String>().trim().to_owned());
+    let said =
+        error.message.clone().unwrap_or_else(|| body.chars().take(200).collect::<String>().trim().to_owned());
     let message = match (error.code, &error.more_info) {
         (Some(code), Some(info)) => format!("twilio error {code} (HTTP {status}): {said} ({info})"),
         (Some(code), None) => format!("twilio error {code} (HTTP {status}): {said}"),
@@ -300,7 +298,11 @@ mod tests {
 
     #[test]
     fn twilio_errors_are_classified_by_code_then_status() {
-        let body = |code: u32| format!(r#"{{"code": {code}, "message": "m", "more_info": "https://www.twilio.com/docs/errors/{code}", "status": 400}}"#);
+        let body = |code: u32| {
+            format!(
+                r#"{{"code": {code}, "message": "m", "more_info": "https://www.twilio.com/docs/errors/{code}", "status": 400}}"#
+            )
+        };
         for (status, text, kind) in [
             (400, body(21211), FailureKind::InvalidRecipient),
             (400, body(21614), FailureKind::InvalidRecipient),
@@ -317,7 +319,10 @@ mod tests {
             assert_eq!(e.kind, kind, "{status} {text}");
         }
         let e = classify_error(StatusCode::BAD_REQUEST, &body(21211), Some(Duration::from_secs(3)));
-        assert_eq!(e.message, "twilio error 21211 (HTTP 400 Bad Request): m (https://www.twilio.com/docs/errors/21211)");
+        assert_eq!(
+            e.message,
+            "twilio error 21211 (HTTP 400 Bad Request): m (https://www.twilio.com/docs/errors/21211)"
+        );
     }
 
     #[test]
