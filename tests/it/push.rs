@@ -885,3 +885,51 @@ async fn bad_tokens_are_refused_unconfigured_platforms_rejected_and_keys_never_s
     }
     assert!(!everything.contains("PRIVATE KEY"));
 }
+
+#[tokio::test]
+async fn a_template_renders_the_push_title_body_and_data() {
+    let script = Script::new(&[]);
+    let fcm = Fcm::start(script.clone()).await;
+    let stack = stack(Some(&fcm), None).await;
+    let token = auth::mint(
+        &stack.config.jwt_secret,
+        "tests",
+        Some(TENANT),
+        &[auth::SCOPE_TEMPLATES_READ, auth::SCOPE_TEMPLATES_WRITE],
+        Duration::from_secs(600),
+    );
+    let parts = json!({
+        "push_title": "Order {{order}} shipped",
+        "push_body": "Hi {{user.name}}, it is on its way",
+        "push_data": {"url": "/orders/{{order}}", "kind": "shipment"}
+    });
+    let resp = stack
+        .http
+        .put(format!("{}/v1/templates/order_shipped/en", stack.base))
+        .bearer_auth(token)
+        .json(&parts)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    put_user(&stack, "eve", &[("eve-android", "fcm")]).await;
+    let id = stack
+        .send(
+            json!({"recipient": {"user_id": "eve"}, "template": "order_shipped", "channels": ["push"],
+                   "data": {"order": 42, "internal": "not for the device"}}),
+            None,
+        )
+        .await;
+    stack.wait_status(&id, "delivered").await;
+    let sent = script.sent_to("eve-android");
+    assert!(sent[0].problems.is_empty(), "{:?}", sent[0].problems);
+    assert_eq!(
+        sent[0].body["message"],
+        json!({
+            "token": "eve-android",
+            "notification": {"title": "Order 42 shipped", "body": "Hi eve, it is on its way"},
+            "data": {"url": "/orders/42", "kind": "shipment"}
+        }),
+        "the rendered push_data is the message's data, not the template's variables"
+    );
+}
