@@ -502,8 +502,8 @@ async fn stack(fcm: Option<&Fcm>, apns: Option<&Apns>) -> Stack {
     let mut pairs: Vec<(&str, String)> = vec![
         (config::RETRY_BACKOFF, "200ms".into()),
         (config::MAX_ATTEMPTS, "4".into()),
-        // Signing an RSA assertion in a debug build takes a while.
-        (config::SEND_TIMEOUT, "10s".into()),
+        // Room for the token exchange (an RSA signature in a debug build) on a busy machine.
+        (config::SEND_TIMEOUT, "5s".into()),
         (config::BREAKER, "100,30s".into()),
     ];
     if let Some(f) = fcm {
