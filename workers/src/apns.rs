@@ -4,9 +4,9 @@
 //! `HERALD_APNS_TEAM_ID` and `iat`) signed with the `.p8` key. Apple refuses a token older than
 //! an hour and one replaced more often than every 20 minutes, so one token is made and reused,
 //! and replaced after 50 minutes. When APNs refuses it (`403 ExpiredProviderToken` or
-//! `InvalidProviderToken`) it is replaced at once and the attempt is retried; a refusal of that
-//! replacement means the key, key id or team id is wrong (`unauthorized`), and it is kept until
-//! its 50 minutes are up.
+//! `InvalidProviderToken`) it is replaced at once and the attempt is retried; a refusal within
+//! 20 minutes of such a replacement means the key, key id or team id is wrong
+//! (`unauthorized`), and the token is kept rather than replaced again.
 //!
 //! One message is `POST {base}/3/device/{token}` with `apns-topic`, `apns-push-type: alert`,
 //! `apns-priority` (10, or 5 for a `low` notification), `apns-expiration` (the notification's
@@ -33,6 +33,8 @@ use crate::{
 
 /// A provider token is replaced after this long (Apple: at most an hour, at least 20 minutes).
 const TOKEN_LIFETIME: Duration = Duration::from_secs(50 * 60);
+/// Apple refuses provider token updates more often than this.
+const MIN_UPDATE_INTERVAL: Duration = Duration::from_secs(20 * 60);
 
 /// APNs, as the `apns` provider.
 pub struct ApnsProvider {
@@ -51,9 +53,10 @@ pub struct ApnsProvider {
 struct ProviderToken {
     /// The JWT and when it was made.
     current: Option<(String, Instant)>,
-    /// The current token replaced one APNs refused: if it is refused too, the credentials are
-    /// wrong, and making more would only trip Apple's limit on token updates.
-    after_refusal: bool,
+    /// When a refused token was last dropped for a replacement. Within 20 minutes of that, a
+    /// refusal means the key, key id or team id is wrong, and another replacement would only
+    /// trip Apple's limit on token updates (`TooManyProviderTokenUpdates`).
+    replaced_at: Option<Instant>,
     /// The `iat` of the last token made. ES256 signatures here are deterministic (RFC 6979),
     /// so a replacement made within the same second would be the refused token again: each new
     /// token is issued at least a second after the last.
@@ -114,8 +117,8 @@ impl ApnsProvider {
         Ok(jwt)
     }
 
-    /// APNs refused `jwt`: transient the first time (a new token is made for the next
-    /// attempt), for good when it was already a replacement.
+    /// APNs refused `jwt`: transient when it may be replaced (a new token is made for the
+    /// next attempt), for good within 20 minutes of the last replacement.
     fn refused(&self, jwt: &str, error: ProviderError) -> ProviderError {
         let mut state = self.token.lock().expect("never poisoned");
         let is_current = state.current.as_ref().is_some_and(|(current, _)| current == jwt);
@@ -123,11 +126,11 @@ impl ApnsProvider {
             // Another call replaced it already; the next attempt uses that one.
             return ProviderError { kind: FailureKind::Unavailable, ..error };
         }
-        if state.after_refusal {
+        if state.replaced_at.is_some_and(|at| at.elapsed() < MIN_UPDATE_INTERVAL) {
             return error;
         }
         state.current = None;
-        state.after_refusal = true;
+        state.replaced_at = Some(Instant::now());
         ProviderError {
             kind: FailureKind::Unavailable,
             message: format!("{}; a new provider token is made for the next attempt", error.message),
@@ -156,7 +159,6 @@ impl ApnsProvider {
         })?;
         let status = response.status();
         if status.is_success() {
-            self.token.lock().expect("never poisoned").after_refusal = false;
             let id = response.headers().get("apns-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
             return Ok(Receipt { provider_message_id: id, detail: None });
         }
@@ -256,7 +258,7 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_provider_token_is_replaced_once() {
+    fn a_refused_provider_token_is_replaced_at_most_every_20_minutes() {
         let key = include_str!("../../tests/fixtures/test-only-apns-ec-private.p8");
         let config = Config::from_pairs(&[
             (herald_shared::config::APNS_KEY, key),
@@ -274,8 +276,12 @@ mod tests {
         assert_eq!(apns.refused(&first, refusal()).kind, FailureKind::Unavailable, "transient once");
         let second = apns.provider_token().unwrap();
         assert_ne!(second, first, "a new token, even within the same second");
-        assert_eq!(apns.refused(&second, refusal()).kind, FailureKind::Unauthorized);
+        assert_eq!(apns.refused(&second, refusal()).kind, FailureKind::Unauthorized, "within 20 minutes");
         assert_eq!(apns.provider_token().unwrap(), second, "kept: no more updates than Apple allows");
+        // Twenty minutes after the replacement, a refused token may be replaced again.
+        apns.token.lock().unwrap().replaced_at = Some(Instant::now() - MIN_UPDATE_INTERVAL);
+        assert_eq!(apns.refused(&second, refusal()).kind, FailureKind::Unavailable);
+        assert_ne!(apns.provider_token().unwrap(), second);
     }
 
     #[test]
