@@ -98,6 +98,8 @@ struct FcmState {
     issued: Mutex<Vec<String>>,
     /// Problems with token requests.
     token_problems: Mutex<Vec<String>>,
+    /// Access tokens FCM no longer takes (revoked): any send with one gets `401`.
+    revoked: Mutex<Vec<String>>,
 }
 
 struct Fcm {
@@ -115,6 +117,7 @@ impl Fcm {
             token_url: format!("{url}/token"),
             issued: Mutex::default(),
             token_problems: Mutex::default(),
+            revoked: Mutex::default(),
         });
         let app = Route::new().at("/*path", fcm_api).data(state.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -273,6 +276,25 @@ async fn fcm_api(req: &Request, body: Vec<u8>, state: Data<&Arc<FcmState>>) -> R
         );
     }
     let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let bearer = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if state.revoked.lock().unwrap().iter().any(|r| bearer == format!("Bearer {r}")) {
+        let error = json!({"code": 401, "message": "Request had invalid authentication credentials.", "status": "UNAUTHENTICATED"});
+        let token = json["message"]["token"].as_str().unwrap_or_default().to_owned();
+        let headers = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+            .collect();
+        state.script.sent.lock().unwrap().push(Sent {
+            token,
+            body: json,
+            headers,
+            problems: Vec::new(),
+            id: None,
+            at: Instant::now(),
+        });
+        return json_response(401, json!({"error": error}));
+    }
     let issued = state.issued.lock().unwrap().clone();
     let problems = check_send(req, &json, &issued);
     let token = json["message"]["token"].as_str().unwrap_or_default().to_owned();
@@ -934,4 +956,28 @@ async fn a_template_renders_the_push_title_body_and_data() {
         }),
         "the rendered push_data is the message's data, not the template's variables"
     );
+}
+
+#[tokio::test]
+async fn sends_in_flight_when_fcm_revokes_the_access_token_are_all_retried_not_dead_lettered() {
+    let script = Script::new(&[]);
+    let fcm = Fcm::start(script.clone()).await;
+    // The first access token Herald gets is revoked by the time it is used.
+    fcm.state.revoked.lock().unwrap().push("ya29.test-access-1".into());
+    let stack = stack(Some(&fcm), None).await;
+    let tokens: Vec<String> = (1..=6).map(|n| format!("in-flight-{n}")).collect();
+    // Published together, so the worker sends them at once with the same access token.
+    let ids = futures::future::join_all(tokens.iter().map(|t| {
+        let body = json!({"recipient": {"push_tokens": [t]}, "channels": ["push"], "content": {"body": "b"}});
+        stack.send(body, None)
+    }))
+    .await;
+    for id in &ids {
+        stack.wait_status(id, "delivered").await;
+    }
+    let refused =
+        script.all().iter().filter(|s| s.headers["authorization"] == "Bearer ya29.test-access-1").count();
+    // Usually several sends were refused together; every one of them was retried.
+    assert!(refused >= 1, "the revoked token was used");
+    assert_eq!(fcm.issued().len(), 2, "one replacement for every send that was refused");
 }

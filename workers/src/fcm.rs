@@ -5,18 +5,16 @@
 //! audience the token endpoint, an hour long) is exchanged at the token endpoint
 //! (`HERALD_FCM_TOKEN_URL`, else the key's `token_uri`) for an access token under the
 //! `jwt-bearer` grant. The access token is kept until a minute before it expires and fetched
-//! by one call at a time. A `401` from FCM drops it: the next attempt fetches a new one, and
-//! only a second refusal in a row counts as Herald's credentials being wrong.
+//! by one call at a time. A `401` from FCM drops it: the attempt is retried with a new one, and
+//! only a refusal of that replacement counts as Herald's credentials being wrong (sends that
+//! were in flight with the refused token are retried, not judged by it).
 //!
 //! One message is `POST {base}/v1/projects/{project}/messages:send` with
 //! `{"message": {"token", "notification": {"title", "body"}, "data"}}`; FCM's `data` is a map of
 //! strings, so other JSON values are sent as their JSON text. Errors are a `google.rpc.Status`
 //! whose `details` carry an `FcmError` code, which decides the failure (see [`classify_error`]).
 
-use std::{
-    sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use herald_shared::{Channel, Config, Intent, config::FcmSettings, state::FailureKind};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -49,11 +47,13 @@ pub struct FcmProvider {
     key: EncodingKey,
     /// The key's id, named in the JWT header so Google picks the right public key.
     key_id: Option<String>,
-    /// The access token and when to stop using it. The lock is held while fetching, so one
-    /// call fetches and the others wait for its token.
-    access: tokio::sync::Mutex<Option<(String, Instant)>>,
-    /// FCM refused the last access token (401): the next refusal is for good.
-    refused: AtomicBool,
+    /// The access token. The lock is held while fetching, so one call fetches and the others
+    /// wait for its token.
+    access: tokio::sync::Mutex<Access>,
+    /// A token fetched to replace a refused one, until FCM takes it: if FCM refuses it too,
+    /// the service account cannot send. Apart from `access` so a send never waits for a
+    /// fetch to record its success.
+    replacement: std::sync::Mutex<Option<String>>,
 }
 
 /// The fields of a service-account key Herald uses.
@@ -74,6 +74,15 @@ struct Claims<'a> {
     aud: &'a str,
     iat: u64,
     exp: u64,
+}
+
+/// The cached access token, and what FCM thought of the last ones.
+#[derive(Default)]
+struct Access {
+    /// The token and when to stop using it.
+    current: Option<(String, Instant)>,
+    /// FCM refused a token: the next one fetched replaces a refused one.
+    refused: bool,
 }
 
 #[derive(Deserialize)]
@@ -114,22 +123,25 @@ impl FcmProvider {
             client_email: account.client_email,
             key,
             key_id: account.private_key_id,
-            access: tokio::sync::Mutex::new(None),
-            refused: AtomicBool::new(false),
+            access: tokio::sync::Mutex::new(Access::default()),
+            replacement: std::sync::Mutex::new(None),
         })
     }
 
     /// A current access token: the cached one, or a new one.
     async fn access_token(&self) -> Result<String, ProviderError> {
         let mut access = self.access.lock().await;
-        if let Some((token, until)) = &*access
+        if let Some((token, until)) = &access.current
             && Instant::now() < *until
         {
             return Ok(token.clone());
         }
         let (token, lifetime) = self.fetch_token().await?;
         let keep = lifetime.saturating_sub(EXPIRY_MARGIN).max(lifetime / 2);
-        *access = Some((token.clone(), Instant::now() + keep));
+        access.current = Some((token.clone(), Instant::now() + keep));
+        if std::mem::take(&mut access.refused) {
+            *self.replacement.lock().expect("never poisoned") = Some(token.clone());
+        }
         Ok(token)
     }
 
@@ -193,7 +205,13 @@ impl FcmProvider {
             .map_err(|e| connection_error("fcm", &e))?;
         let status = response.status();
         if status.is_success() {
-            self.refused.store(false, Ordering::Relaxed);
+            {
+                // FCM took the token: a later refusal of it is worth a new one again.
+                let mut replacement = self.replacement.lock().expect("never poisoned");
+                if replacement.as_deref() == Some(access.as_str()) {
+                    *replacement = None;
+                }
+            }
             #[derive(Deserialize)]
             struct Sent {
                 name: String,
@@ -213,10 +231,17 @@ impl FcmProvider {
         let error = classify_error(status, &text, retry_after);
         let third_party = error_code(&text).as_deref() == Some("THIRD_PARTY_AUTH_ERROR");
         if status == StatusCode::UNAUTHORIZED && !third_party {
-            // Our access token was refused: drop it. Once is worth another attempt with a new
-            // one; twice in a row means the service account cannot send.
-            *self.access.lock().await = None;
-            if !self.refused.swap(true, Ordering::Relaxed) {
+            // Our access token was refused: drop it, and retry with a new one. A refusal of
+            // the replacement itself means the service account cannot send. (Calls that were
+            // in flight with the refused token are retried too: it is not theirs to judge.)
+            let refused_replacement =
+                self.replacement.lock().expect("never poisoned").as_deref() == Some(access.as_str());
+            if !refused_replacement {
+                let mut state = self.access.lock().await;
+                if state.current.as_ref().is_some_and(|(current, _)| *current == access) {
+                    state.current = None;
+                    state.refused = true;
+                }
                 return Err(ProviderError::new(
                     FailureKind::Unavailable,
                     format!("{}; a new access token is fetched for the next attempt", error.message),
