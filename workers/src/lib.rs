@@ -7,6 +7,10 @@
 //!   failover along an ordered list, rate limits, circuit breakers, timeouts, call records.
 //! - [`channels`]: the one registry of channels: what each is made of.
 //! - [`webhook`]: the webhook channel's provider: a signed JSON POST.
+//! - [`sms`]: the SMS channel's provider, Twilio, and SMS segment counting.
+//! - [`push`]: the push channel: every device of the recipient through its platform's
+//!   provider, [`fcm`] (FCM HTTP v1, OAuth2 service account) or [`apns`] (HTTP/2, ES256
+//!   provider tokens); unregistered devices are removed from the user.
 //! - [`metrics`]: the provider metrics, and `/metrics` for `herald worker`.
 //! - [`resolve`]: notifications by user and template made concrete at send time from the
 //!   local copies of users and templates: address, preferences, rendering.
@@ -18,13 +22,17 @@
 //! whether a failure is transient (retry) or permanent (dead-letter now), with a record of the
 //! provider calls it made. Workers never call the gateway.
 
+pub mod apns;
 pub mod channel;
 pub mod channels;
+pub mod fcm;
 pub mod metrics;
 pub mod mover;
 pub mod park;
 pub mod provider;
+pub mod push;
 pub mod resolve;
+pub mod sms;
 pub mod webhook;
 
 use std::{future::Future, sync::Arc, time::Duration};
