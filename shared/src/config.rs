@@ -271,6 +271,13 @@ impl RetryPolicy {
         self.backoff.get(index).or(self.backoff.last()).copied().unwrap_or(Duration::from_secs(1))
     }
 
+    /// How long all the retries of one notification take by the schedule: the delays after
+    /// attempts 1 to `max_attempts - 1`. A notification waiting for an open circuit breaker
+    /// spends no attempts until this much time has passed since it was accepted.
+    pub fn horizon(&self) -> Duration {
+        (1..self.max_attempts).map(|n| self.delay_after(n)).sum()
+    }
+
     /// The delay moved by up to 5% either way at random, so that a burst of failures spreads
     /// out while the average stays what was configured.
     pub fn jittered_delay_after(&self, attempt: u32) -> Duration {
@@ -958,6 +965,7 @@ mod tests {
         );
         assert_eq!(c.retry.delay_after(1), Duration::from_millis(10));
         assert_eq!(c.retry.delay_after(9), Duration::from_secs(120));
+        assert_eq!(c.retry.horizon(), Duration::from_millis(10) + Duration::from_secs(1));
         assert_eq!(c.log_format, LogFormat::Json);
         let c = Config::from_pairs(&[(REQUIRED_CATEGORIES, "security, billing,")]).unwrap();
         assert_eq!(c.required_categories, vec!["security", "billing"]);

@@ -177,3 +177,58 @@ async fn long_retries_wait_outside_the_consumer_and_are_delivered_when_due() {
     assert!(started.elapsed() >= Duration::from_secs(2), "delivered before the retry was due");
     assert_eq!(sink.received().len(), 6);
 }
+
+/// A user's fallback order at send time: SMS is their first channel, the SMS provider refuses
+/// the number for good (Twilio 21211), so the next channel of their order, the webhook, takes
+/// over: SMS is recorded `skipped` with why and who took over, no dead letter is left, and the
+/// notification is delivered.
+#[tokio::test]
+async fn a_channel_refusing_the_address_hands_over_to_the_users_next_channel() {
+    use crate::sms::{Answer, Twilio};
+    let phone = "+15005550001";
+    let twilio =
+        Twilio::start(&[(phone, vec![Answer::Error { status: 400, code: 21211, retry_after: None }])]).await;
+    let sink = Sink::ok().await;
+    let settings = twilio.settings();
+    let mut pairs: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    pairs.push((config::RETRY_BACKOFF, "200ms"));
+    let stack = Stack::start_with(&pairs).await;
+    let token = herald_shared::auth::mint(
+        &stack.config.jwt_secret,
+        "tests",
+        Some(crate::support::TENANT),
+        &["users:write", "notifications:write", "notifications:read"],
+        Duration::from_secs(600),
+    );
+    let user = serde_json::json!({"name": "Ada", "phone": phone, "webhook_url": sink.url,
+        "preferences": {"fallback": ["sms", "webhook"]}});
+    let resp = stack
+        .http
+        .put(format!("{}/v1/users/ada", stack.base))
+        .bearer_auth(&token)
+        .json(&user)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let (status, accepted) = stack
+        .post(serde_json::json!({"recipient": {"user_id": "ada"}, "content": {"title": "Code", "body": "123456"}}), None)
+        .await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(accepted["channels"], serde_json::json!(["sms"]), "only the first usable channel is chosen");
+    let id = accepted["id"].as_str().unwrap();
+    let body = stack.wait_status(id, "delivered").await;
+    let by_channel =
+        |c: &str| body["channels"].as_array().unwrap().iter().find(|x| x["channel"] == c).cloned().unwrap();
+    let sms = by_channel("sms");
+    assert_eq!(sms["status"], "skipped", "{body}");
+    let note = sms["note"].as_str().unwrap();
+    assert!(note.contains("21211") && note.contains("webhook took over"), "{note}");
+    assert_eq!(sms["calls"][0]["failure"], "invalid_recipient", "{sms}");
+    assert_eq!(by_channel("webhook")["status"], "delivered", "{body}");
+    let received = sink.wait_for(1).await;
+    assert_eq!(received[0].body["id"], id);
+    assert_eq!(received[0].body["body"], "123456");
+    assert_eq!(twilio.sent_to(phone).len(), 1, "a refused number is not retried");
+    assert!(stack.dead_letters().await.is_empty(), "a handed-over notification leaves no dead letter");
+}

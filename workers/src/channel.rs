@@ -405,8 +405,7 @@ impl<D: Deliver> ChannelWorker<D> {
                 }
             }
             Err(DeliveryError::Transient { message: error, retry_after })
-                if !held.calls.is_empty()
-                    && held.calls.iter().all(|c| c.failure == Some(FailureKind::CircuitOpen)) =>
+                if self.waits_for_breaker(&intent, &held) =>
             {
                 // No provider was called: not an attempt. Wait for the breaker's probe (spread
                 // out a little, so the waiting messages do not all return at once).
@@ -469,6 +468,18 @@ impl<D: Deliver> ChannelWorker<D> {
             }
         }
         true
+    }
+
+    /// Whether a failed attempt only waited for open circuit breakers (no provider was called)
+    /// and may wait again without spending an attempt: until the retry schedule's horizon has
+    /// passed since the notification was accepted. After that each refusal counts, so a dead
+    /// provider's notifications are dead-lettered on the usual schedule.
+    fn waits_for_breaker(&self, intent: &Intent, held: &Held) -> bool {
+        let refused_only =
+            !held.calls.is_empty() && held.calls.iter().all(|c| c.failure == Some(FailureKind::CircuitOpen));
+        let accepted = intent.created_at.unwrap_or(held.entry.created_at);
+        let horizon = chrono::Duration::from_std(self.config.retry.horizon()).unwrap_or_default();
+        refused_only && Utc::now() < accepted + horizon
     }
 
     /// Records a decision not to send now (suppressed, skipped, or deferred with a scheduled
