@@ -108,6 +108,11 @@ async fn up_runs_the_whole_stack_and_ctrl_c_stops_everything() {
     let metrics =
         http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.lines().any(|l| l.starts_with("herald_gateway_copy_lag{copy=\"templates-")), "{metrics}");
+    // The workers' provider metrics are on the same page.
+    assert!(
+        metrics.contains(r#"herald_provider_calls_total{channel="webhook",provider="webhook"}"#),
+        "{metrics}"
+    );
 
     // The child nats-server is running with its store under the data dir.
     let nats_pid = std::fs::read_dir(dir.path().join("nats")).is_ok();
@@ -188,4 +193,105 @@ fn readme_documents_every_configuration_variable() {
             var.name
         );
     }
+}
+
+/// `herald worker` on its own serves its provider metrics on `HERALD_METRICS_ADDR`, counting
+/// what it sent; and a provider's secret never reaches its logs, even when every call fails.
+#[tokio::test]
+async fn a_standalone_worker_serves_its_metrics_and_never_logs_secrets() {
+    let nats = tokio::task::spawn_blocking(herald_shared::nats_server::NatsServer::for_test).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_port = herald_shared::nats_server::free_port();
+    let sink = crate::support::Sink::ok().await;
+    // Twilio is configured at a port nobody listens on: every SMS fails with a connection error.
+    let dead = format!("http://127.0.0.1:{}", herald_shared::nats_server::free_port());
+    let secret = "tw-secret-9f8e7d6c5b4a";
+    let mut child = Command::new(HERALD)
+        .args(["worker"])
+        .env("HERALD_NATS_URL", nats.url())
+        .env("HERALD_DATA_DIR", dir.path())
+        .env("HERALD_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .env("HERALD_WEBHOOK_ALLOW_PRIVATE", "true")
+        .env("HERALD_WEBHOOK_SECRET", crate::support::WEBHOOK_SECRET)
+        .env("HERALD_TWILIO_ACCOUNT_SID", "AC0000")
+        .env("HERALD_TWILIO_AUTH_TOKEN", secret)
+        .env("HERALD_TWILIO_FROM", "+15005550006")
+        .env("HERALD_TWILIO_BASE_URL", &dead)
+        .env("HERALD_RETRY_BACKOFF", "100ms")
+        .env("HERALD_MAX_ATTEMPTS", "2")
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let logs =
+        std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>());
+    let http = http_client();
+    let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    eventually(Duration::from_secs(20), "the worker's metrics", || {
+        let (http, url) = (http.clone(), url.clone());
+        async move { http.get(url).send().await.ok()?.status().is_success().then_some(()) }
+    })
+    .await;
+    // Publish as a NATS user would, once the worker made the topology.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    eventually(Duration::from_secs(10), "the intents stream", || {
+        let js = js.clone();
+        async move { js.get_stream("HERALD_INTENTS").await.ok().map(|_| ()) }
+    })
+    .await;
+    for (subject, body) in [
+        (
+            "herald.intent.webhook",
+            serde_json::json!({"id": "hook-1", "recipient": {"webhook_url": sink.url}, "content": {"body": "hi"}}),
+        ),
+        (
+            "herald.intent.sms",
+            serde_json::json!({"id": "sms-1", "recipient": {"phone": "+15005550101"}, "content": {"body": "hi"}}),
+        ),
+    ] {
+        js.publish(subject, serde_json::to_vec(&body).unwrap().into()).await.unwrap().await.unwrap();
+    }
+    sink.wait_for(1).await;
+    let page = eventually(Duration::from_secs(20), "both channels counted", || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let page = http.get(url).send().await.ok()?.text().await.ok()?;
+            let failed = crate::support::metric(
+                &page,
+                r#"herald_provider_failures_total{channel="sms",provider="twilio",class="connection"}"#,
+            );
+            (failed == Some(2.0)).then_some(page)
+        }
+    })
+    .await;
+    let series = |s: &str| crate::support::metric(&page, s);
+    assert_eq!(
+        series(r#"herald_provider_calls_total{channel="webhook",provider="webhook"}"#),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        series(r#"herald_provider_call_duration_seconds_count{channel="webhook",provider="webhook"}"#),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        series(r#"herald_provider_calls_total{channel="sms",provider="twilio"}"#),
+        Some(2.0),
+        "{page}"
+    );
+    assert_eq!(
+        series(r#"herald_provider_breakers_open{channel="sms",provider="twilio"}"#),
+        Some(0.0),
+        "{page}"
+    );
+    assert!(page.trim_end().ends_with("# EOF"), "{page}");
+    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let _ = child.wait();
+    let logs = logs.join().unwrap();
+    assert!(logs.iter().any(|l| l.contains("sms-1")), "the failing SMS is logged");
+    assert!(!logs.iter().any(|l| l.contains(secret)), "the Twilio token appears in the worker's log");
 }

@@ -232,3 +232,58 @@ async fn a_channel_refusing_the_address_hands_over_to_the_users_next_channel() {
     assert_eq!(twilio.sent_to(phone).len(), 1, "a refused number is not retried");
     assert!(stack.dead_letters().await.is_empty(), "a handed-over notification leaves no dead letter");
 }
+
+/// The SMS provider answers 503 to everything for a while: its breaker opens (`/metrics`, and
+/// `circuit_open` in the SMS status events) while webhooks go on being delivered, and once
+/// Twilio answers again the probe closes the breaker and every SMS arrives.
+#[tokio::test]
+async fn a_failing_sms_provider_opens_its_breaker_while_other_channels_deliver() {
+    use crate::sms::{Answer, Twilio};
+    let phones = ["+15005550101", "+15005550102", "+15005550103"];
+    let script: Vec<(&str, Vec<Answer>)> = phones.iter().map(|p| (*p, vec![Answer::Bare(503)])).collect();
+    let twilio = Twilio::start(&script).await;
+    let sink = Sink::ok().await;
+    let settings = twilio.settings();
+    let mut pairs: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    pairs.extend([(config::BREAKER, "3,2s"), (config::RETRY_BACKOFF, "300ms"), (config::MAX_ATTEMPTS, "20")]);
+    let stack = Stack::start_with(&pairs).await;
+    let mut sms = Vec::new();
+    for phone in phones {
+        let body = serde_json::json!({"recipient": {"phone": phone}, "channels": ["sms"], "content": {"body": "your code is 123456"}});
+        sms.push(stack.send(body, None).await);
+    }
+    let open = r#"herald_provider_breakers_open{channel="sms",provider="twilio"}"#;
+    eventually(Duration::from_secs(10), "the twilio breaker to open", || async {
+        (metric(&stack.metrics().await, open) == Some(1.0)).then_some(())
+    })
+    .await;
+    // Meanwhile the webhook channel is untouched.
+    let hooks = send_many(&stack, &sink.url, 20).await;
+    sink.wait_for(20).await;
+    for id in &sms {
+        let body = stack.wait_status(id, "delivered").await;
+        assert_eq!(body["channels"][0]["calls"][0]["provider"], "twilio", "{body}");
+    }
+    for id in &hooks {
+        stack.wait_status(id, "delivered").await;
+    }
+    let page = stack.metrics().await;
+    assert_eq!(metric(&page, open), Some(0.0), "{page}");
+    assert!(
+        metric(
+            &page,
+            r#"herald_provider_failures_total{channel="sms",provider="twilio",class="unavailable"}"#
+        ) >= Some(3.0),
+        "{page}"
+    );
+    let events = stack.status_events().await;
+    assert!(
+        events.iter().any(|(subject, e)| subject.starts_with("herald.status.sms.retrying")
+            && e["calls"].as_array().is_some_and(|c| c.iter().any(|c| c["failure"] == "circuit_open"))),
+        "no SMS status event names the open breaker"
+    );
+    // Each number was refused once, then got its message once.
+    for phone in phones {
+        assert_eq!(twilio.sent_to(phone).len(), 2, "{phone}");
+    }
+}
