@@ -287,3 +287,28 @@ async fn a_failing_sms_provider_opens_its_breaker_while_other_channels_deliver()
         assert_eq!(twilio.sent_to(phone).len(), 2, "{phone}");
     }
 }
+
+/// `HERALD_PROVIDER_RATES=twilio=5/s`: a burst of eleven SMS reaches Twilio no faster than the
+/// bucket allows (five at once, then one every 200 ms), and every one is delivered.
+#[tokio::test]
+async fn a_provider_rate_limit_spaces_the_sends() {
+    use crate::sms::Twilio;
+    let twilio = Twilio::start(&[]).await;
+    let settings = twilio.settings();
+    let mut pairs: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    pairs.push((config::PROVIDER_RATES, "twilio=5/s"));
+    let stack = Stack::start_with(&pairs).await;
+    let phones: Vec<String> = (0..11).map(|n| format!("+1500555{n:04}")).collect();
+    let mut ids = Vec::new();
+    for phone in &phones {
+        let body = serde_json::json!({"recipient": {"phone": phone}, "channels": ["sms"], "content": {"body": "hi"}});
+        ids.push(stack.send(body, None).await);
+    }
+    for id in &ids {
+        stack.wait_status(id, "delivered").await;
+    }
+    let mut at: Vec<Instant> = phones.iter().map(|p| twilio.sent_to(p)[0].at).collect();
+    at.sort();
+    let spread = at[10] - at[0];
+    assert!(spread >= Duration::from_millis(1000), "eleven sends within {spread:?} at 5/s");
+}
