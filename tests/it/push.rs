@@ -21,9 +21,7 @@ use bytes::Bytes;
 use herald_shared::{Channel, auth, config, deadletter::headers as dlq, state::ProviderCall};
 use http_body_util::{BodyExt, Full};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use poem::{
-    EndpointExt, Request, Response, Route, handler, http::StatusCode, listener::TcpAcceptor, web::Data,
-};
+use poem::{EndpointExt, Request, Response, Route, handler, http::StatusCode, web::Data};
 use serde_json::{Value, json};
 
 use crate::support::{Stack, TENANT, eventually, header};
@@ -120,19 +118,7 @@ impl Fcm {
             revoked: Mutex::default(),
         });
         let app = Route::new().at("/*path", fcm_api).data(state.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let acceptor = TcpAcceptor::from_tokio(listener).unwrap();
-        tokio::spawn(async move {
-            let _ = poem::Server::new_with_acceptor(acceptor)
-                .run_with_graceful_shutdown(
-                    app.map_to_response(),
-                    async {
-                        let _ = rx.await;
-                    },
-                    None,
-                )
-                .await;
-        });
+        let tx = crate::support::serve(listener, app);
         Fcm { url, state, _stop: tx }
     }
 

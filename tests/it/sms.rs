@@ -12,9 +12,7 @@ use std::{
 
 use base64::Engine;
 use herald_shared::{config, deadletter::headers as dlq};
-use poem::{
-    EndpointExt, Request, Response, Route, handler, http::StatusCode, listener::TcpAcceptor, web::Data,
-};
+use poem::{EndpointExt, Request, Response, Route, handler, http::StatusCode, web::Data};
 use serde_json::{Value, json};
 
 use crate::support::{Stack, header};
@@ -69,19 +67,7 @@ impl Twilio {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let app = Route::new().at("/*path", messages).data(state.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let acceptor = TcpAcceptor::from_tokio(listener).unwrap();
-        tokio::spawn(async move {
-            let _ = poem::Server::new_with_acceptor(acceptor)
-                .run_with_graceful_shutdown(
-                    app.map_to_response(),
-                    async {
-                        let _ = rx.await;
-                    },
-                    None,
-                )
-                .await;
-        });
+        let tx = crate::support::serve(listener, app);
         Twilio { url, state, _stop: tx }
     }
 

@@ -444,19 +444,7 @@ impl Sink {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let app = Route::new().at("/hook", post(receive)).data(state.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let acceptor = TcpAcceptor::from_tokio(listener).unwrap();
-        tokio::spawn(async move {
-            let _ = poem::Server::new_with_acceptor(acceptor)
-                .run_with_graceful_shutdown(
-                    app.map_to_response(),
-                    async {
-                        let _ = rx.await;
-                    },
-                    Some(Duration::from_millis(10)),
-                )
-                .await;
-        });
+        let tx = crate::support::serve(listener, app);
         Sink { url, state, _stop: tx }
     }
 
@@ -501,6 +489,28 @@ impl Sink {
 /// `herald_provider_calls_total{channel="webhook",provider="webhook"}`) in a Prometheus page.
 pub fn metric(page: &str, series: &str) -> Option<f64> {
     page.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Serves `app` on `listener` (a stand-in for a receiver or a provider) until the returned
+/// sender is dropped.
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    app: impl poem::Endpoint + 'static,
+) -> tokio::sync::oneshot::Sender<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let acceptor = TcpAcceptor::from_tokio(listener).unwrap();
+    tokio::spawn(async move {
+        let _ = poem::Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(
+                app.map_to_response(),
+                async {
+                    let _ = rx.await;
+                },
+                Some(Duration::from_millis(10)),
+            )
+            .await;
+    });
+    tx
 }
 
 /// A request body for one webhook notification to `url`.

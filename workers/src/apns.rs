@@ -73,12 +73,7 @@ impl ApnsProvider {
     pub fn new(settings: &ApnsSettings, config: &Config) -> anyhow::Result<ApnsProvider> {
         let key = EncodingKey::from_ec_pem(settings.key.expose().as_bytes())
             .map_err(|_| anyhow::anyhow!("HERALD_APNS_KEY is not a P-256 key in PEM (PKCS#8, .p8) form"))?;
-        let timeout = config.send_timeout.for_channel(Channel::Push);
-        let mut builder = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")));
+        let mut builder = crate::provider::http_client(config, Channel::Push);
         // APNs speaks only HTTP/2: over TLS, ALPN agrees on it; a plain `http://` base (a local
         // stand-in) gets HTTP/2 with prior knowledge.
         if settings.base_url.scheme() == "http" {

@@ -107,14 +107,7 @@ impl FcmProvider {
                 anyhow::bail!("HERALD_FCM_CREDENTIALS has no token_uri; set HERALD_FCM_TOKEN_URL")
             }
         };
-        let timeout = config.send_timeout.for_channel(Channel::Push);
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
-            .pool_max_idle_per_host(config.send_concurrency.for_channel(Channel::Push))
-            .build()?;
+        let http = crate::provider::http_client(config, Channel::Push).build()?;
         let base = settings.base_url.as_str().trim_end_matches('/');
         Ok(FcmProvider {
             http,

@@ -104,6 +104,19 @@ impl From<ProviderError> for DeliveryError {
     }
 }
 
+/// The HTTP client every HTTP provider of `channel` starts from: its timeout
+/// (`HERALD_SEND_TIMEOUT`, connecting in at most 5 s of it), no redirects (a POST must reach
+/// its URL), Herald's user agent, and an idle pool as large as the channel's concurrency.
+pub fn http_client(config: &herald_shared::Config, channel: Channel) -> reqwest::ClientBuilder {
+    let timeout = config.send_timeout.for_channel(channel);
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
+        .pool_max_idle_per_host(config.send_concurrency.for_channel(channel))
+}
+
 /// An ordered list of providers for one channel (or, for push, one platform), with their rate
 /// limits and breakers.
 pub struct Chain {

@@ -62,14 +62,7 @@ impl SenderField {
 
 impl TwilioProvider {
     pub fn new(settings: &TwilioSettings, config: &Config) -> anyhow::Result<TwilioProvider> {
-        let timeout = config.send_timeout.for_channel(Channel::Sms);
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
-            .pool_max_idle_per_host(config.send_concurrency.for_channel(Channel::Sms))
-            .build()?;
+        let http = crate::provider::http_client(config, Channel::Sms).build()?;
         let base = settings.base_url.as_str().trim_end_matches('/');
         Ok(TwilioProvider {
             http,

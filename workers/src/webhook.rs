@@ -56,21 +56,13 @@ pub struct WebhookSender {
 
 impl WebhookSender {
     pub fn new(config: &Config) -> anyhow::Result<WebhookSender> {
-        let mut builder = reqwest::Client::builder();
+        // Webhook targets are addressed directly; a proxy from the environment would silently
+        // reroute (or break) them.
+        let mut builder = crate::provider::http_client(config, Channel::Webhook).no_proxy();
         if !config.webhook_allow_private {
             builder = builder.dns_resolver(Arc::new(PublicOnly));
         }
-        let timeout = config.send_timeout.for_channel(Channel::Webhook);
-        let http = builder
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .redirect(reqwest::redirect::Policy::none())
-            // Webhook targets are addressed directly; a proxy from the environment would
-            // silently reroute (or break) them.
-            .no_proxy()
-            .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
-            .pool_max_idle_per_host(config.send_concurrency.for_channel(Channel::Webhook))
-            .build()?;
+        let http = builder.build()?;
         Ok(WebhookSender {
             http,
             secret: config.webhook_secret.clone(),
