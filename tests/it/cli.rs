@@ -51,6 +51,7 @@ async fn up_runs_the_whole_stack_and_ctrl_c_stops_everything() {
     let logs =
         std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>());
     let stdout = child.stdout.take().unwrap();
+    let mut child = KillOnDrop(child);
     let banner = tokio::task::spawn_blocking(move || {
         let mut lines = Vec::new();
         for line in BufReader::new(stdout).lines() {
@@ -121,10 +122,10 @@ async fn up_runs_the_whole_stack_and_ctrl_c_stops_everything() {
     let nats_port: u16 = nats_url.rsplit(':').next().unwrap().parse().unwrap();
     assert!(std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_ok());
 
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args(["-INT", &child.0.id().to_string()]).status().unwrap();
     assert!(status.success());
     let exit = eventually(Duration::from_secs(15), "herald up to exit", || {
-        let r = child.try_wait().unwrap();
+        let r = child.0.try_wait().unwrap();
         async move { r }
     })
     .await;
@@ -227,6 +228,7 @@ async fn a_standalone_worker_serves_its_metrics_and_never_logs_secrets() {
     let stderr = child.stderr.take().unwrap();
     let logs =
         std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>());
+    let mut child = KillOnDrop(child);
     let http = http_client();
     let url = format!("http://127.0.0.1:{metrics_port}/metrics");
     eventually(Duration::from_secs(20), "the worker's metrics", || {
@@ -289,9 +291,19 @@ async fn a_standalone_worker_serves_its_metrics_and_never_logs_secrets() {
         "{page}"
     );
     assert!(page.trim_end().ends_with("# EOF"), "{page}");
-    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
-    let _ = child.wait();
+    let _ = Command::new("kill").args(["-INT", &child.0.id().to_string()]).status();
+    let _ = child.0.wait();
     let logs = logs.join().unwrap();
     assert!(logs.iter().any(|l| l.contains("sms-1")), "the failing SMS is logged");
     assert!(!logs.iter().any(|l| l.contains(secret)), "the Twilio token appears in the worker's log");
+}
+
+/// A child process killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
