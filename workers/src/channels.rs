@@ -16,6 +16,7 @@ use herald_shared::{Channel, Config, Intent, topology::Topology};
 
 use crate::{
     Deliver, Delivery, DeliveryError,
+    email::SmtpProvider,
     metrics::WorkerMetrics,
     provider::{Chain, Provider},
     webhook::WebhookSender,
@@ -52,6 +53,18 @@ pub fn build(
         Channel::Webhook => {
             let webhook: Arc<dyn Provider> = Arc::new(WebhookSender::new(config)?);
             Ok(Sender::Addressed(Addressed { chain: chain(vec![webhook]), channel }))
+        }
+        Channel::Email => {
+            let settings = config
+                .providers
+                .smtp
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("email needs HERALD_SMTP_URLS and HERALD_EMAIL_FROM"))?;
+            let providers = SmtpProvider::all(settings, config)?
+                .into_iter()
+                .map(|p| Arc::new(p) as Arc<dyn Provider>)
+                .collect();
+            Ok(Sender::Addressed(Addressed { chain: chain(providers), channel }))
         }
         other => anyhow::bail!("channel {other} has no worker in this version of Herald"),
     }

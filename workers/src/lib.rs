@@ -7,6 +7,7 @@
 //!   failover along an ordered list, rate limits, circuit breakers, timeouts, call records.
 //! - [`channels`]: the one registry of channels: what each is made of.
 //! - [`webhook`]: the webhook channel's provider: a signed JSON POST.
+//! - [`email`]: the email channel's provider: SMTP (lettre), one per `HERALD_SMTP_URLS` entry.
 //! - [`metrics`]: the provider metrics, and `/metrics` for `herald worker`.
 //! - [`resolve`]: notifications by user and template made concrete at send time from the
 //!   local copies of users and templates: address, preferences, rendering.
@@ -20,6 +21,7 @@
 
 pub mod channel;
 pub mod channels;
+pub mod email;
 pub mod metrics;
 pub mod mover;
 pub mod park;
