@@ -524,3 +524,91 @@ fn base64(bytes: &[u8]) -> String {
     }
     out
 }
+
+/// A private CA and a certificate it signed for 127.0.0.1, made with the openssl CLI: (CA PEM
+/// path, certificate path, key path).
+fn certificates(dir: &Path) -> (String, String, String) {
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let (ca, ca_key, cert, key, csr, ext) = (
+        path("ca.pem"),
+        path("ca.key"),
+        path("cert.pem"),
+        path("cert.key"),
+        path("cert.csr"),
+        path("ext.cnf"),
+    );
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n").unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=Herald test CA",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca,
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &ext,
+        "-out",
+        &cert,
+    ]);
+    (ca, cert, key)
+}
+
+#[tokio::test]
+async fn starttls_is_required_and_checked_against_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path());
+    let plain = smtp!();
+    let tls = smtp!("--cert", &cert, "--key", &key);
+    // The first server offers no STARTTLS, so a `smtp://` URL must refuse it rather than send
+    // in the clear; the second offers it with a certificate of the test's CA.
+    let urls = format!("smtp://127.0.0.1:{},smtp://127.0.0.1:{}", plain.port, tls.port);
+    let stack = stack(&urls, &[(config::SMTP_CA_FILE, &ca)]).await;
+    let id = stack.send(inline("ada@example.test"), None).await;
+    stack.wait_status(&id, "delivered").await;
+    let calls = calls(&stack, &id).await;
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0]["failure"], "connection", "{calls:?}");
+    assert_eq!(calls[1]["provider"], "smtp-2", "{calls:?}");
+    let got = tls.wait_for(1).await;
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(tls.dir.path().join("1.json")).unwrap()).unwrap();
+    assert_eq!(saved["tls"], true, "the message went over TLS");
+    assert_eq!(got[0].header("Message-ID"), Some(format!("<{id}@acme.test>").as_str()));
+    assert!(plain.messages().is_empty(), "nothing in the clear");
+}
