@@ -56,7 +56,7 @@ enum Command {
     Gateway,
     /// Only the channel workers.
     Worker {
-        /// Channels to run, comma separated [env: HERALD_CHANNELS, default webhook].
+        /// Channels to run, comma separated [env: HERALD_CHANNELS, default webhook and every configured one].
         #[arg(long)]
         channels: Option<String>,
     },
@@ -354,7 +354,11 @@ async fn up(mut config: Config, started: Instant, seed: bool) -> anyhow::Result<
         String::new()
     };
     let nats_url = config.nats_urls[0].clone();
-    let workers = tokio::spawn(herald_workers::run(config.clone(), topology, stopped(stop.clone())));
+    let provider_metrics = std::sync::Arc::new(herald_workers::metrics::WorkerMetrics::default());
+    let shown = provider_metrics.clone();
+    gateway.show_metrics(move || shown.render());
+    let workers =
+        tokio::spawn(herald_workers::run(config.clone(), topology, provider_metrics, stopped(stop.clone())));
     let serve = tokio::spawn(gateway.serve(listener, stopped(stop.clone())));
     println!(
         "\nHerald is up in {} ms.\n\n  Swagger UI:  http://{addr}/docs\n  NATS:        {nats_url}\n\n\
@@ -383,7 +387,29 @@ async fn gateway(config: Config) -> anyhow::Result<()> {
 }
 
 async fn worker(config: Config) -> anyhow::Result<()> {
+    let provider_metrics = std::sync::Arc::new(herald_workers::metrics::WorkerMetrics::default());
+    let _metrics = match config.metrics_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding HERALD_METRICS_ADDR {addr}"))?;
+            Some(AbortOnDrop(tokio::spawn(herald_workers::metrics::serve(
+                listener,
+                provider_metrics.clone(),
+            ))))
+        }
+        None => None,
+    };
     let (_client, js) = topology::connect(&config, "herald-worker").await?;
     let topology = topology::ensure_with_retry(&js, &config).await?;
-    herald_workers::run(config, topology, stopped(shared_stop())).await
+    herald_workers::run(config, topology, provider_metrics, stopped(shared_stop())).await
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

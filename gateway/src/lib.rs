@@ -55,6 +55,8 @@ pub struct AppState {
     /// The local copy of `herald_users`, which `GET /v1/users` lists from (single-user reads go
     /// to the bucket, so a caller sees its own write at once).
     pub users_copy: Arc<Mirror>,
+    /// Other parts of this process whose metrics `/metrics` shows after the gateway's.
+    pub more_metrics: std::sync::Mutex<Vec<Box<dyn Fn() -> String + Send + Sync>>>,
 }
 
 /// What the gateway knows about storage room.
@@ -115,7 +117,13 @@ async fn watch_storage(state: std::sync::Weak<AppState>) {
         tick.tick().await;
         let Some(state) = state.upgrade() else { return };
         let Ok(topology) = state.topology() else { continue };
-        match tokio::time::timeout(state.config.nats_timeout, topology::intents_full(topology)).await {
+        let check = async {
+            Ok::<_, async_nats::Error>(match topology::intents_full(topology).await? {
+                Some(full) => Some(full),
+                None => topology::ledger_full(topology).await?,
+            })
+        };
+        match tokio::time::timeout(state.config.nats_timeout, check).await {
             Ok(Ok(full)) => {
                 let mut storage = state.storage.lock().expect("never poisoned");
                 if full.is_some() && storage.intents_full.is_none() {
@@ -126,8 +134,8 @@ async fn watch_storage(state: std::sync::Weak<AppState>) {
                 }
                 storage.intents_full = full;
             }
-            Ok(Err(e)) => tracing::debug!(error = %e, "cannot check HERALD_INTENTS for room"),
-            Err(_) => tracing::debug!("checking HERALD_INTENTS for room timed out"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot check HERALD_INTENTS and the ledger for room"),
+            Err(_) => tracing::debug!("checking HERALD_INTENTS and the ledger for room timed out"),
         }
     }
 }
@@ -183,6 +191,7 @@ impl Gateway {
             dlq_jobs: Default::default(),
             renderer: Default::default(),
             users_copy: users_copy.clone(),
+            more_metrics: Default::default(),
         });
         let background = state.clone();
         tokio::spawn(async move {
@@ -200,6 +209,12 @@ impl Gateway {
             watch_storage(Arc::downgrade(&background)).await;
         });
         Ok(Gateway { state })
+    }
+
+    /// Shows another part's metrics after the gateway's own on `/metrics` (`herald up`: the
+    /// workers' provider metrics).
+    pub fn show_metrics(&self, render: impl Fn() -> String + Send + Sync + 'static) {
+        self.state.more_metrics.lock().expect("never poisoned").push(Box::new(render));
     }
 
     /// Resolves once the topology is ensured (for `herald up` and tests, which want a ready

@@ -744,7 +744,19 @@ fn providers(value: &impl Fn(&'static str) -> Option<String>) -> Result<Provider
     let smtp = match value(SMTP_URLS) {
         None => None,
         Some(list) => {
-            let urls = parse_with(SMTP_URLS, &list, |s| {
+            // An error echoes the value: never with a password in it.
+            let shown = list
+                .split(',')
+                .map(|u| match url::Url::parse(u.trim()) {
+                    Ok(mut url) if url.password().is_some() => {
+                        let _ = url.set_password(Some("***"));
+                        url.to_string()
+                    }
+                    _ => u.trim().to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            let urls = parse_with(SMTP_URLS, &shown, |s| {
                 s.split(',')
                     .map(str::trim)
                     .filter(|u| !u.is_empty())
@@ -999,6 +1011,79 @@ mod tests {
             let err = Config::from_pairs(&[(name, value)]).unwrap_err();
             assert_eq!(err.name, name, "{err}");
             assert!(err.to_string().contains(value), "{err}");
+        }
+    }
+
+    #[test]
+    fn provider_secrets_come_from_variables_or_files_and_never_show() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "file-token-5ecret\n").unwrap();
+        let c = Config::from_pairs(&[
+            (TWILIO_ACCOUNT_SID, "AC123"),
+            (TWILIO_AUTH_TOKEN_FILE, file.to_str().unwrap()),
+            (TWILIO_FROM, "+15005550006"),
+            (SMTP_URLS, "smtp://mailer@mail.test:587, smtps://backup.test"),
+            (SMTP_PASSWORD, "smtp-5ecret"),
+            (EMAIL_FROM, "Acme <noreply@acme.test>"),
+        ])
+        .unwrap();
+        let twilio = c.providers.twilio.as_ref().unwrap();
+        assert_eq!(twilio.auth_token.expose(), "file-token-5ecret", "read from the file, newline dropped");
+        let smtp = c.providers.smtp.as_ref().unwrap();
+        assert_eq!(smtp.urls.len(), 2);
+        assert_eq!(smtp.password.as_ref().unwrap().expose(), "smtp-5ecret");
+        assert_eq!(c.providers.chain_len(Channel::Email), 2);
+        // Every configured channel is on unless HERALD_CHANNELS says otherwise.
+        assert_eq!(c.channels, vec![Channel::Email, Channel::Sms, Channel::Webhook]);
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("5ecret"), "a secret in Debug output: {shown}");
+        // A password in the URL would be logged with it; it is refused.
+        let e = Config::from_pairs(&[(SMTP_URLS, "smtp://u:pw@mail.test"), (EMAIL_FROM, "a@b.test")])
+            .unwrap_err();
+        assert_eq!(e.name, SMTP_URLS);
+        assert!(!e.to_string().contains(":pw"), "the password is echoed: {e}");
+        // A missing file is named.
+        let e = Config::from_pairs(&[
+            (TWILIO_ACCOUNT_SID, "AC1"),
+            (TWILIO_AUTH_TOKEN_FILE, "/nonexistent/t"),
+            (TWILIO_FROM, "+1555"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.name, TWILIO_AUTH_TOKEN_FILE);
+        // A channel named without its provider is refused with what to set.
+        let e = Config::from_pairs(&[(CHANNELS, "webhook,sms")]).unwrap_err();
+        assert!(e.reason.contains("HERALD_TWILIO_ACCOUNT_SID"), "{e}");
+    }
+
+    #[test]
+    fn per_channel_settings_rates_and_breakers_are_parsed() {
+        let c = Config::from_pairs(&[
+            (SEND_TIMEOUT, "5s,sms=2s"),
+            (SEND_CONCURRENCY, "email=8"),
+            (PROVIDER_RATES, "twilio=10/s, smtp=600/m"),
+            (BREAKER, "3,10s"),
+        ])
+        .unwrap();
+        assert_eq!(c.send_timeout.for_channel(Channel::Webhook), Duration::from_secs(5));
+        assert_eq!(c.send_timeout.for_channel(Channel::Sms), Duration::from_secs(2));
+        assert_eq!(c.send_concurrency.for_channel(Channel::Email), 8);
+        assert_eq!(c.send_concurrency.for_channel(Channel::Webhook), 64);
+        assert_eq!(c.providers.rate("twilio"), Some(Rate { per_second: 10.0 }));
+        assert_eq!(c.providers.rate("smtp"), Some(Rate { per_second: 10.0 }));
+        assert_eq!(c.providers.rate("fcm"), None);
+        assert_eq!(c.providers.breaker, BreakerPolicy { failures: 3, open_for: Duration::from_secs(10) });
+        for (name, value) in [
+            (SEND_TIMEOUT, "0s"),
+            (SEND_CONCURRENCY, "0"),
+            (SEND_CONCURRENCY, "pigeon=3"),
+            (PROVIDER_RATES, "twilio=fast"),
+            (PROVIDER_RATES, "twilio=0/s"),
+            (BREAKER, "0,1s"),
+            (BREAKER, "5"),
+        ] {
+            let e = Config::from_pairs(&[(name, value)]).unwrap_err();
+            assert_eq!(e.name, name, "{value}: {e}");
         }
     }
 

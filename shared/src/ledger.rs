@@ -304,6 +304,10 @@ pub enum Settle {
     Delivered,
     /// A transient failure; another attempt follows at `retry_at`.
     Retrying { error: String, retry_at: DateTime<Utc> },
+    /// No provider was called (every one's circuit breaker was open): the claim is given back
+    /// without counting an attempt, and the delivery waits until `retry_at` (status
+    /// `retrying`).
+    Waiting { error: String, retry_at: DateTime<Utc> },
     /// It is to be dead-lettered; the DLQ copy is not stored yet.
     Parking { reason: Reason, error_class: ErrorClass, error: String },
     /// The DLQ copy is stored.
@@ -337,7 +341,9 @@ pub fn merge(current: &Entry, held_claim: Option<&Claim>, outcome: &Settle, now:
         if current.claim.as_ref().is_some_and(|c| !ours(c)) {
             return Merge::Keep(current.status);
         }
-        if current.status == Status::DeadLettered && matches!(outcome, Settle::Retrying { .. }) {
+        if current.status == Status::DeadLettered
+            && matches!(outcome, Settle::Retrying { .. } | Settle::Waiting { .. })
+        {
             return Merge::Keep(Status::DeadLettered);
         }
     }
@@ -358,6 +364,16 @@ pub fn merge(current: &Entry, held_claim: Option<&Claim>, outcome: &Settle, now:
             e.status = Status::Retrying;
             e.last_error = Some(error.clone());
             e.retry_at = Some(*retry_at);
+        }
+        Settle::Waiting { error, retry_at } => {
+            e.status = Status::Retrying;
+            e.last_error = Some(error.clone());
+            e.retry_at = Some(*retry_at);
+            // The claim counted an attempt that never reached a provider.
+            if held_claim.is_some() {
+                e.attempts = e.attempts.saturating_sub(1);
+                e.round_attempts = e.round_attempts.saturating_sub(1);
+            }
         }
         Settle::Parking { reason, error_class, error } => {
             e.status = Status::DeadLettered;
@@ -669,7 +685,7 @@ impl Ledger {
                     || (outcome == Settle::Delivered && settled == Settled::Superseded(Status::Delivered));
                 let event = match outcome {
                     Settle::Delivered => Some(Outcome::Delivered),
-                    Settle::Retrying { .. } => Some(Outcome::Retrying),
+                    Settle::Retrying { .. } | Settle::Waiting { .. } => Some(Outcome::Retrying),
                     Settle::Parked => Some(Outcome::DeadLettered),
                     Settle::Parking { .. } => None,
                     Settle::Suppressed { .. } => Some(Outcome::Suppressed),

@@ -17,25 +17,15 @@ pub fn init(format: LogFormat) {
     };
 }
 
-type Render = Box<dyn Fn() -> String + Send + Sync>;
-
-/// Renderers of the Prometheus metrics parts of this process keep besides the gateway (the
-/// workers' provider metrics). The gateway's `/metrics` and `herald worker`'s metrics address
-/// both serve [`render_metrics`], so `herald up` shows everything on one page.
-static METRIC_SOURCES: std::sync::Mutex<Vec<Render>> = std::sync::Mutex::new(Vec::new());
-
-/// Adds a part's metrics (a Prometheus text exposition) to this process's.
-pub fn add_metrics(render: impl Fn() -> String + Send + Sync + 'static) {
-    METRIC_SOURCES.lock().expect("never poisoned").push(Box::new(render));
-}
-
-/// `own` followed by every added part, as one exposition ending in a single `# EOF`.
-pub fn render_metrics(own: &str) -> String {
-    let sources = METRIC_SOURCES.lock().expect("never poisoned");
-    let mut out = String::with_capacity(own.len() + 4096);
-    for part in std::iter::once(own.to_owned()).chain(sources.iter().map(|render| render())) {
-        out.push_str(part.trim_end().strip_suffix("# EOF").unwrap_or(&part).trim_end());
-        if !out.is_empty() {
+/// Prometheus text expositions of several parts of one process (the gateway's, the workers')
+/// joined into one, ending in a single `# EOF`.
+pub fn join_metrics(parts: impl IntoIterator<Item = String>) -> String {
+    let mut out = String::new();
+    for part in parts {
+        let body = part.trim_end();
+        let body = body.strip_suffix("# EOF").unwrap_or(body).trim_end();
+        if !body.is_empty() {
+            out.push_str(body);
             out.push('\n');
         }
     }

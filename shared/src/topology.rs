@@ -60,13 +60,17 @@ pub const STATUS_DUPLICATE_WINDOW: Duration = Duration::from_secs(10);
 /// How long operators' actions are kept (unless the stream's share fills first).
 pub const AUDIT_MAX_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// The share of `HERALD_MAX_STORAGE`, in percent, each stream and the bucket may use.
+/// The share of `HERALD_MAX_STORAGE`, in percent, each stream and the bucket may use. The
+/// ledger must hold a finished entry (about 520 bytes with its provider calls) for every intent
+/// HERALD_INTENTS can hold waiting (a small one is about 660 bytes), or a backlog that fills
+/// the intents stream would leave workers unable to record what they deliver: 36 × 520 / 660
+/// ≈ 28 < 32.
 pub const STORAGE_SHARES: [(&str, u64); 8] = [
-    (INTENTS_STREAM, 40),
-    (NOTIFICATIONS_BUCKET, 26),
+    (INTENTS_STREAM, 36),
+    (NOTIFICATIONS_BUCKET, 32),
     (USERS_BUCKET, 2),
     (TEMPLATES_BUCKET, 2),
-    (DLQ_STREAM, 15),
+    (DLQ_STREAM, 13),
     (STATUS_STREAM, 8),
     (ADVISORIES_STREAM, 5),
     (AUDIT_STREAM, 2),
@@ -627,6 +631,21 @@ pub async fn intents_full(topology: &Topology) -> Result<Option<String>, async_n
         "{INTENTS_STREAM} holds {used} of {max} bytes and only about {evictable} bytes of delivered history \
          lie before {what} (sequence {sequence})"
     )))
+}
+
+/// Whether the delivery ledger (`herald_notifications`) is [`INTENTS_HIGH_WATER`]% full or more.
+/// It refuses writes when full, and a worker that cannot claim a delivery in it holds the
+/// message until it can: past the mark, new notifications are refused instead, so what is
+/// accepted can still be delivered. Returns why, when full.
+pub async fn ledger_full(topology: &Topology) -> Result<Option<String>, async_nats::Error> {
+    let name = format!("KV_{NOTIFICATIONS_BUCKET}");
+    let mut ledger = topology.js.get_stream(&name).await?;
+    let info = ledger.info().await?;
+    let (used, max) = (info.state.bytes, info.config.max_bytes);
+    if max <= 0 || used * 100 < max as u64 * INTENTS_HIGH_WATER {
+        return Ok(None);
+    }
+    Ok(Some(format!("the delivery ledger ({NOTIFICATIONS_BUCKET}) holds {used} of {max} bytes")))
 }
 
 /// Whether a JetStream error says a stream or bucket is full (its `max_bytes`, or the server's

@@ -92,11 +92,19 @@ async fn up_runs_the_whole_stack_and_ctrl_c_stops_everything() {
     assert_eq!(status, 202, "{}", resp.text().await.unwrap());
     // Every local copy of the process (the gateway's users, the worker's users and templates)
     // says how far behind it is.
-    let ready: serde_json::Value =
-        http.get(format!("http://127.0.0.1:{port}/ready")).send().await.unwrap().json().await.unwrap();
-    let copies: Vec<&str> = ready["copies_lag"].as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(copies.iter().filter(|c| c.starts_with("users-")).count(), 2, "{ready}");
-    assert_eq!(copies.iter().filter(|c| c.starts_with("templates-")).count(), 1, "{ready}");
+    // The workers open theirs as they start, which may be just after the banner.
+    let ready = crate::support::eventually(Duration::from_secs(10), "every local copy on /ready", || {
+        let http = http.clone();
+        async move {
+            let ready: serde_json::Value =
+                http.get(format!("http://127.0.0.1:{port}/ready")).send().await.ok()?.json().await.ok()?;
+            let copies: Vec<String> = ready["copies_lag"].as_object()?.keys().cloned().collect();
+            let count = |prefix: &str| copies.iter().filter(|c| c.starts_with(prefix)).count();
+            (count("users-") == 2 && count("templates-") == 1).then_some(ready)
+        }
+    })
+    .await;
+    assert_eq!(ready["status"], "ready", "{ready}");
     let metrics =
         http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.lines().any(|l| l.starts_with("herald_gateway_copy_lag{copy=\"templates-")), "{metrics}");

@@ -367,9 +367,10 @@ async fn a_stopped_worker_leaves_nothing_waiting_for_its_ack_wait() {
     let restarted = std::time::Instant::now();
     let topology = herald_shared::topology::ensure(&stack.js, &stack.config).await.unwrap();
     let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
-    let worker = tokio::spawn(herald_workers::run(stack.config.clone(), topology, async move {
-        let _ = stop_rx.wait_for(|s| *s).await;
-    }));
+    let worker =
+        tokio::spawn(herald_workers::run(stack.config.clone(), topology, Default::default(), async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        }));
     for id in ["queued-1", "queued-2", "queued-3"] {
         crate::support::eventually(Duration::from_secs(20), id, || async {
             let record = stack.record(id).await?;

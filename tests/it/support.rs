@@ -109,11 +109,19 @@ impl<N> Stack<N> {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let gateway = herald_gateway::Gateway::connect(config.clone()).await.unwrap();
         gateway.ready().await;
+        let provider_metrics = Arc::new(herald_workers::metrics::WorkerMetrics::default());
+        let shown = provider_metrics.clone();
+        gateway.show_metrics(move || shown.render());
         let (_client, js) = topology::connect(&config, "test-worker").await.unwrap();
         let topo = topology::ensure(&js, &config).await.unwrap();
         let tasks = vec![
             tokio::spawn(gateway.serve(listener, stopped(stop_rx.clone()))),
-            tokio::spawn(herald_workers::run(config.clone(), topo, stopped(stop_rx.clone()))),
+            tokio::spawn(herald_workers::run(
+                config.clone(),
+                topo,
+                provider_metrics,
+                stopped(stop_rx.clone()),
+            )),
         ];
         let token = auth::mint(
             &config.jwt_secret,
@@ -172,6 +180,13 @@ impl<N> Stack<N> {
             .unwrap();
         let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
         (status, resp.json().await.unwrap())
+    }
+
+    /// The gateway's `/metrics` page (in these stacks, with the workers' provider metrics).
+    pub async fn metrics(&self) -> String {
+        let resp = self.http.get(format!("{}/metrics", self.base)).send().await.unwrap();
+        assert!(resp.status().is_success());
+        resp.text().await.unwrap()
     }
 
     /// Waits until the notification's overall status is `status`.
@@ -480,6 +495,12 @@ impl Sink {
         }
         got
     }
+}
+
+/// The value of the series `series` (name and labels exactly as exposed, e.g.
+/// `herald_provider_calls_total{channel="webhook",provider="webhook"}`) in a Prometheus page.
+pub fn metric(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// A request body for one webhook notification to `url`.

@@ -37,7 +37,7 @@ use herald_shared::{
     deadletter::{DeadLetter, ErrorClass, Reason},
     intent::Rejection,
     ledger::{Begin, Held, Settle, Settled},
-    state::Status,
+    state::{FailureKind, Status},
     topology::{self, Topology},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -59,6 +59,12 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const FLOOR_EVERY: Duration = Duration::from_secs(1);
 /// The longest pause between tries while a message is held for the ledger or the DLQ.
 const HOLD_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Waits at least this long leave the consumer as scheduled copies instead of `Nak`s
+/// (see `ChannelWorker::wait`).
+pub const LONG_WAIT: Duration = Duration::from_secs(3);
+/// Above this share of HERALD_INTENTS's `max_bytes` (in percent), waits stay `Nak`s rather than
+/// add copies to a stream that would make room by dropping its oldest messages.
+pub const COPIES_HIGH_WATER: u64 = 80;
 /// Effectively forever: a ledger write is retried until it is stored (or shutdown gives up).
 const UNTIL_STORED: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -75,6 +81,8 @@ pub struct ChannelWorker<D> {
     /// them (its progress acks were lost) waits instead of racing it, and the ledger can tell
     /// this process's claims that are in use from ones whose `begin` never heard back.
     handling: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// Whether HERALD_INTENTS had room for scheduled copies, and when that was looked up.
+    room: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
 }
 
 impl<D: Deliver> ChannelWorker<D> {
@@ -94,6 +102,7 @@ impl<D: Deliver> ChannelWorker<D> {
             resolver,
             uncertain,
             handling: Default::default(),
+            room: Default::default(),
         }
     }
 
@@ -310,7 +319,7 @@ impl<D: Deliver> ChannelWorker<D> {
                 tracing::warn!(error = %e, "cannot note the schedule in the ledger");
             }
             tracing::info!(wait_ms = wait.as_millis() as u64, "scheduled; waiting for send_at");
-            return self.nak(message, wait).await;
+            return self.wait(message, &intent, wait, "send_at").await;
         }
         if !self.handling.lock().expect("never poisoned").insert(sequence) {
             tracing::info!("this message is being handled here already; waiting");
@@ -395,6 +404,28 @@ impl<D: Deliver> ChannelWorker<D> {
                     }
                 }
             }
+            Err(DeliveryError::Transient { message: error, retry_after })
+                if !held.calls.is_empty()
+                    && held.calls.iter().all(|c| c.failure == Some(FailureKind::CircuitOpen)) =>
+            {
+                // No provider was called: not an attempt. Wait for the breaker's probe (spread
+                // out a little, so the waiting messages do not all return at once).
+                let base = retry_after.unwrap_or(LONG_WAIT).max(LONG_WAIT);
+                let delay = base.mul_f64(1.0 + rand::random::<f64>() * 0.2);
+                tracing::info!(%error, retry_in_ms = delay.as_millis() as u64, "circuit open; waiting without spending an attempt");
+                let retry_at = chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                match ledger.settle(&mut held, Settle::Waiting { error, retry_at }, UNTIL_STORED).await {
+                    Ok(Settled::Superseded(Status::Delivered)) => self.ack(message, AckKind::Ack).await,
+                    Ok(_) => {
+                        let step = format!("circuit:{}", retry_at.timestamp_millis());
+                        self.wait(message, &intent, delay, &step).await
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record the wait; leaving the message unacknowledged");
+                        return false;
+                    }
+                }
+            }
             Err(DeliveryError::Transient { message: error, retry_after }) if attempt < max_attempts => {
                 // The provider's Retry-After is a floor, not a replacement: `Retry-After: 0`
                 // must not burn the remaining attempts in a moment.
@@ -404,7 +435,9 @@ impl<D: Deliver> ChannelWorker<D> {
                 let retry_at = chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
                 match ledger.settle(&mut held, Settle::Retrying { error, retry_at }, UNTIL_STORED).await {
                     Ok(Settled::Superseded(Status::Delivered)) => self.ack(message, AckKind::Ack).await,
-                    Ok(_) => self.nak(message, delay).await,
+                    Ok(_) => {
+                        self.wait(message, &intent, delay, &format!("retry:{}", held.entry.attempts)).await
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot record the attempt; leaving the message unacknowledged");
                         return false;
@@ -423,6 +456,10 @@ impl<D: Deliver> ChannelWorker<D> {
                         false,
                     )
                     .await;
+            }
+            Err(DeliveryError::Permanent { message: error }) if !intent.fallback.is_empty() => {
+                let why = format!("{} could not deliver it: {error}", self.channel);
+                return self.hand_over(message, &intent, held, why).await;
             }
             Err(DeliveryError::Permanent { message: error }) => {
                 tracing::warn!(attempt, %error, "refused for good; dead-lettering");
@@ -443,34 +480,18 @@ impl<D: Deliver> ChannelWorker<D> {
                 tracing::info!(%rule, "suppressed by the user's preferences");
                 Settle::Suppressed { rule }
             }
+            Resolved::Skip(reason) if !intent.fallback.is_empty() => {
+                return self.hand_over(message, intent, held, reason).await;
+            }
             Resolved::Skip(reason) => {
                 tracing::info!(%reason, "skipped: nothing to send it to");
                 Settle::Skipped { reason }
             }
             Resolved::Defer { until, why } => {
+                let id = format!("defer:{}:{}", held.key.kv_key(), until.timestamp());
                 let mut headers = intent.headers();
-                let key = held.key.kv_key();
-                headers.insert(NATS_MESSAGE_ID, format!("defer:{key}:{}", until.timestamp()).as_str());
                 let subject = topology::schedule(&mut headers, self.channel, &intent.id, until);
-                let payload: bytes::Bytes = intent.encode().into();
-                let mut delay = Duration::from_millis(100);
-                loop {
-                    let stored = async {
-                        self.topology
-                            .js
-                            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
-                            .await?
-                            .await
-                    };
-                    match stored.await {
-                        Ok(_) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot schedule the deferred copy yet; holding the message");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(HOLD_RETRY_MAX);
-                        }
-                    }
-                }
+                self.publish_held(subject, headers, intent, &id).await;
                 tracing::info!(%until, "deferred for the user's quiet hours");
                 Settle::Deferred { until, why }
             }
@@ -538,6 +559,103 @@ impl<D: Deliver> ChannelWorker<D> {
             }
         }
         true
+    }
+
+    /// Lets `message` wait `delay` before it is handled again. A short wait is a `Nak` with that
+    /// delay. A long one ([`LONG_WAIT`] or more: a retry's backoff, a direct publish's
+    /// `send_at`) leaves the consumer: a copy is scheduled for then (message id
+    /// `<step>:<ledger key>`, so a repeated publish is dropped) and the message is acknowledged,
+    /// so waiting messages never fill the consumer's `max_ack_pending` and stop the channel for
+    /// everyone (one dead receiver with thousands of queued retries did that).
+    async fn wait(&self, message: &Message, intent: &Intent, delay: Duration, step: &str) {
+        if delay < LONG_WAIT || !self.room_for_copies().await {
+            return self.nak(message, delay).await;
+        }
+        let until = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+        let id = format!("{step}:{}", herald_shared::ledger::LedgerKey::of(intent).kv_key());
+        let mut headers = intent.headers();
+        let subject = topology::schedule(&mut headers, self.channel, &intent.id, until);
+        self.publish_held(subject, headers, intent, &id).await;
+        self.ack(message, AckKind::Ack).await;
+    }
+
+    /// Whether HERALD_INTENTS has room for scheduled copies: below [`COPIES_HIGH_WATER`]% of its
+    /// `max_bytes` (looked up at most once a second). The stream discards its oldest messages
+    /// when full, and those may be intents still waiting; above the mark waits stay `Nak`s.
+    async fn room_for_copies(&self) -> bool {
+        if let Some((at, room)) = *self.room.lock().expect("never poisoned")
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return room;
+        }
+        let mut intents = self.topology.intents.clone();
+        let room = match intents.info().await {
+            Ok(info) => {
+                let max = u64::try_from(info.config.max_bytes).unwrap_or(0);
+                max > 0 && info.state.bytes * 100 < max * COPIES_HIGH_WATER
+            }
+            Err(_) => false,
+        };
+        *self.room.lock().expect("never poisoned") = Some((std::time::Instant::now(), room));
+        room
+    }
+
+    /// Publishes `intent` on `subject` under message id `id`, holding the message being handled
+    /// (retrying, with backoff) until JetStream stores it.
+    async fn publish_held(
+        &self,
+        subject: String,
+        mut headers: async_nats::HeaderMap,
+        intent: &Intent,
+        id: &str,
+    ) {
+        headers.insert(NATS_MESSAGE_ID, id);
+        let payload: bytes::Bytes = intent.encode().into();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let stored = async {
+                self.topology
+                    .js
+                    .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                    .await?
+                    .await
+            };
+            match stored.await {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, %subject, "cannot store a copy of the message yet; holding it");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(HOLD_RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// This channel cannot deliver (the provider refused the address for good, or the user has
+    /// none): the next channel of the user's fallback order takes over. Its intent is published
+    /// (message id `fallback:<this ledger key>`) and recorded as accepted, then this channel is
+    /// settled `skipped`, noting why and which channel took over.
+    async fn hand_over(&self, message: &Message, intent: &Intent, mut held: Held, why: String) -> bool {
+        let next = intent.fallback[0];
+        let successor =
+            Intent { channel: Some(next), fallback: intent.fallback[1..].to_vec(), ..intent.clone() };
+        tracing::info!(%why, %next, "handing over to the user's next channel");
+        let id = format!("fallback:{}", held.key.kv_key());
+        self.publish_held(topology::intent_subject(next), successor.headers(), &successor, &id).await;
+        if let Err(e) = self.topology.ledger.accept(std::slice::from_ref(&successor)).await {
+            tracing::warn!(error = %e, "cannot record the next channel as accepted; its worker will");
+        }
+        let reason = format!("{why}; {next} took over");
+        match self.topology.ledger.settle(&mut held, Settle::Skipped { reason }, UNTIL_STORED).await {
+            Ok(_) => {
+                self.ack(message, AckKind::Ack).await;
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record the hand-over; leaving the message unacknowledged");
+                false
+            }
+        }
     }
 
     /// Acknowledges (or terminates) and waits for the server to confirm it. Unconfirmed, the

@@ -16,9 +16,13 @@ use herald_shared::{Channel, Config, Intent, topology::Topology};
 
 use crate::{
     Deliver, Delivery, DeliveryError,
+    apns::ApnsProvider,
     email::SmtpProvider,
+    fcm::FcmProvider,
     metrics::WorkerMetrics,
     provider::{Chain, Provider},
+    push::PushSender,
+    sms::TwilioProvider,
     webhook::WebhookSender,
 };
 
@@ -26,12 +30,15 @@ use crate::{
 pub enum Sender {
     /// One address per intent, sent through a chain of providers.
     Addressed(Addressed),
+    /// Every device of the recipient, each through its platform's chain.
+    Push(Box<PushSender>),
 }
 
 impl Deliver for Sender {
     async fn deliver<'a>(&'a self, intent: &'a Intent) -> Delivery {
         match self {
             Sender::Addressed(a) => a.deliver(intent).await,
+            Sender::Push(p) => p.deliver(intent).await,
         }
     }
 }
@@ -40,7 +47,7 @@ impl Deliver for Sender {
 pub fn build(
     channel: Channel,
     config: &Config,
-    _topology: &Topology,
+    topology: &Topology,
     metrics: Arc<WorkerMetrics>,
 ) -> anyhow::Result<Sender> {
     let chain = |providers: Vec<Arc<dyn Provider>>| {
@@ -53,6 +60,35 @@ pub fn build(
         Channel::Webhook => {
             let webhook: Arc<dyn Provider> = Arc::new(WebhookSender::new(config)?);
             Ok(Sender::Addressed(Addressed { chain: chain(vec![webhook]), channel }))
+        }
+        Channel::Sms => {
+            let settings = config.providers.twilio.as_ref().ok_or_else(|| {
+                anyhow::anyhow!("the sms channel needs Twilio: set HERALD_TWILIO_ACCOUNT_SID and the other HERALD_TWILIO_* variables")
+            })?;
+            let twilio: Arc<dyn Provider> = Arc::new(TwilioProvider::new(settings, config)?);
+            Ok(Sender::Addressed(Addressed { chain: chain(vec![twilio]), channel }))
+        }
+        Channel::Push => {
+            let fcm = match &config.providers.fcm {
+                Some(settings) => {
+                    let fcm: Arc<dyn Provider> = Arc::new(FcmProvider::new(settings, config)?);
+                    Some(chain(vec![fcm]))
+                }
+                None => None,
+            };
+            let apns = match &config.providers.apns {
+                Some(settings) => {
+                    let apns: Arc<dyn Provider> = Arc::new(ApnsProvider::new(settings, config)?);
+                    Some(chain(vec![apns]))
+                }
+                None => None,
+            };
+            if fcm.is_none() && apns.is_none() {
+                anyhow::bail!(
+                    "the push channel needs FCM or APNs: set HERALD_FCM_PROJECT_ID or HERALD_APNS_KEY and their companions"
+                );
+            }
+            Ok(Sender::Push(Box::new(PushSender { fcm, apns, users: topology.users.clone() })))
         }
         Channel::Email => {
             let settings = config

@@ -8,6 +8,10 @@
 //! - [`channels`]: the one registry of channels: what each is made of.
 //! - [`webhook`]: the webhook channel's provider: a signed JSON POST.
 //! - [`email`]: the email channel's provider: SMTP (lettre), one per `HERALD_SMTP_URLS` entry.
+//! - [`sms`]: the SMS channel's provider, Twilio, and SMS segment counting.
+//! - [`push`]: the push channel: every device of the recipient through its platform's
+//!   provider, [`fcm`] (FCM HTTP v1, OAuth2 service account) or [`apns`] (HTTP/2, ES256
+//!   provider tokens); unregistered devices are removed from the user.
 //! - [`metrics`]: the provider metrics, and `/metrics` for `herald worker`.
 //! - [`resolve`]: notifications by user and template made concrete at send time from the
 //!   local copies of users and templates: address, preferences, rendering.
@@ -19,14 +23,18 @@
 //! whether a failure is transient (retry) or permanent (dead-letter now), with a record of the
 //! provider calls it made. Workers never call the gateway.
 
+pub mod apns;
 pub mod channel;
 pub mod channels;
 pub mod email;
+pub mod fcm;
 pub mod metrics;
 pub mod mover;
 pub mod park;
 pub mod provider;
+pub mod push;
 pub mod resolve;
+pub mod sms;
 pub mod webhook;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -73,10 +81,11 @@ pub trait Deliver: Send + Sync + 'static {
 }
 
 /// Runs the workers of `config.channels` and the dead-letter mover until `shutdown` completes,
-/// then lets in-flight deliveries finish.
+/// then lets in-flight deliveries finish. Provider calls are counted in `provider_metrics`.
 pub async fn run(
     config: Config,
     topology: Topology,
+    provider_metrics: Arc<metrics::WorkerMetrics>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -95,8 +104,6 @@ pub async fn run(
         config.default_locale.clone(),
         config.required_categories.clone(),
     ));
-    let provider_metrics = Arc::new(metrics::WorkerMetrics::default());
-    metrics::expose(&provider_metrics);
     for &channel in &config.channels {
         let sender = channels::build(channel, &config, &topology, provider_metrics.clone())?;
         let worker = channel::ChannelWorker::new(

@@ -11,7 +11,7 @@
 //! `herald up` shows them on the gateway's `/metrics`; `herald worker` serves them on
 //! `HERALD_METRICS_ADDR`.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use herald_shared::{Channel, state::FailureKind};
 use prometheus_client::{
@@ -106,22 +106,16 @@ impl WorkerMetrics {
     }
 }
 
-/// Serves this process's metrics on `GET /metrics` at `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
-    use poem::{EndpointExt, Route, get, handler, listener::TcpListener};
+/// Serves `metrics` on `GET /metrics` from `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<WorkerMetrics>) -> anyhow::Result<()> {
+    use poem::{EndpointExt, Route, get, handler, listener::TcpAcceptor, web::Data};
 
     #[handler]
-    fn metrics() -> String {
-        herald_shared::telemetry::render_metrics("")
+    fn render(metrics: Data<&Arc<WorkerMetrics>>) -> String {
+        herald_shared::telemetry::join_metrics([metrics.render()])
     }
-    let app = Route::new().at("/metrics", get(metrics)).map_to_response();
-    tracing::info!(%addr, "serving worker metrics on /metrics");
-    poem::Server::new(TcpListener::bind(addr)).run(app).await?;
+    let app = Route::new().at("/metrics", get(render)).data(metrics).map_to_response();
+    tracing::info!(addr = %listener.local_addr()?, "serving worker metrics on /metrics");
+    poem::Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?).run(app).await?;
     Ok(())
-}
-
-/// Registers `metrics` with this process's exposition.
-pub fn expose(metrics: &Arc<WorkerMetrics>) {
-    let m = metrics.clone();
-    herald_shared::telemetry::add_metrics(move || m.render());
 }

@@ -72,11 +72,20 @@ pub struct ProviderError {
     pub message: String,
     /// The provider asked to wait this long (`Retry-After`).
     pub retry_after: Option<Duration>,
+    /// The provider says the device token is gone for good (FCM `UNREGISTERED`, APNs
+    /// `BadDeviceToken`, `Unregistered`): push removes it from the user.
+    pub device_gone: bool,
 }
 
 impl ProviderError {
     pub fn new(kind: FailureKind, message: impl Into<String>) -> ProviderError {
-        ProviderError { kind, message: message.into(), retry_after: None }
+        ProviderError { kind, message: message.into(), retry_after: None, device_gone: false }
+    }
+
+    /// Marks the failure as a device the provider no longer knows.
+    pub fn device_gone(mut self) -> ProviderError {
+        self.device_gone = true;
+        self
     }
 
     pub fn with_retry_after(mut self, retry_after: Option<Duration>) -> ProviderError {

@@ -130,6 +130,16 @@ impl Resolver {
                     message: format!("template {} v{}: {e}", version.code, version.version),
                 }
             })?;
+            if channel == Channel::Push {
+                // What the device receives as the message's data (FCM's string map, APNs'
+                // custom keys): the template's rendered `push_data`, never the variables the
+                // template was filled with.
+                out.data = rendered
+                    .push_data
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                    .collect();
+            }
             out.content = content_for(channel, rendered);
         }
         Ok(Resolved::Send(Box::new(out)))
@@ -203,7 +213,9 @@ fn fill_address(intent: &mut Intent, user: &User) -> Result<(), String> {
         }
         Channel::Push => {
             if r.push_tokens.is_empty() {
-                r.push_tokens = f.devices.iter().map(|d| d.token.clone()).collect();
+                // APNs devices as `apns:<token>`, so the push sender knows their platform.
+                r.push_tokens =
+                    f.devices.iter().map(|d| crate::push::token_for(d.platform, &d.token)).collect();
                 if r.push_tokens.is_empty() {
                     return Err(missing("push device"));
                 }

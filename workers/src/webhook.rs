@@ -159,10 +159,10 @@ impl WebhookSender {
 
 /// How much of an error answer is read (for `last_error`); a receiver cannot make the worker
 /// buffer more.
-const ERROR_BODY_BYTES: usize = 1024;
+pub(crate) const ERROR_BODY_BYTES: usize = 1024;
 
 /// Up to `limit` bytes of the body, as text.
-async fn first_bytes(mut response: reqwest::Response, limit: usize) -> String {
+pub(crate) async fn first_bytes(mut response: reqwest::Response, limit: usize) -> String {
     let mut body = Vec::new();
     while body.len() < limit {
         match response.chunk().await {
@@ -269,7 +269,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     (at.with_timezone(&Utc) - Utc::now()).to_std().ok()
 }
 
-fn describe(e: &reqwest::Error) -> String {
+pub(crate) fn describe(e: &reqwest::Error) -> String {
     if e.is_timeout() {
         "timed out".into()
     } else if e.is_connect() {

@@ -5,7 +5,7 @@ use herald_shared::{
     Channel, Intent,
     auth::{SCOPE_READ, SCOPE_SEND},
     intent::{self, Content, Priority, Recipient, Rejection, TemplateRef},
-    state::{ChannelState, NotificationRecord, Status},
+    state::{ChannelState, FailureKind, NotificationRecord, Status},
     users::{User, channels_for, user_key},
 };
 use poem::web::Data;
@@ -198,6 +198,55 @@ pub struct ChannelStatusBody {
     note: Option<String>,
     /// When a deferred notification will be sent (the end of the user's quiet hours).
     deferred_until: Option<DateTime<Utc>>,
+    /// The provider calls of the latest attempt: one per provider tried, or per device.
+    calls: Vec<ProviderCallBody>,
+}
+
+/// Why a provider call failed: `timeout`, `connection`, `rate_limited`, `unavailable` and
+/// `circuit_open` are retried; `invalid_recipient`, `unauthorized` and `rejected` are not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename = "FailureKind", rename_all = "snake_case")]
+pub enum ApiFailureKind {
+    Timeout,
+    Connection,
+    RateLimited,
+    Unavailable,
+    CircuitOpen,
+    InvalidRecipient,
+    Unauthorized,
+    Rejected,
+}
+
+impl From<FailureKind> for ApiFailureKind {
+    fn from(k: FailureKind) -> ApiFailureKind {
+        match k {
+            FailureKind::Timeout => ApiFailureKind::Timeout,
+            FailureKind::Connection => ApiFailureKind::Connection,
+            FailureKind::RateLimited => ApiFailureKind::RateLimited,
+            FailureKind::Unavailable => ApiFailureKind::Unavailable,
+            FailureKind::CircuitOpen => ApiFailureKind::CircuitOpen,
+            FailureKind::InvalidRecipient => ApiFailureKind::InvalidRecipient,
+            FailureKind::Unauthorized => ApiFailureKind::Unauthorized,
+            FailureKind::Rejected => ApiFailureKind::Rejected,
+        }
+    }
+}
+
+/// One call to a provider within an attempt.
+#[derive(Debug, Object)]
+#[oai(rename = "ProviderCall")]
+pub struct ProviderCallBody {
+    /// `smtp`, `smtp-2`, `twilio`, `fcm`, `apns` or `webhook`.
+    provider: String,
+    /// The provider's id for the message (SMTP Message-ID, Twilio sid, FCM name, apns-id).
+    provider_message_id: Option<String>,
+    latency_ms: u64,
+    failure: Option<ApiFailureKind>,
+    error: Option<String>,
+    /// Push: the device, by the last 8 characters of its token.
+    device: Option<String>,
+    /// SMS: segments and encoding; push: whether the device was removed.
+    detail: Option<String>,
 }
 
 /// A notification and where it stands.
@@ -363,6 +412,19 @@ fn notification_body(record: NotificationRecord) -> NotificationBody {
                 delivered_at: s.delivered_at,
                 note: s.note,
                 deferred_until: s.deferred_until,
+                calls: s
+                    .calls
+                    .into_iter()
+                    .map(|c| ProviderCallBody {
+                        provider: c.provider,
+                        provider_message_id: c.provider_message_id,
+                        latency_ms: c.latency_ms,
+                        failure: c.failure.map(Into::into),
+                        error: c.error,
+                        device: c.device,
+                        detail: c.detail,
+                    })
+                    .collect(),
             })
             .collect(),
     }

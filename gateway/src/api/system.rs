@@ -96,6 +96,8 @@ impl SystemApi {
             let gauge = state.metrics.copy_lag.get_or_create(&crate::metrics::CopyLabel { copy });
             gauge.set(i64::try_from(status.lag).unwrap_or(i64::MAX));
         }
-        PlainText(herald_shared::telemetry::render_metrics(&state.metrics.render()))
+        let more = state.more_metrics.lock().expect("never poisoned");
+        let parts = std::iter::once(state.metrics.render()).chain(more.iter().map(|render| render()));
+        PlainText(herald_shared::telemetry::join_metrics(parts))
     }
 }
