@@ -126,6 +126,10 @@ enum Command {
         /// Send by user and template (rendered by the worker) instead of inline content.
         #[arg(long)]
         by_reference: bool,
+        /// The channel to deliver on: `webhook`, `email` (to a local SMTP sink) or `sms` (to a
+        /// local sink answering like Twilio). Email and SMS need the private stack.
+        #[arg(long, default_value = "webhook")]
+        channel: herald_gateway::bench::BenchChannel,
     },
 }
 
@@ -227,6 +231,7 @@ fn main() -> anyhow::Result<()> {
                 sync_always,
                 cluster,
                 by_reference,
+                channel,
             } => {
                 let options = herald_gateway::bench::BenchOptions {
                     nats_url: url
@@ -248,6 +253,7 @@ fn main() -> anyhow::Result<()> {
                     cluster,
                     replicas: config.stream_replicas,
                     by_reference,
+                    channel,
                 };
                 let report = herald_gateway::bench::run(options, &config).await?;
                 println!("{report}");

@@ -16,8 +16,11 @@
 //!   `--cluster`, a three-node cluster with every stream replicated three times; with
 //!   `--sync-always`, fsyncing every write) and a child `herald up` pointed at it, so the
 //!   measured process is exactly what users run.
-//! - [`Sink::start`]: a local webhook receiver every benchmark notification points at, so the
-//!   worker always has a live, fast receiver and delivery is what is measured.
+//! - [`Sink::start`]: a local receiver every benchmark notification goes to, so the worker
+//!   always has a live, fast receiver and delivery is what is measured: a webhook sink, or
+//!   with `--channel email` an SMTP sink ([`Sink::start_smtp`], the private stack's
+//!   `HERALD_SMTP_URLS`), or with `--channel sms` an HTTP sink answering like Twilio's
+//!   Messages API ([`Sink::start_sms`], its `HERALD_TWILIO_BASE_URL`).
 //! - [`raw_publish`]: JetStream publishes with the same payload size and replica count, straight
 //!   from this process.
 //! - [`accept_phase`]: `connections` HTTP clients, closed loop or paced open loop.
@@ -100,6 +103,49 @@ pub struct BenchOptions {
     /// Send by user and template (rendered by the worker from its local copies) instead of
     /// inline content: the benchmark creates the user and the template first.
     pub by_reference: bool,
+    /// The channel delivered on, and so the sink started and the provider pointed at it.
+    pub channel: BenchChannel,
+}
+
+/// The channels the benchmark can deliver on, each to a sink of its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BenchChannel {
+    /// Signed POSTs to a local HTTP sink.
+    #[default]
+    Webhook,
+    /// SMTP (plain, `?tls=none`) to a local SMTP sink.
+    Email,
+    /// Twilio's Messages API, answered by a local HTTP sink.
+    Sms,
+}
+
+impl BenchChannel {
+    pub fn channel(self) -> Channel {
+        match self {
+            BenchChannel::Webhook => Channel::Webhook,
+            BenchChannel::Email => Channel::Email,
+            BenchChannel::Sms => Channel::Sms,
+        }
+    }
+}
+
+impl std::str::FromStr for BenchChannel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<BenchChannel, String> {
+        match s {
+            "webhook" => Ok(BenchChannel::Webhook),
+            "email" => Ok(BenchChannel::Email),
+            "sms" => Ok(BenchChannel::Sms),
+            other => Err(format!("{other:?}: the benchmark delivers on webhook, email or sms")),
+        }
+    }
+}
+
+impl fmt::Display for BenchChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.channel().as_str())
+    }
 }
 
 /// Everything one run measured. [`fmt::Display`] prints it for people.
@@ -121,6 +167,7 @@ pub struct BenchReport {
     pub memory: Option<Memory>,
     /// Requests named a user and a template instead of carrying content.
     pub by_reference: bool,
+    pub channel: BenchChannel,
 }
 
 /// The system under test.
@@ -265,16 +312,41 @@ impl Memory {
 /// Runs the benchmark and returns what it measured. Progress goes to stderr.
 pub async fn run(options: BenchOptions, config: &Config) -> anyhow::Result<BenchReport> {
     check_options(&options)?;
-    let sink = Sink::start().await?;
-    let hook_url = format!("{}{HOOK_PATH}", sink.url);
-    eprintln!("bench: webhook sink listening on {}", sink.url);
+    let channel = options.channel;
+    // Where every notification goes, and what the private stack's provider is pointed at.
+    let (sink, address, env) = match channel {
+        BenchChannel::Webhook => {
+            let sink = Sink::start().await?;
+            let hook_url = format!("{}{HOOK_PATH}", sink.url);
+            (sink, hook_url, Vec::new())
+        }
+        BenchChannel::Email => {
+            let sink = Sink::start_smtp().await?;
+            let env = vec![
+                (herald_shared::config::SMTP_URLS, sink.url.clone()),
+                (herald_shared::config::EMAIL_FROM, "Herald bench <bench@herald.test>".to_owned()),
+            ];
+            (sink, "reader@bench.test".to_owned(), env)
+        }
+        BenchChannel::Sms => {
+            let sink = Sink::start_sms().await?;
+            let env = vec![
+                (herald_shared::config::TWILIO_ACCOUNT_SID, BENCH_TWILIO_SID.to_owned()),
+                (herald_shared::config::TWILIO_AUTH_TOKEN, "bench-token".to_owned()),
+                (herald_shared::config::TWILIO_FROM, "+15005550006".to_owned()),
+                (herald_shared::config::TWILIO_BASE_URL, sink.url.clone()),
+            ];
+            (sink, "+15005550009".to_owned(), env)
+        }
+    };
+    eprintln!("bench: {channel} sink listening on {}", sink.url);
 
     let stack = match &options.url {
         Some(_) => None,
         None => {
             let setup =
                 NatsSetup { nodes: if options.cluster { CLUSTER_SIZE } else { 1 }, sync: options.sync };
-            Some(PrivateStack::start(config, &options.herald_exe, options.gateway_only, setup).await?)
+            Some(PrivateStack::start(config, &options.herald_exe, options.gateway_only, setup, &env).await?)
         }
     };
     let (base_url, nats_url, replicas, target) = match (&stack, &options.url) {
@@ -291,7 +363,7 @@ pub async fn run(options: BenchOptions, config: &Config) -> anyhow::Result<Bench
         (None, None) => unreachable!("a private stack is started when no URL is given"),
     };
 
-    let payload_bytes = sample_intent(&hook_url).encode().len();
+    let payload_bytes = sample_intent(channel, &address).encode().len();
     let raw = match nats_url {
         Some(nats_url) if options.raw_messages > 0 => {
             Some(raw_publish(&nats_url, replicas, options.raw_messages, payload_bytes).await?)
@@ -310,13 +382,14 @@ pub async fn run(options: BenchOptions, config: &Config) -> anyhow::Result<Bench
         Duration::from_secs(3600),
     );
     if options.by_reference {
-        create_user_and_template(&base_url, &token, &hook_url).await?;
+        create_user_and_template(&base_url, &token, channel, &address).await?;
     }
     let plan = LoadPlan {
         endpoint: format!("{base_url}/v1/notifications"),
         authorization: HeaderValue::from_str(&format!("Bearer {token}"))
             .context("the minted token is not a header value")?,
-        hook_url,
+        address,
+        channel,
         by_reference: options.by_reference,
         run_id: intent::new_id(),
         connections: options.connections,
@@ -352,16 +425,33 @@ pub async fn run(options: BenchOptions, config: &Config) -> anyhow::Result<Bench
         delivery,
         memory,
         by_reference: options.by_reference,
+        channel,
     })
 }
 
-/// The user and template a run by reference names: the user's webhook is the sink.
-async fn create_user_and_template(base_url: &str, token: &str, hook_url: &str) -> anyhow::Result<()> {
+/// The user and template a run by reference names: the user's address on `channel` is the
+/// sink's.
+async fn create_user_and_template(
+    base_url: &str,
+    token: &str,
+    channel: BenchChannel,
+    address: &str,
+) -> anyhow::Result<()> {
     let http = reqwest::Client::builder().no_proxy().build()?;
-    let user =
-        serde_json::json!({"name": "Bench", "webhook_url": hook_url, "locale": "en", "time_zone": "UTC"});
-    let template =
-        serde_json::json!({"webhook_title": "bench", "webhook_body": "hello {{user.name}} #{{number n}}"});
+    let field = match channel {
+        BenchChannel::Webhook => "webhook_url",
+        BenchChannel::Email => "email",
+        BenchChannel::Sms => "phone",
+    };
+    let user = serde_json::json!({"name": "Bench", field: address, "locale": "en", "time_zone": "UTC"});
+    let template = serde_json::json!({
+        "webhook_title": "bench",
+        "webhook_body": "hello {{user.name}} #{{number n}}",
+        "email_subject": "bench #{{n}}",
+        "email_text": "hello {{user.name}} #{{number n}}",
+        "email_html": "<p>hello {{user.name}} #{{number n}}</p>",
+        "sms_text": "hello {{user.name}} #{{number n}}",
+    });
     for (path, body) in [
         (format!("{base_url}/v1/users/{BENCH_USER}"), user),
         (format!("{base_url}/v1/templates/{BENCH_TEMPLATE}/en"), template),
@@ -386,6 +476,12 @@ fn check_options(options: &BenchOptions) -> anyhow::Result<()> {
     }
     if options.rate == Some(0) {
         bail!("--rate must be at least 1 request/s");
+    }
+    if options.url.is_some() && options.channel != BenchChannel::Webhook {
+        bail!(
+            "--channel {} needs the private stack: its provider is pointed at the benchmark's sink",
+            options.channel
+        );
     }
     if options.url.is_some() && (options.cluster || options.sync != SyncPolicy::Periodic) {
         bail!("--cluster and --sync-always shape the private nats-server; they do not apply with --url");
@@ -422,6 +518,7 @@ impl PrivateStack {
         herald_exe: &Path,
         gateway_only: bool,
         setup: NatsSetup,
+        env: &[(&'static str, String)],
     ) -> anyhow::Result<PrivateStack> {
         let nats = PrivateNats::start(config, setup).await?;
         eprintln!("bench: {setup} running at {}", nats.urls());
@@ -446,6 +543,7 @@ impl PrivateStack {
             .env(herald_shared::config::WEBHOOK_SECRET, &config.webhook_secret)
             // The sink listens on 127.0.0.1.
             .env(herald_shared::config::WEBHOOK_ALLOW_PRIVATE, "true")
+            .envs(env.iter().map(|(k, v)| (*k, v)))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log)
@@ -641,35 +739,225 @@ async fn receive(state: &SinkState, epoch: Instant, req: poem::Request) -> poem:
     }
     let id = req.header(intent::headers::NOTIFICATION_ID).map(str::to_owned);
     let _ = req.into_body().into_bytes().await;
-    state.posts.fetch_add(1, Ordering::Relaxed);
-    let new = match id {
-        Some(id) => state.seen.lock().map(|mut seen| seen.insert(id)).unwrap_or(true),
-        None => true,
-    };
-    if new {
-        let nanos = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
-        state.last_nanos.fetch_max(nanos, Ordering::AcqRel);
-        state.distinct.fetch_add(1, Ordering::AcqRel);
-    }
+    state.record(epoch, id);
     poem::http::StatusCode::OK
+}
+
+impl SinkState {
+    /// Counts one delivery; `id` (the notification's, when the channel carries it) tells a
+    /// redelivery from a new one.
+    fn record(&self, epoch: Instant, id: Option<String>) {
+        self.posts.fetch_add(1, Ordering::Relaxed);
+        let new = match id {
+            Some(id) => self.seen.lock().map(|mut seen| seen.insert(id)).unwrap_or(true),
+            None => true,
+        };
+        if new {
+            let nanos = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
+            self.last_nanos.fetch_max(nanos, Ordering::AcqRel);
+            self.distinct.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SMTP sink
+
+impl Sink {
+    /// A minimal SMTP server on 127.0.0.1 (plain text, no AUTH) that takes every message and
+    /// counts it by its `Herald-Notification-Id` header. Its `url` is an `HERALD_SMTP_URLS`.
+    async fn start_smtp() -> anyhow::Result<Sink> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the SMTP sink")?;
+        let addr = listener.local_addr().context("the SMTP sink's address")?;
+        let epoch = Instant::now();
+        let state = Arc::new(SinkState::default());
+        let (shutdown, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let sessions = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            let state = sessions.clone();
+                            tokio::spawn(async move {
+                                let _ = smtp_session(stream, &state, epoch).await;
+                            });
+                        }
+                        Err(e) => {
+                            eprintln!("bench: the SMTP sink cannot accept: {e}");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    },
+                }
+            }
+        });
+        Ok(Sink { url: format!("smtp://{addr}?tls=none"), epoch, state, shutdown: Some(shutdown) })
+    }
+}
+
+/// One SMTP session: 220, then EHLO/HELO, MAIL, RCPT, RSET and NOOP answered 250, DATA read
+/// to the lone dot and answered 250, QUIT 221. Only what a client sending mail needs.
+async fn smtp_session(
+    stream: tokio::net::TcpStream,
+    state: &SinkState,
+    epoch: Instant,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (read, mut write) = stream.into_split();
+    let mut read = tokio::io::BufReader::new(read);
+    write.write_all(b"220 bench.herald.test ESMTP sink\r\n").await?;
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        if read.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        let verb = line.get(..4).map(<[u8]>::to_ascii_uppercase).unwrap_or_default();
+        let reply: &[u8] = match verb.as_slice() {
+            b"EHLO" => b"250-bench.herald.test\r\n250 8BITMIME\r\n",
+            b"HELO" => b"250 bench.herald.test\r\n",
+            b"MAIL" | b"RCPT" | b"RSET" | b"NOOP" => b"250 2.0.0 OK\r\n",
+            b"QUIT" => {
+                write.write_all(b"221 2.0.0 bye\r\n").await?;
+                return Ok(());
+            }
+            b"DATA" => {
+                write.write_all(b"354 end data with <CR><LF>.<CR><LF>\r\n").await?;
+                let id = read_data(&mut read, &mut line).await?;
+                state.record(epoch, id);
+                b"250 2.0.0 OK: queued\r\n"
+            }
+            _ => b"502 5.5.2 command not implemented\r\n",
+        };
+        write.write_all(reply).await?;
+    }
+}
+
+/// Reads a message up to the line holding a lone dot; returns its `Herald-Notification-Id`.
+async fn read_data(
+    read: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    line: &mut Vec<u8>,
+) -> std::io::Result<Option<String>> {
+    use tokio::io::AsyncBufReadExt;
+    const HEADER: &[u8] = b"herald-notification-id:";
+    let mut id = None;
+    let mut in_headers = true;
+    loop {
+        line.clear();
+        if read.read_until(b'\n', line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if line.as_slice() == b".\r\n" || line.as_slice() == b".\n" {
+            return Ok(id);
+        }
+        if in_headers {
+            if line.as_slice() == b"\r\n" || line.as_slice() == b"\n" {
+                in_headers = false;
+            } else if line.len() > HEADER.len() && line[..HEADER.len()].eq_ignore_ascii_case(HEADER) {
+                id = Some(String::from_utf8_lossy(&line[HEADER.len()..]).trim().to_owned());
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SMS sink
+
+/// The account SID the private stack is given for SMS.
+const BENCH_TWILIO_SID: &str = "ACbench00000000000000000000000000";
+
+impl Sink {
+    /// An HTTP server answering `POST /2010-04-01/Accounts/{sid}/Messages.json` as Twilio does
+    /// (201, JSON with `sid`, `status: "queued"`, `num_segments`), counting each message (by
+    /// its `I-Twilio-Idempotency-Token` when the request carries one). Its `url` is an
+    /// `HERALD_TWILIO_BASE_URL`.
+    async fn start_sms() -> anyhow::Result<Sink> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the SMS sink")?;
+        let addr = listener.local_addr().context("the SMS sink's address")?;
+        let acceptor =
+            poem::listener::TcpAcceptor::from_tokio(listener).context("the SMS sink's acceptor")?;
+        let epoch = Instant::now();
+        let state = Arc::new(SinkState::default());
+        let endpoint = {
+            let state = state.clone();
+            poem::endpoint::make(move |req: poem::Request| {
+                let state = state.clone();
+                async move { receive_sms(&state, epoch, req).await }
+            })
+        };
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let signal = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) = poem::Server::new_with_acceptor(acceptor)
+                .run_with_graceful_shutdown(endpoint, signal, Some(Duration::from_secs(1)))
+                .await
+            {
+                eprintln!("bench: the SMS sink failed: {e}");
+            }
+        });
+        Ok(Sink { url: format!("http://{addr}"), epoch, state, shutdown: Some(shutdown) })
+    }
+}
+
+/// Answers one request to the SMS sink like Twilio's Messages API.
+async fn receive_sms(state: &SinkState, epoch: Instant, req: poem::Request) -> poem::Response {
+    let path = req.uri().path().to_owned();
+    let account = path
+        .strip_prefix("/2010-04-01/Accounts/")
+        .and_then(|rest| rest.strip_suffix("/Messages.json"))
+        .filter(|sid| !sid.is_empty() && !sid.contains('/'))
+        .map(str::to_owned);
+    let (Some(account), true) = (account, req.method() == poem::http::Method::POST) else {
+        return poem::Response::builder().status(poem::http::StatusCode::NOT_FOUND).body("not found");
+    };
+    let id = req.header("I-Twilio-Idempotency-Token").map(str::to_owned);
+    let _ = req.into_body().into_bytes().await;
+    state.record(epoch, id);
+    let n = state.posts.load(Ordering::Relaxed);
+    let body = serde_json::json!({
+        "sid": format!("SM{n:032x}"),
+        "account_sid": account,
+        "status": "queued",
+        "num_segments": "1",
+        "error_code": null,
+        "error_message": null,
+    });
+    poem::Response::builder()
+        .status(poem::http::StatusCode::CREATED)
+        .content_type("application/json")
+        .body(body.to_string())
 }
 
 // ---------------------------------------------------------------------------------------------
 // Raw JetStream publish
 
 /// An intent like the ones the benchmark's HTTP requests produce, to size the raw payload.
-fn sample_intent(hook_url: &str) -> Intent {
+fn sample_intent(channel: BenchChannel, address: &str) -> Intent {
     let mut data = serde_json::Map::new();
     data.insert("n".into(), serde_json::Value::from(1_000_000u64));
+    let (recipient, content) = match channel {
+        BenchChannel::Webhook => (
+            Recipient { webhook_url: Some(address.into()), ..Recipient::default() },
+            Content { title: Some("bench".into()), body: Some("hello".into()), ..Content::default() },
+        ),
+        BenchChannel::Email => (
+            Recipient { email: Some(address.into()), ..Recipient::default() },
+            Content { subject: Some("bench".into()), body: Some("hello".into()), ..Content::default() },
+        ),
+        BenchChannel::Sms => (
+            Recipient { phone: Some(address.into()), ..Recipient::default() },
+            Content { body: Some("hello".into()), ..Content::default() },
+        ),
+    };
     Intent {
         tenant: Some(BENCH_SUBJECT_CLAIM.into()),
         correlation_id: Some(intent::new_id()),
-        content: Content { title: Some("bench".into()), body: Some("hello".into()), ..Content::default() },
+        content,
         data,
-        ..Intent::new(
-            Channel::Webhook,
-            Recipient { webhook_url: Some(hook_url.into()), ..Recipient::default() },
-        )
+        ..Intent::new(channel.channel(), recipient)
     }
 }
 
@@ -761,7 +1049,9 @@ struct LoadPlan {
     /// `{base}/v1/notifications`.
     endpoint: String,
     authorization: HeaderValue,
-    hook_url: String,
+    /// The recipient's address on `channel` (the sink's).
+    address: String,
+    channel: BenchChannel,
     by_reference: bool,
     /// Makes this run's idempotency keys unique even against a long-running gateway.
     run_id: String,
@@ -823,7 +1113,8 @@ async fn accept_phase(plan: &LoadPlan) -> anyhow::Result<AcceptStats> {
             authority: authority.clone(),
             path: endpoint.path().to_owned(),
             authorization: plan.authorization.clone(),
-            hook_url: plan.hook_url.clone(),
+            address: plan.address.clone(),
+            channel: plan.channel,
             by_reference: plan.by_reference,
             key_prefix: format!("bench-{}-{task}", plan.run_id),
             first_n: task as u64 * 1_000_000_000,
@@ -873,6 +1164,24 @@ async fn accept_phase(plan: &LoadPlan) -> anyhow::Result<AcceptStats> {
     Ok(stats)
 }
 
+/// The JSON of request `n` on `channel`.
+fn request_body(channel: BenchChannel, by_reference: bool, address: &str, n: u64) -> String {
+    let name = channel.channel().as_str();
+    if by_reference {
+        return format!(
+            r#"{{"recipient":{{"user_id":"{BENCH_USER}"}},"channels":["{name}"],"template":"{BENCH_TEMPLATE}","data":{{"n":{n}}}}}"#
+        );
+    }
+    let (field, content) = match channel {
+        BenchChannel::Webhook => ("webhook_url", r#"{"title":"bench","body":"hello"}"#),
+        BenchChannel::Email => ("email", r#"{"subject":"bench","body":"hello"}"#),
+        BenchChannel::Sms => ("phone", r#"{"body":"hello"}"#),
+    };
+    format!(
+        r#"{{"recipient":{{"{field}":"{address}"}},"channels":["{name}"],"content":{content},"data":{{"n":{n}}}}}"#
+    )
+}
+
 /// One connection's worth of load.
 ///
 /// Each task speaks HTTP/1.1 over its own keep-alive connection with hyper's bare client: the
@@ -886,7 +1195,8 @@ struct LoadTask {
     /// Path of `POST /v1/notifications`.
     path: String,
     authorization: HeaderValue,
-    hook_url: String,
+    address: String,
+    channel: BenchChannel,
     /// Name the bench user and template instead of the sink and inline content.
     by_reference: bool,
     key_prefix: String,
@@ -935,16 +1245,7 @@ impl LoadTask {
     /// Sends request `i` and records its outcome, with latency counted from `since`.
     async fn send(&mut self, i: u64, since: tokio::time::Instant, result: &mut TaskResult) {
         let n = self.first_n + i;
-        let body = if self.by_reference {
-            format!(
-                r#"{{"recipient":{{"user_id":"{BENCH_USER}"}},"channels":["webhook"],"template":"{BENCH_TEMPLATE}","data":{{"n":{n}}}}}"#
-            )
-        } else {
-            format!(
-                r#"{{"recipient":{{"webhook_url":"{}"}},"channels":["webhook"],"content":{{"title":"bench","body":"hello"}},"data":{{"n":{n}}}}}"#,
-                self.hook_url
-            )
-        };
+        let body = request_body(self.channel, self.by_reference, &self.address, n);
         let key = format!("{}-{i}", self.key_prefix);
         let outcome = tokio::time::timeout(REQUEST_TIMEOUT, self.post(body, key)).await;
         let outcome = match outcome {
@@ -1071,8 +1372,8 @@ impl fmt::Display for BenchReport {
         match &self.target {
             Target::PrivateStack { ready_in, nats } => {
                 let what = match self.delivery {
-                    Some(_) => "herald up = gateway + webhook worker",
-                    None => "herald gateway only",
+                    Some(_) => format!("herald up = gateway + {} worker", self.channel),
+                    None => "herald gateway only".to_owned(),
                 };
                 writeln!(f, "herald bench: private stack ({what}, {nats})")?;
                 writeln!(f, "  stack ready in     {} ms", ready_in.as_millis())?;
@@ -1090,9 +1391,10 @@ impl fmt::Display for BenchReport {
         };
         writeln!(
             f,
-            "  load               {} connections, {:.1} s, {mode}; intent payload {} B",
+            "  load               {} connections, {:.1} s, {mode}, {} channel; intent payload {} B",
             self.connections,
             self.duration.as_secs_f64(),
+            self.channel,
             self.payload_bytes
         )?;
         match &self.raw {
@@ -1219,6 +1521,80 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_smtp_sink_takes_mail_and_counts_distinct_notifications() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let sink = Sink::start_smtp().await.unwrap();
+        let addr = sink.url.strip_prefix("smtp://").unwrap().strip_suffix("?tls=none").unwrap().to_owned();
+        let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut read = tokio::io::BufReader::new(read);
+        async fn expect(read: &mut tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>, code: &str) {
+            // Multi-line replies: read until the line with a space after the code.
+            loop {
+                let mut line = String::new();
+                read.read_line(&mut line).await.unwrap();
+                assert!(line.starts_with(code), "expected {code}, got {line:?}");
+                if line.as_bytes().get(3) == Some(&b' ') {
+                    break;
+                }
+            }
+        }
+        expect(&mut read, "220").await;
+        write.write_all(b"EHLO client.test\r\n").await.unwrap();
+        expect(&mut read, "250").await;
+        for id in ["a", "a", "b"] {
+            write.write_all(b"MAIL FROM:<bench@herald.test>\r\n").await.unwrap();
+            expect(&mut read, "250").await;
+            write.write_all(b"RCPT TO:<reader@bench.test>\r\n").await.unwrap();
+            expect(&mut read, "250").await;
+            write.write_all(b"DATA\r\n").await.unwrap();
+            expect(&mut read, "354").await;
+            let message =
+                format!("Subject: x\r\nHerald-Notification-Id: {id}\r\n\r\nhello\r\n..dot-stuffed\r\n.\r\n");
+            write.write_all(message.as_bytes()).await.unwrap();
+            expect(&mut read, "250").await;
+        }
+        write.write_all(b"QUIT\r\n").await.unwrap();
+        expect(&mut read, "221").await;
+        assert_eq!(sink.delivered(), 2);
+        assert_eq!(sink.state.posts.load(Ordering::Acquire), 3);
+        sink.stop();
+    }
+
+    #[tokio::test]
+    async fn the_sms_sink_answers_like_twilio() {
+        let sink = Sink::start_sms().await.unwrap();
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let url = format!("{}/2010-04-01/Accounts/{BENCH_TWILIO_SID}/Messages.json", sink.url);
+        let r = client.post(&url).form(&[("To", "+15005550009"), ("Body", "hello")]).send().await.unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(body["sid"].as_str().unwrap().starts_with("SM"), "{body}");
+        assert_eq!(body["status"], "queued");
+        assert_eq!(body["num_segments"], "1");
+        let r = client.post(format!("{}/elsewhere", sink.url)).send().await.unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
+        assert_eq!(sink.delivered(), 1);
+        sink.stop();
+    }
+
+    #[test]
+    fn request_bodies_address_each_channel() {
+        let check = |channel, by_reference, expected: &str| {
+            let body = request_body(channel, by_reference, "ADDR", 7);
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert!(body.contains(expected), "{body}");
+            assert_eq!(v["channels"][0], channel.to_string());
+        };
+        check(BenchChannel::Webhook, false, r#""webhook_url":"ADDR""#);
+        check(BenchChannel::Email, false, r#""email":"ADDR""#);
+        check(BenchChannel::Sms, false, r#""phone":"ADDR""#);
+        check(BenchChannel::Email, true, r#""template":"bench""#);
+        assert_eq!("email".parse::<BenchChannel>(), Ok(BenchChannel::Email));
+        assert!("pigeon".parse::<BenchChannel>().is_err());
+    }
+
+    #[tokio::test]
     async fn raw_publish_measures_and_removes_its_stream() {
         let server = NatsServer::for_test();
         let raw = raw_publish(&server.url(), 1, 2_000, 300).await.unwrap();
@@ -1261,6 +1637,7 @@ mod tests {
             }),
             memory: Some(Memory { peak_kib: 40 * 1024, current_kib: 30 * 1024 }),
             by_reference: true,
+            channel: BenchChannel::Email,
         };
         let text = report.to_string();
         for expected in [
@@ -1276,6 +1653,8 @@ mod tests {
             "2 × 503, 1 transport",
             "peak 40.0 MB",
             "by user and template",
+            "email channel",
+            "gateway + email worker",
         ] {
             assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
         }

@@ -38,6 +38,7 @@ pub const METRICS_ADDR: &str = "HERALD_METRICS_ADDR";
 pub const SMTP_URLS: &str = "HERALD_SMTP_URLS";
 pub const SMTP_PASSWORD: &str = "HERALD_SMTP_PASSWORD";
 pub const SMTP_PASSWORD_FILE: &str = "HERALD_SMTP_PASSWORD_FILE";
+pub const SMTP_CA_FILE: &str = "HERALD_SMTP_CA_FILE";
 pub const EMAIL_FROM: &str = "HERALD_EMAIL_FROM";
 pub const EMAIL_REPLY_TO: &str = "HERALD_EMAIL_REPLY_TO";
 pub const TWILIO_ACCOUNT_SID: &str = "HERALD_TWILIO_ACCOUNT_SID";
@@ -175,6 +176,11 @@ pub const VARS: &[Var] = &[
         help: "password for the SMTP URLs' user (or `HERALD_SMTP_PASSWORD_FILE`)",
     },
     Var { name: SMTP_PASSWORD_FILE, default: None, help: "file holding the SMTP password" },
+    Var {
+        name: SMTP_CA_FILE,
+        default: None,
+        help: "PEM file of certificate authorities the SMTP servers' certificates may also chain to (a private CA); the public roots stay trusted",
+    },
     Var {
         name: EMAIL_FROM,
         default: None,
@@ -380,6 +386,8 @@ pub struct SmtpSettings {
     /// Servers in order of preference (`smtp://`, `smtps://`), without passwords.
     pub urls: Vec<url::Url>,
     pub password: Option<Secret>,
+    /// Extra certificate authorities (PEM, read at start) for servers with a private CA.
+    pub ca_pem: Option<Vec<u8>>,
     /// Mailbox every email is from unless its template says otherwise.
     pub from: String,
     pub reply_to: Option<String>,
@@ -776,8 +784,18 @@ fn providers(value: &impl Fn(&'static str) -> Option<String>) -> Result<Provider
             Some(SmtpSettings {
                 urls,
                 password: secret(SMTP_PASSWORD, SMTP_PASSWORD_FILE)?,
-                from: need(EMAIL_FROM, "email")?,
-                reply_to: value(EMAIL_REPLY_TO),
+                ca_pem: match value(SMTP_CA_FILE) {
+                    None => None,
+                    Some(path) => Some(std::fs::read(&path).map_err(|e| ConfigError {
+                        name: SMTP_CA_FILE,
+                        value: path.clone(),
+                        reason: format!("cannot read it: {e}"),
+                    })?),
+                },
+                from: parse_with(EMAIL_FROM, &need(EMAIL_FROM, "email")?, mailbox)?,
+                reply_to: value(EMAIL_REPLY_TO)
+                    .map(|v| parse_with(EMAIL_REPLY_TO, &v, mailbox))
+                    .transpose()?,
             })
         }
     };
@@ -864,6 +882,15 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         _ => return Err(bad()),
     };
     n.checked_mul(multiple).ok_or_else(bad)
+}
+
+/// `Name <address>` or `address`, trimmed.
+fn mailbox(s: &str) -> Result<String, String> {
+    if crate::users::is_mailbox(s) {
+        Ok(s.trim().to_owned())
+    } else {
+        Err("expected one mailbox: `Name <address>` or `address`".into())
+    }
 }
 
 fn parse_with<T>(

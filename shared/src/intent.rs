@@ -127,6 +127,14 @@ pub struct Content {
     pub body: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub html: Option<String>,
+    /// Email only: the From mailbox a template chose (its `email_from` part), instead of
+    /// `HERALD_EMAIL_FROM`. Filled in by the worker's resolver, never by API callers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Email only: the Reply-To mailbox a template chose (`email_reply_to`), instead of
+    /// `HERALD_EMAIL_REPLY_TO`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
 }
 
 /// One notification for one channel.

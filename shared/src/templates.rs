@@ -42,6 +42,13 @@ pub struct Parts {
     pub email_text: Option<String>,
     /// Escaped as HTML when rendered.
     pub email_html: Option<String>,
+    /// The From mailbox (`Name <address>` or `address`) instead of `HERALD_EMAIL_FROM`; it
+    /// must render to one mailbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email_from: Option<String>,
+    /// The Reply-To mailbox instead of `HERALD_EMAIL_REPLY_TO`; it must render to one mailbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email_reply_to: Option<String>,
     pub sms_text: Option<String>,
     pub push_title: Option<String>,
     pub push_body: Option<String>,
@@ -88,6 +95,8 @@ fn named(parts: &Parts) -> Vec<(String, &String, bool)> {
         ("email_subject", &parts.email_subject, false),
         ("email_text", &parts.email_text, false),
         ("email_html", &parts.email_html, true),
+        ("email_from", &parts.email_from, false),
+        ("email_reply_to", &parts.email_reply_to, false),
         ("sms_text", &parts.sms_text, false),
         ("push_title", &parts.push_title, false),
         ("push_body", &parts.push_body, false),
@@ -159,6 +168,8 @@ impl Parts {
                 email_subject: p.email_subject,
                 email_text: p.email_text,
                 email_html: p.email_html,
+                email_from: p.email_from,
+                email_reply_to: p.email_reply_to,
                 ..Parts::default()
             },
             Channel::Sms => Parts { sms_text: p.sms_text, ..Parts::default() },
@@ -334,6 +345,14 @@ impl Renderer {
         let opt = |name: &str, part: &Option<String>, html: bool| {
             part.as_ref().map(|p| one(name, p, html)).transpose()
         };
+        // A sender part renders into a header: it must be one mailbox and nothing else.
+        let mailbox = |name: &str, rendered: Option<String>| match rendered {
+            Some(m) if !crate::users::is_mailbox(&m) => Err(problem(
+                name,
+                format!("renders to {m:?}, which is not a mailbox (`Name <address>` or `address`)"),
+            )),
+            other => Ok(other.map(|m| m.trim().to_owned())),
+        };
         let mut push_data = BTreeMap::new();
         for (key, value) in &parts.push_data {
             push_data.insert(key.clone(), one(&format!("push_data.{key}"), value, false)?);
@@ -342,6 +361,8 @@ impl Renderer {
             email_subject: opt("email_subject", &parts.email_subject, false)?,
             email_text: opt("email_text", &parts.email_text, false)?,
             email_html: opt("email_html", &parts.email_html, true)?,
+            email_from: mailbox("email_from", opt("email_from", &parts.email_from, false)?)?,
+            email_reply_to: mailbox("email_reply_to", opt("email_reply_to", &parts.email_reply_to, false)?)?,
             sms_text: opt("sms_text", &parts.sms_text, false)?,
             push_title: opt("push_title", &parts.push_title, false)?,
             push_body: opt("push_body", &parts.push_body, false)?,

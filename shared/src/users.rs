@@ -147,6 +147,24 @@ pub fn is_email_address(address: &str) -> bool {
     address.len() <= 254 && local.len() <= 64 && dot_atom(local, &atext) && domain_ok
 }
 
+/// One mailbox as a From or Reply-To header holds it: `address` or `Display Name <address>`
+/// (the name may be quoted), with no control characters anywhere, so it can never add a header.
+pub fn is_mailbox(mailbox: &str) -> bool {
+    let m = mailbox.trim();
+    if m.is_empty() || m.len() > 320 || m.chars().any(char::is_control) {
+        return false;
+    }
+    let Some(rest) = m.strip_suffix('>') else { return is_email_address(m) };
+    let Some((name, address)) = rest.rsplit_once('<') else { return false };
+    let name = name.trim();
+    let name_ok = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        // A quoted name may hold anything printable but an unescaped quote or backslash.
+        Some(quoted) => !quoted.contains(['"', '\\']),
+        None => !name.contains(['<', '>', '"', '@', ',', ';', ':', '\\', '(', ')', '[', ']']),
+    };
+    name_ok && is_email_address(address)
+}
+
 /// `+` and 2 to 15 digits, the first not 0 (ITU-T E.164).
 pub fn is_e164(phone: &str) -> bool {
     let Some(digits) = phone.strip_prefix('+') else { return false };

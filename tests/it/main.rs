@@ -1,5 +1,6 @@
 //! End-to-end tests of the whole system: a real nats-server per test, the real gateway and
-//! workers on ephemeral ports, and real HTTP servers standing in for webhook receivers.
+//! workers on ephemeral ports, real HTTP servers standing in for webhook receivers, and a real
+//! SMTP server (aiosmtpd) for email.
 //! One test binary (modules below) so it links once.
 
 mod api;
@@ -9,6 +10,7 @@ mod cluster;
 mod console;
 mod delivery;
 mod dlq;
+mod email;
 mod failover;
 mod faults;
 mod ledger;

@@ -17,6 +17,7 @@ use herald_shared::{Channel, Config, Intent, topology::Topology};
 use crate::{
     Deliver, Delivery, DeliveryError,
     apns::ApnsProvider,
+    email::SmtpProvider,
     fcm::FcmProvider,
     metrics::WorkerMetrics,
     provider::{Chain, Provider},
@@ -88,6 +89,18 @@ pub fn build(
                 );
             }
             Ok(Sender::Push(Box::new(PushSender { fcm, apns, users: topology.users.clone() })))
+        }
+        Channel::Email => {
+            let settings = config
+                .providers
+                .smtp
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("email needs HERALD_SMTP_URLS and HERALD_EMAIL_FROM"))?;
+            let providers = SmtpProvider::all(settings, config)?
+                .into_iter()
+                .map(|p| Arc::new(p) as Arc<dyn Provider>)
+                .collect();
+            Ok(Sender::Addressed(Addressed { chain: chain(providers), channel }))
         }
         other => anyhow::bail!("channel {other} has no worker in this version of Herald"),
     }

@@ -7,6 +7,7 @@
 //!   failover along an ordered list, rate limits, circuit breakers, timeouts, call records.
 //! - [`channels`]: the one registry of channels: what each is made of.
 //! - [`webhook`]: the webhook channel's provider: a signed JSON POST.
+//! - [`email`]: the email channel's provider: SMTP (lettre), one per `HERALD_SMTP_URLS` entry.
 //! - [`sms`]: the SMS channel's provider, Twilio, and SMS segment counting.
 //! - [`push`]: the push channel: every device of the recipient through its platform's
 //!   provider, [`fcm`] (FCM HTTP v1, OAuth2 service account) or [`apns`] (HTTP/2, ES256
@@ -25,6 +26,7 @@
 pub mod apns;
 pub mod channel;
 pub mod channels;
+pub mod email;
 pub mod fcm;
 pub mod metrics;
 pub mod mover;

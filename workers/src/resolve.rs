@@ -230,9 +230,14 @@ fn fill_address(intent: &mut Intent, user: &User) -> Result<(), String> {
 /// The rendered parts a channel's provider receives, as the intent's content.
 fn content_for(channel: Channel, r: herald_shared::templates::Rendered) -> Content {
     match channel {
-        Channel::Email => {
-            Content { subject: r.email_subject, body: r.email_text, html: r.email_html, title: None }
-        }
+        Channel::Email => Content {
+            subject: r.email_subject,
+            body: r.email_text,
+            html: r.email_html,
+            from: r.email_from,
+            reply_to: r.email_reply_to,
+            title: None,
+        },
         Channel::Sms => Content { body: r.sms_text, ..Content::default() },
         Channel::Push => Content { title: r.push_title, body: r.push_body, ..Content::default() },
         Channel::Webhook => Content { title: r.webhook_title, body: r.webhook_body, ..Content::default() },

@@ -516,7 +516,13 @@ fn into_intents(
     }
     let content = req
         .content
-        .map(|c| Content { title: c.title, subject: c.subject, body: c.body, html: c.html })
+        .map(|c| Content {
+            title: c.title,
+            subject: c.subject,
+            body: c.body,
+            html: c.html,
+            ..Content::default()
+        })
         .unwrap_or_default();
     let data: serde_json::Map<String, serde_json::Value> = req.data.unwrap_or_default().into_iter().collect();
     let now = Utc::now();

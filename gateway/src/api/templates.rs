@@ -37,6 +37,11 @@ pub struct PartsBody {
     email_subject: Option<String>,
     email_text: Option<String>,
     email_html: Option<String>,
+    /// The From mailbox, e.g. `{{team}} at Acme <noreply@acme.test>`, instead of
+    /// `HERALD_EMAIL_FROM`; it must render to one mailbox.
+    email_from: Option<String>,
+    /// The Reply-To mailbox instead of `HERALD_EMAIL_REPLY_TO`; it must render to one mailbox.
+    email_reply_to: Option<String>,
     sms_text: Option<String>,
     push_title: Option<String>,
     push_body: Option<String>,
@@ -54,6 +59,8 @@ impl From<PartsBody> for Parts {
             email_subject: p.email_subject,
             email_text: p.email_text,
             email_html: p.email_html,
+            email_from: p.email_from,
+            email_reply_to: p.email_reply_to,
             sms_text: p.sms_text,
             push_title: p.push_title,
             push_body: p.push_body,
@@ -72,6 +79,8 @@ impl From<Parts> for PartsBody {
             email_subject: p.email_subject,
             email_text: p.email_text,
             email_html: p.email_html,
+            email_from: p.email_from,
+            email_reply_to: p.email_reply_to,
             sms_text: p.sms_text,
             push_title: p.push_title,
             push_body: p.push_body,
