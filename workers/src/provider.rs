@@ -191,7 +191,7 @@ impl Chain {
                 Ok(r) => r,
                 Err(_) => Err(ProviderError::new(
                     FailureKind::Timeout,
-                    format!("{name}: no answer within {} ms", self.timeout.as_millis()),
+                    format!("{name}: timed out after {} ms", self.timeout.as_millis()),
                 )),
             };
             let latency = started.elapsed();
