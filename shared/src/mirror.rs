@@ -77,6 +77,17 @@ pub fn following() -> Vec<(String, MirrorStatus)> {
     all.iter().filter_map(|(name, m)| m.upgrade().map(|m| (name.clone(), m.status()))).collect()
 }
 
+/// The status of every copy this process follows whose file lies in `dir`, by file name.
+pub fn following_in(dir: &Path) -> Vec<(String, MirrorStatus)> {
+    let mut all = FOLLOWING.lock().expect("never poisoned");
+    all.retain(|(_, m)| m.strong_count() > 0);
+    all.iter()
+        .filter_map(|(name, m)| {
+            m.upgrade().filter(|m| m.path.starts_with(dir)).map(|m| (name.clone(), m.status()))
+        })
+        .collect()
+}
+
 /// A bucket's local copy.
 pub struct Mirror {
     db: Arc<Database>,

@@ -72,6 +72,10 @@ async fn setup(stack: &Stack, t: &str, user: Value) {
         .await;
         assert_eq!(status, StatusCode::OK, "{out}");
     }
+    // The worker renders from its local copies: send once they hold both locales, or a French
+    // reader could get the English template the copy already had.
+    stack.wait_copies(herald_shared::topology::TEMPLATES_BUCKET).await;
+    stack.wait_copies(herald_shared::topology::USERS_BUCKET).await;
 }
 
 fn data() -> Value {

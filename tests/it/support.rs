@@ -182,6 +182,22 @@ impl<N> Stack<N> {
         (status, resp.json().await.unwrap())
     }
 
+    /// Waits until every local copy of `bucket` this stack's processes follow has applied the
+    /// bucket's latest change (a worker renders only from its copies).
+    pub async fn wait_copies(&self, bucket: &str) {
+        let dir = self.config.data_dir.clone();
+        let stream = format!("KV_{bucket}");
+        eventually(Duration::from_secs(15), &format!("the copies of {bucket} to catch up"), || async {
+            let last = self.js.get_stream(&stream).await.ok()?.info().await.ok()?.state.last_sequence;
+            let copies: Vec<_> = herald_shared::mirror::following_in(&dir)
+                .into_iter()
+                .filter(|(name, _)| name.starts_with(bucket.trim_start_matches("herald_")))
+                .collect();
+            (!copies.is_empty() && copies.iter().all(|(_, s)| s.applied >= last)).then_some(())
+        })
+        .await;
+    }
+
     /// The gateway's `/metrics` page (in these stacks, with the workers' provider metrics).
     pub async fn metrics(&self) -> String {
         let resp = self.http.get(format!("{}/metrics", self.base)).send().await.unwrap();
