@@ -683,17 +683,35 @@ struct Sink {
 
 impl Sink {
     async fn start() -> anyhow::Result<Sink> {
-        let listener =
-            tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the webhook sink")?;
-        let addr = listener.local_addr().context("the sink's address")?;
-        let acceptor = poem::listener::TcpAcceptor::from_tokio(listener).context("the sink's acceptor")?;
+        Sink::serve(SinkKind::Webhook).await
+    }
+
+    /// Serves a sink of `kind` on an ephemeral port.
+    async fn serve(kind: SinkKind) -> anyhow::Result<Sink> {
+        let what = match kind {
+            SinkKind::Webhook => "webhook",
+            SinkKind::Sms => "SMS",
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .with_context(|| format!("binding the {what} sink"))?;
+        let addr = listener.local_addr().with_context(|| format!("the {what} sink's address"))?;
+        let acceptor = poem::listener::TcpAcceptor::from_tokio(listener)
+            .with_context(|| format!("the {what} sink's acceptor"))?;
         let epoch = Instant::now();
         let state = Arc::new(SinkState::default());
         let endpoint = {
             let state = state.clone();
             poem::endpoint::make(move |req: poem::Request| {
                 let state = state.clone();
-                async move { receive(&state, epoch, req).await }
+                async move {
+                    match kind {
+                        SinkKind::Webhook => {
+                            poem::IntoResponse::into_response(receive(&state, epoch, req).await)
+                        }
+                        SinkKind::Sms => receive_sms(&state, epoch, req).await,
+                    }
+                }
             })
         };
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -705,7 +723,7 @@ impl Sink {
                 .run_with_graceful_shutdown(endpoint, signal, Some(Duration::from_secs(1)))
                 .await
             {
-                eprintln!("bench: the webhook sink failed: {e}");
+                eprintln!("bench: the {what} sink failed: {e}");
             }
         });
         Ok(Sink { url: format!("http://{addr}"), epoch, state, shutdown: Some(shutdown) })
@@ -873,33 +891,17 @@ impl Sink {
     /// its `I-Twilio-Idempotency-Token` when the request carries one). Its `url` is an
     /// `HERALD_TWILIO_BASE_URL`.
     async fn start_sms() -> anyhow::Result<Sink> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the SMS sink")?;
-        let addr = listener.local_addr().context("the SMS sink's address")?;
-        let acceptor =
-            poem::listener::TcpAcceptor::from_tokio(listener).context("the SMS sink's acceptor")?;
-        let epoch = Instant::now();
-        let state = Arc::new(SinkState::default());
-        let endpoint = {
-            let state = state.clone();
-            poem::endpoint::make(move |req: poem::Request| {
-                let state = state.clone();
-                async move { receive_sms(&state, epoch, req).await }
-            })
-        };
-        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let signal = async {
-                let _ = stopped.await;
-            };
-            if let Err(e) = poem::Server::new_with_acceptor(acceptor)
-                .run_with_graceful_shutdown(endpoint, signal, Some(Duration::from_secs(1)))
-                .await
-            {
-                eprintln!("bench: the SMS sink failed: {e}");
-            }
-        });
-        Ok(Sink { url: format!("http://{addr}"), epoch, state, shutdown: Some(shutdown) })
+        Sink::serve(SinkKind::Sms).await
     }
+}
+
+/// What a benchmark sink stands in for.
+#[derive(Debug, Clone, Copy)]
+enum SinkKind {
+    /// A webhook receiver.
+    Webhook,
+    /// Twilio's Messages API.
+    Sms,
 }
 
 /// Answers one request to the SMS sink like Twilio's Messages API.

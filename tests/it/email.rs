@@ -13,10 +13,11 @@ use std::{
     time::Duration,
 };
 
-use herald_shared::{auth, config, deadletter::headers as dlq};
+use herald_shared::{config, deadletter::headers as dlq};
 use poem::http::StatusCode;
 use serde_json::{Value, json};
 
+use crate::reference::call;
 use crate::support::{Stack, TENANT, eventually, header};
 
 /// One aiosmtpd server, killed on drop.
@@ -162,39 +163,9 @@ async fn stack(urls: &str, extra: &[(&str, &str)]) -> Stack {
     Stack::start_with(&pairs).await
 }
 
+/// A token of the tests' tenant for notifications, users and templates.
 fn token(stack: &Stack) -> String {
-    auth::mint(
-        &stack.config.jwt_secret,
-        "tests",
-        Some(TENANT),
-        &[
-            auth::SCOPE_SEND,
-            auth::SCOPE_READ,
-            auth::SCOPE_USERS_WRITE,
-            auth::SCOPE_USERS_READ,
-            auth::SCOPE_TEMPLATES_WRITE,
-            auth::SCOPE_TEMPLATES_READ,
-        ],
-        Duration::from_secs(600),
-    )
-}
-
-async fn call(stack: &Stack, method: &str, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
-    let url = format!("{}{path}", stack.base);
-    let req = match method {
-        "PUT" => stack.http.put(url),
-        "POST" => stack.http.post(url),
-        _ => stack.http.get(url),
-    };
-    let resp = req
-        .bearer_auth(token)
-        .header("Content-Type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    crate::reference::token(stack, TENANT)
 }
 
 /// An inline email to `to`.

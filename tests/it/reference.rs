@@ -11,7 +11,8 @@ use serde_json::{Value, json};
 use crate::support::{Sink, Stack, TENANT, eventually};
 
 /// A token of the tests' tenant for users, templates and notifications.
-fn token(stack: &Stack, tenant: &str) -> String {
+/// A token of `tenant` for sending and reading notifications, users and templates.
+pub fn token(stack: &Stack, tenant: &str) -> String {
     auth::mint(
         &stack.config.jwt_secret,
         "tests",
@@ -28,7 +29,8 @@ fn token(stack: &Stack, tenant: &str) -> String {
     )
 }
 
-async fn call(stack: &Stack, method: &str, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+/// One JSON request to the stack's gateway; the answer's status and JSON body.
+pub async fn call(stack: &Stack, method: &str, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
     let url = format!("{}{path}", stack.base);
     let req = match method {
         "PUT" => stack.http.put(url),
