@@ -212,7 +212,11 @@ impl Chain {
                 }
                 None => {}
             }
-            self.metrics.set_open_breakers(self.channel, name, link.breakers.open_count());
+            if change.is_some() {
+                // Counted only when a breaker opens or closes: a webhook chain may hold
+                // thousands of hosts' breakers, too many to count on every call.
+                self.metrics.set_open_breakers(self.channel, name, link.breakers.open_count());
+            }
             if let Err(e) = &result {
                 self.metrics.failed(self.channel, name, e.kind);
             }
