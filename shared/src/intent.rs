@@ -21,6 +21,9 @@ pub mod headers {
     pub const TENANT: &str = "Herald-Tenant";
     pub const SCHEMA_VERSION: &str = "Herald-Schema-Version";
     pub const NOTIFICATION_ID: &str = "Herald-Notification-Id";
+    /// On a scheduled copy: the instant (RFC 3339, milliseconds) it is due. Schedules fire on
+    /// whole seconds, so the copy may arrive up to a second early and waits out the rest.
+    pub const DUE: &str = "Herald-Due";
     pub const CONTENT_TYPE: &str = "Content-Type";
     pub const MSGPACK: &str = "application/msgpack";
     pub const JSON: &str = "application/json";

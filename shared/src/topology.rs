@@ -102,8 +102,10 @@ pub fn schedule_subject(channel: Channel, id: &str) -> String {
 }
 
 /// Makes a publish a message schedule that fires the intent `id` on its channel's subject at
-/// `at` (rounded up to the second: schedules have whole seconds, and must never fire early),
-/// and answers the subject to publish it on.
+/// `at`, and answers the subject to publish it on. Schedules have whole seconds: the copy fires
+/// at `at` rounded down (rounded up when that has passed already) and carries the exact instant
+/// in `Herald-Due`, so the worker waits out what is left ([`due_in`]) and a 3 s retry waits
+/// 3 s, not up to 4.
 pub fn schedule(
     headers: &mut async_nats::HeaderMap,
     channel: Channel,
@@ -111,16 +113,30 @@ pub fn schedule(
     at: chrono::DateTime<chrono::Utc>,
 ) -> String {
     use async_nats::header::{NATS_SCHEDULE, NATS_SCHEDULE_TARGET};
-    let at = match at.timestamp_subsec_nanos() {
-        0 => at,
-        nanos => at + chrono::Duration::nanoseconds(1_000_000_000 - i64::from(nanos)),
-    };
+    let down = at - chrono::Duration::nanoseconds(i64::from(at.timestamp_subsec_nanos()));
+    let fire =
+        if down > chrono::Utc::now() || down == at { down } else { down + chrono::Duration::seconds(1) };
     headers.insert(
         NATS_SCHEDULE,
-        format!("@at {}", at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)).as_str(),
+        format!("@at {}", fire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)).as_str(),
     );
     headers.insert(NATS_SCHEDULE_TARGET, intent_subject(channel).as_str());
+    headers.insert(
+        crate::intent::headers::DUE,
+        at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true).as_str(),
+    );
     schedule_subject(channel, id)
+}
+
+/// How long a fired scheduled copy still has to wait (its `Herald-Due` is ahead of `now`),
+/// or `None` when it is due or carries no instant.
+pub fn due_in(
+    headers: Option<&async_nats::HeaderMap>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<std::time::Duration> {
+    let due = headers?.get(crate::intent::headers::DUE)?.as_str();
+    let due = chrono::DateTime::parse_from_rfc3339(due).ok()?.with_timezone(&chrono::Utc);
+    (due - now).to_std().ok().filter(|left| !left.is_zero())
 }
 
 /// `herald.status.<channel>.<outcome>`.
@@ -750,5 +766,40 @@ pub async fn ensure_with_retry(js: &jetstream::Context, config: &Config) -> Resu
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+
+    fn fired(at: chrono::DateTime<Utc>) -> (String, String) {
+        let mut headers = async_nats::HeaderMap::new();
+        schedule(&mut headers, Channel::Webhook, "n1", at);
+        let get = |name: &str| headers.get(name).unwrap().as_str().to_string();
+        (get(async_nats::header::NATS_SCHEDULE.as_ref()), get(crate::intent::headers::DUE))
+    }
+
+    #[test]
+    fn a_schedule_fires_on_the_second_before_and_carries_the_exact_instant() {
+        let at = Utc::now() + chrono::Duration::seconds(5);
+        let at = at - chrono::Duration::nanoseconds(i64::from(at.timestamp_subsec_nanos()))
+            + chrono::Duration::milliseconds(700);
+        let (schedule, due) = fired(at);
+        let down = at - chrono::Duration::milliseconds(700);
+        assert_eq!(schedule, format!("@at {}", down.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(crate::intent::headers::DUE, due.as_str());
+        assert_eq!(due_in(Some(&headers), down), Some(std::time::Duration::from_millis(700)));
+        assert_eq!(due_in(Some(&headers), at), None);
+        assert_eq!(due_in(None, down), None);
+    }
+
+    #[test]
+    fn a_schedule_whose_second_has_passed_fires_on_the_next() {
+        let at = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::milliseconds(300);
+        let (schedule, _) = fired(at);
+        assert_eq!(schedule, "@at 2020-01-01T00:00:01Z");
     }
 }

@@ -309,6 +309,11 @@ impl<D: Deliver> ChannelWorker<D> {
 
     async fn handle_intent(&self, message: &Message, intent: Intent, sequence: u64) {
         let ledger = &self.topology.ledger;
+        if let Some(left) = topology::due_in(message.headers.as_ref(), Utc::now()) {
+            // A scheduled copy fired on the whole second before it is due: wait out the rest.
+            tracing::debug!(wait_ms = left.as_millis() as u64, "scheduled copy fired early; waiting");
+            return self.nak(message, left).await;
+        }
         if let Some(wait) = intent
             .send_at
             .and_then(|t| (t - Utc::now()).to_std().ok())
