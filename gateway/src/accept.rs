@@ -1,12 +1,19 @@
 //! The accept path: store a request's intents in JetStream, idempotently.
 //!
-//! Each channel's intent is published to `herald.intent.<channel>` (or, with a future
-//! `send_at`, as a schedule that the server fires into that subject) with
-//! `Nats-Msg-Id = <length of tenant>:<tenant>:<idempotency key>:<channel>`. The request is answered only once
-//! every intent is acknowledged. When JetStream reports the first intent as a duplicate, the
-//! original notification's id is read back from the stored message and the rest of the
-//! channels are published under that id (their own duplicates are dropped by the server), so a
-//! client retrying a half-finished request converges on one notification.
+//! 1. **Commit**: the request's key (its `Idempotency-Key`, or else its fresh notification id)
+//!    is remembered in `herald_idempotency` with the notification id and a hash of the request
+//!    ([`herald_shared::idempotency`]), create-only, kept for the idempotency horizon.
+//! 2. **Publish**: each channel's intent goes to `herald.intent.<channel>` (or, with a future
+//!    `send_at`, as a schedule that the server fires into that subject) with
+//!    `Nats-Msg-Id = <length of tenant>:<tenant>:<key>:<channel>`, all at once.
+//! 3. **Record**: the ledger entries are created, and the request is answered `202`.
+//!
+//! A request that finds its key remembered is a retry. With another body it is refused (`409
+//! idempotency_key_reused`). With the same body it answers the original id with `duplicate:
+//! true`; if the original request never recorded its intents (it died, or lost NATS, between
+//! commit and record) the retry publishes and records them under the original id, which the
+//! duplicate window and the ledger make safe to do twice. So a gateway killed at any point
+//! loses nothing a client was told was accepted, and a client's retry completes what it began.
 
 use std::time::Instant;
 
@@ -18,7 +25,9 @@ use async_nats::{
 use chrono::Utc;
 use herald_shared::{
     Intent,
+    idempotency::{KeyRecord, Remembered},
     intent::{MAX_INTENT_BYTES, headers},
+    ledger::LedgerKey,
     topology::{Topology, intent_subject, is_storage_full, schedule},
 };
 
@@ -34,12 +43,31 @@ pub struct Accepted {
 }
 
 impl AppState {
-    /// Stores `intents` (one per channel, sharing an id) under `key`.
+    /// Stores `intents` (one per channel, sharing an id) under `key`; `hash` identifies the
+    /// request (see [`herald_shared::idempotency::request_hash`]). A failure for want of NATS
+    /// or room carries the notification id ([`ApiError::NotStored`]).
     pub async fn accept(
+        &self,
+        intents: Vec<Intent>,
+        tenant: &str,
+        key: Option<&str>,
+        hash: String,
+    ) -> Result<Accepted, ApiError> {
+        let id = intents[0].id.clone();
+        self.accept_inner(intents, tenant, key, hash).await.map_err(|e| match e {
+            e @ (ApiError::Unavailable(_) | ApiError::StorageFull(_)) => {
+                ApiError::NotStored { id, cause: Box::new(e) }
+            }
+            e => e,
+        })
+    }
+
+    async fn accept_inner(
         &self,
         mut intents: Vec<Intent>,
         tenant: &str,
         key: Option<&str>,
+        hash: String,
     ) -> Result<Accepted, ApiError> {
         if self.client.connection_state() != State::Connected {
             return Err(unavailable());
@@ -49,34 +77,69 @@ impl AppState {
             return Err(storage_full(&why));
         }
         let started = Instant::now();
-        let key = key.map(str::to_owned).unwrap_or_else(|| intents[0].id.clone());
+        let key = key.unwrap_or(&intents[0].id).to_owned();
+        let record = KeyRecord {
+            id: intents[0].id.clone(),
+            hash,
+            channels: intents.iter().map(Intent::channel).collect(),
+            at: Utc::now(),
+        };
+        let remember = topology.keys.remember(Some(tenant), &key, &record);
+        let duplicate = match tokio::time::timeout(self.config.nats_timeout, remember).await {
+            Ok(Ok(Remembered::New)) => false,
+            Ok(Ok(Remembered::Earlier(earlier))) => {
+                if earlier.hash != record.hash {
+                    return Err(ApiError::KeyReused(format!(
+                        "this Idempotency-Key was used {} by a different request (notification {}); \
+                         a retry must repeat the original request exactly, and a new notification \
+                         needs a new key",
+                        earlier.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        earlier.id
+                    )));
+                }
+                intents.retain(|i| earlier.channels.contains(&i.channel()));
+                for intent in &mut intents {
+                    intent.id.clone_from(&earlier.id);
+                }
+                self.metrics.duplicates.inc();
+                if intents.is_empty() || self.recorded(topology, &intents).await? {
+                    return Ok(Accepted { id: earlier.id, duplicate: true });
+                }
+                tracing::info!(notification_id = %earlier.id, "a retry finishes what its first request began");
+                true
+            }
+            Ok(Err(e)) if is_storage_full(&e) => {
+                let why = format!("the idempotency keys are full until some expire ({e})");
+                self.note_bucket_full(Some(why.clone()));
+                return Err(storage_full(&why));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot remember the idempotency key");
+                return Err(unavailable());
+            }
+            Err(_) => return Err(unavailable()),
+        };
+        self.config.fail_at("accept.after_commit");
         // The tenant's length keeps ids apart when a tenant or key contains ':'.
         let msg_id = |intent: &Intent| format!("{}:{tenant}:{key}:{}", tenant.len(), intent.channel());
-
-        let first = self.publish(topology, &intents[0], msg_id(&intents[0])).await?;
-        let duplicate = first.duplicate;
-        if duplicate {
-            let original = self.original_id(topology, first.sequence).await?;
-            for intent in &mut intents {
-                intent.id.clone_from(&original);
-            }
-        }
-        let rest = futures::future::try_join_all(
-            intents[1..].iter().map(|intent| self.publish(topology, intent, msg_id(intent))),
+        let acks = futures::future::try_join_all(
+            intents.iter().map(|intent| self.publish(topology, intent, msg_id(intent))),
         )
         .await?;
         self.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
-
-        if duplicate {
-            self.metrics.duplicates.inc();
-        } else {
-            self.metrics
-                .accepted
-                .get_or_create(&ChannelLabel { channel: intents[0].channel().to_string() })
-                .inc();
+        if !duplicate && let Some(ack) = acks.iter().find(|a| a.duplicate) {
+            // The stream knows the key but the bucket did not: a request from before the bucket
+            // existed, or a horizon shorter than the duplicate window. The stream's is the
+            // notification.
+            let original = self.original_id(topology, ack.sequence).await?;
+            if original != intents[0].id {
+                tracing::warn!(notification_id = %original, "the key was known to the stream only; answering its notification");
+                self.metrics.duplicates.inc();
+                return Ok(Accepted { id: original, duplicate: true });
+            }
         }
-        for (intent, ack) in intents[1..].iter().zip(&rest) {
-            if !ack.duplicate {
+        if !duplicate {
+            for intent in &intents {
                 self.metrics
                     .accepted
                     .get_or_create(&ChannelLabel { channel: intent.channel().to_string() })
@@ -85,6 +148,22 @@ impl AppState {
         }
         self.record(topology, &intents).await?;
         Ok(Accepted { id: intents[0].id.clone(), duplicate })
+    }
+
+    /// Whether every intent's ledger entry exists: the request that made them got as far as
+    /// recording them, so its publishes were all acknowledged.
+    async fn recorded(&self, topology: &Topology, intents: &[Intent]) -> Result<bool, ApiError> {
+        let reads =
+            intents.iter().map(|intent| async move { topology.ledger.read(&LedgerKey::of(intent)).await });
+        let read = tokio::time::timeout(self.config.nats_timeout, futures::future::try_join_all(reads));
+        match read.await {
+            Ok(Ok(entries)) => Ok(entries.iter().all(|(entry, _)| entry.is_some())),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the ledger");
+                Err(unavailable())
+            }
+            Err(_) => Err(unavailable()),
+        }
     }
 
     /// Writes the ledger entries of stored intents: a `202` promises the notification can be
@@ -98,15 +177,19 @@ impl AppState {
         loop {
             let error = match tokio::time::timeout_at(deadline.into(), topology.ledger.accept(intents)).await
             {
-                Ok(Ok(())) => return Ok(()),
+                Ok(Ok(())) => {
+                    self.note_bucket_full(None);
+                    return Ok(());
+                }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => "timed out".to_owned(),
             };
             if Instant::now() + delay >= deadline {
                 tracing::warn!(notification_id = %intents[0].id, %error, "the intents are stored but their record is not");
                 if is_storage_full(&error) {
-                    self.note_ledger_full(true);
-                    return Err(storage_full(&format!("the ledger is full ({error})")));
+                    let why = format!("the ledger is full ({error})");
+                    self.note_bucket_full(Some(why.clone()));
+                    return Err(storage_full(&why));
                 }
                 return Err(ApiError::Unavailable(
                     "the notification is stored but its record could not be written in time; retry with the \

@@ -20,6 +20,11 @@ pub struct ErrorBody {
     /// The offending request field or header, when there is one (`recipient.webhook_url`).
     #[oai(skip_serializing_if_is_none)]
     pub field: Option<String>,
+    /// On a `503` from sending: the id the notification has if it was stored. Retry with it as
+    /// the `Idempotency-Key` (when the request had none) and the retry converges on it.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(default)]
+    pub notification_id: Option<String>,
 }
 
 /// Every error answer the API gives.
@@ -37,8 +42,9 @@ pub enum ErrorResponse {
     /// No such resource (or not visible to this tenant).
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
-    /// The request conflicts with an earlier one using the same idempotency key
-    /// (`conflict`), or a dead letter cannot be replayed (`not_replayable`).
+    /// The `Idempotency-Key` was used by an earlier request with a different body
+    /// (`idempotency_key_reused`), a write conflicts with another (`conflict`), or a dead letter
+    /// cannot be replayed (`not_replayable`).
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
     /// A write's `If-Match` names a revision the resource is no longer (or not) at; nothing was
@@ -88,6 +94,13 @@ pub enum ApiError {
     /// `If-Match` does not match the resource's current revision.
     #[error("{0}")]
     PreconditionFailed(String),
+    /// An `Idempotency-Key` reused with a different request.
+    #[error("{0}")]
+    KeyReused(String),
+    /// Sending failed for want of NATS or room (`cause`) after the notification got its id:
+    /// the answer carries the id, so a retry can use it as its key.
+    #[error("{cause}; retry with the Idempotency-Key you sent, or with {id} if you sent none")]
+    NotStored { id: String, cause: Box<ApiError> },
 }
 
 impl From<herald_shared::users::UserError> for ApiError {
@@ -163,6 +176,8 @@ impl ApiError {
             ApiError::StorageFull(_) => "storage_full",
             ApiError::NotReplayable(_) => "not_replayable",
             ApiError::PreconditionFailed(_) => "precondition_failed",
+            ApiError::KeyReused(_) => "idempotency_key_reused",
+            ApiError::NotStored { cause, .. } => cause.code(),
         }
     }
 
@@ -177,7 +192,20 @@ impl ApiError {
 
 impl From<ApiError> for ErrorResponse {
     fn from(e: ApiError) -> ErrorResponse {
-        let body = Json(ErrorBody { code: e.code().to_owned(), message: e.to_string(), field: e.field() });
+        let notification_id = match &e {
+            ApiError::NotStored { id, .. } => Some(id.clone()),
+            _ => None,
+        };
+        let body = Json(ErrorBody {
+            code: e.code().to_owned(),
+            message: e.to_string(),
+            field: e.field(),
+            notification_id,
+        });
+        let e = match e {
+            ApiError::NotStored { cause, .. } => *cause,
+            e => e,
+        };
         match e {
             ApiError::Malformed { .. } => ErrorResponse::BadRequest(body),
             ApiError::Unauthorized(_) => ErrorResponse::Unauthorized(body),
@@ -190,6 +218,26 @@ impl From<ApiError> for ErrorResponse {
             ApiError::StorageFull(_) => ErrorResponse::Unavailable(body, 30),
             ApiError::NotReplayable(_) => ErrorResponse::Conflict(body),
             ApiError::PreconditionFailed(_) => ErrorResponse::PreconditionFailed(body),
+            ApiError::KeyReused(_) => ErrorResponse::Conflict(body),
+            ApiError::NotStored { .. } => unreachable!("unwrapped above"),
+        }
+    }
+}
+
+impl ApiError {
+    /// The status and body this error answers with: what a batch reports per notification.
+    pub fn parts(self) -> (StatusCode, ErrorBody) {
+        match ErrorResponse::from(self) {
+            ErrorResponse::BadRequest(b) => (StatusCode::BAD_REQUEST, b.0),
+            ErrorResponse::Unauthorized(b) => (StatusCode::UNAUTHORIZED, b.0),
+            ErrorResponse::Forbidden(b) => (StatusCode::FORBIDDEN, b.0),
+            ErrorResponse::NotFound(b) => (StatusCode::NOT_FOUND, b.0),
+            ErrorResponse::Conflict(b) => (StatusCode::CONFLICT, b.0),
+            ErrorResponse::PreconditionFailed(b) => (StatusCode::PRECONDITION_FAILED, b.0),
+            ErrorResponse::PayloadTooLarge(b) => (StatusCode::PAYLOAD_TOO_LARGE, b.0),
+            ErrorResponse::UnsupportedMediaType(b) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, b.0),
+            ErrorResponse::Unprocessable(b) => (StatusCode::UNPROCESSABLE_ENTITY, b.0),
+            ErrorResponse::Unavailable(b, _) => (StatusCode::SERVICE_UNAVAILABLE, b.0),
         }
     }
 }
@@ -231,7 +279,7 @@ pub fn into_json_response(err: poem::Error) -> Response {
 }
 
 fn json_error(status: StatusCode, code: &str, message: String, field: Option<String>) -> Response {
-    let body = ErrorBody { code: code.to_owned(), message, field };
+    let body = ErrorBody { code: code.to_owned(), message, field, notification_id: None };
     let mut response = Json(body).into_response();
     response.set_status(status);
     response

@@ -25,7 +25,7 @@ use std::{future::Future, sync::Arc};
 use herald_shared::{
     Config,
     mirror::Mirror,
-    topology::{self, NOTIFICATIONS_BUCKET, Topology, USERS_BUCKET},
+    topology::{self, Topology, USERS_BUCKET},
 };
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, listener::TcpAcceptor};
 use poem_openapi::OpenApiService;
@@ -63,7 +63,11 @@ pub struct AppState {
 #[derive(Debug, Default)]
 pub(crate) struct Storage {
     pub intents_full: Option<String>,
-    pub ledger_full: bool,
+    /// A ledger write refused as full, until one lands.
+    pub bucket_full: Option<String>,
+    /// How long idempotency keys are really kept, when their bucket is forgetting the oldest
+    /// before the horizon.
+    pub keys_kept: Option<std::time::Duration>,
 }
 
 impl AppState {
@@ -79,8 +83,12 @@ impl AppState {
         self.topology_error.get().map(String::as_str)
     }
 
-    pub(crate) fn note_ledger_full(&self, full: bool) {
-        self.storage.lock().expect("never poisoned").ledger_full = full;
+    /// Notes a bucket write refused as full (`Some(why)`), or one that landed (`None`).
+    pub(crate) fn note_bucket_full(&self, full: Option<String>) {
+        let mut storage = self.storage.lock().expect("never poisoned");
+        if storage.bucket_full.is_some() || full.is_some() {
+            storage.bucket_full = full;
+        }
     }
 
     /// `work` within `rounds` NATS timeouts (an operation of several requests in a row gets
@@ -96,13 +104,15 @@ impl AppState {
         }
     }
 
+    /// How long idempotency keys are really kept, when that is less than the horizon.
+    pub(crate) fn keys_kept(&self) -> Option<std::time::Duration> {
+        self.storage.lock().expect("never poisoned").keys_kept
+    }
+
     /// Why new notifications cannot be stored now, if they cannot.
     pub(crate) fn storage_full(&self) -> Option<String> {
         let storage = self.storage.lock().expect("never poisoned");
-        storage
-            .intents_full
-            .clone()
-            .or_else(|| storage.ledger_full.then(|| format!("the {NOTIFICATIONS_BUCKET} bucket is full")))
+        storage.intents_full.clone().or_else(|| storage.bucket_full.clone())
     }
 }
 
@@ -123,6 +133,18 @@ async fn watch_storage(state: std::sync::Weak<AppState>) {
                 None => topology::ledger_full(topology).await?,
             })
         };
+        if let Ok(Ok(kept)) =
+            tokio::time::timeout(state.config.nats_timeout, topology::keys_kept(topology)).await
+        {
+            let mut storage = state.storage.lock().expect("never poisoned");
+            if kept.is_some() && storage.keys_kept.is_none() {
+                tracing::warn!(
+                    kept_s = kept.unwrap_or_default().as_secs(),
+                    "the idempotency keys fill their share: the oldest are forgotten before HERALD_IDEMPOTENCY_HORIZON (raise HERALD_MAX_STORAGE)"
+                );
+            }
+            storage.keys_kept = kept;
+        }
         match tokio::time::timeout(state.config.nats_timeout, check).await {
             Ok(Ok(full)) => {
                 let mut storage = state.storage.lock().expect("never poisoned");
@@ -235,7 +257,7 @@ impl Gateway {
             .nest("/", service)
             .nest("/docs", docs)
             .at("/openapi.json", spec)
-            .data(BodyLimit(state.config.max_body_bytes))
+            .data(BodyLimit { single: state.config.max_body_bytes, batch: state.config.max_batch_bytes })
             .around(correlate)
             .data(state)
             .catch_all_error(|err| async move { errors::into_json_response(err) })

@@ -17,14 +17,18 @@ use serde::de::DeserializeOwned;
 
 use crate::errors::ApiError;
 
-/// The body limit in force, put into the request's data by the router.
+/// The body limits in force, put into the request's data by the router: one notification's
+/// (and every other body's), and a batch's.
 #[derive(Debug, Clone, Copy)]
-pub struct BodyLimit(pub usize);
+pub struct BodyLimit {
+    pub single: usize,
+    pub batch: usize,
+}
 
-/// A JSON body parsed strictly by serde.
-pub struct StrictJson<T>(pub T);
+/// A JSON body parsed strictly by serde; `BATCH` bodies get the batch limit.
+pub struct StrictJson<T, const BATCH: bool = false>(pub T);
 
-impl<T: Type> Payload for StrictJson<T> {
+impl<T: Type, const BATCH: bool> Payload for StrictJson<T, BATCH> {
     const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
 
     fn check_content_type(content_type: &str) -> bool {
@@ -41,11 +45,12 @@ impl<T: Type> Payload for StrictJson<T> {
     }
 }
 
-impl<T: Type + DeserializeOwned> ParsePayload for StrictJson<T> {
+impl<T: Type + DeserializeOwned, const BATCH: bool> ParsePayload for StrictJson<T, BATCH> {
     const IS_REQUIRED: bool = true;
 
     async fn from_request(request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
-        let limit = request.data::<BodyLimit>().map(|l| l.0).unwrap_or(64 * 1024);
+        let limit =
+            request.data::<BodyLimit>().map(|l| if BATCH { l.batch } else { l.single }).unwrap_or(64 * 1024);
         let declared = request
             .headers()
             .get(poem::http::header::CONTENT_LENGTH)
@@ -72,28 +77,31 @@ impl<T: Type + DeserializeOwned> ParsePayload for StrictJson<T> {
             Some(_) => return Err(ApiError::malformed(None, "the body must be a JSON object").into()),
         }
         let mut de = serde_json::Deserializer::from_slice(&data);
-        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let syntax = inner.is_syntax() || inner.is_eof();
-            let field = (!syntax && path != "." && path != "?").then_some(path);
-            let message = if syntax {
-                format!("the body is not valid JSON: {inner}")
-            } else {
-                match &field {
-                    Some(f) => format!("{f}: {inner}"),
-                    None => inner.to_string(),
-                }
-            };
-            ApiError::malformed(field, message)
-        })?;
+        let value = serde_path_to_error::deserialize(&mut de).map_err(field_error)?;
         de.end().map_err(|e| ApiError::malformed(None, format!("the body is not valid JSON: {e}")))?;
         Ok(StrictJson(value))
     }
+}
+
+/// A serde error as a 400 naming the field that failed (none for a syntax error).
+pub(crate) fn field_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    let syntax = inner.is_syntax() || inner.is_eof();
+    let field = (!syntax && path != "." && path != "?").then_some(path);
+    let message = if syntax {
+        format!("the body is not valid JSON: {inner}")
+    } else {
+        match &field {
+            Some(f) => format!("{f}: {inner}"),
+            None => inner.to_string(),
+        }
+    };
+    ApiError::malformed(field, message)
 }
 
 fn too_large(limit: usize) -> ApiError {
     ApiError::TooLarge(format!("body is larger than the limit of {limit} bytes"))
 }
 
-poem_openapi::impl_apirequest_for_payload!(StrictJson<T>, T: Type + DeserializeOwned + Send);
+poem_openapi::impl_apirequest_for_payload!(StrictJson<T, BATCH>, T: Type + DeserializeOwned + Send, const BATCH: bool);

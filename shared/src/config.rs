@@ -28,7 +28,10 @@ pub const WEBHOOK_SECRET: &str = "HERALD_WEBHOOK_SECRET";
 pub const RETRY_BACKOFF: &str = "HERALD_RETRY_BACKOFF";
 pub const MAX_ATTEMPTS: &str = "HERALD_MAX_ATTEMPTS";
 pub const DUPLICATE_WINDOW: &str = "HERALD_DUPLICATE_WINDOW";
+pub const IDEMPOTENCY_HORIZON: &str = "HERALD_IDEMPOTENCY_HORIZON";
 pub const MAX_BODY_BYTES: &str = "HERALD_MAX_BODY_BYTES";
+pub const FAILPOINTS: &str = "HERALD_FAILPOINTS";
+pub const MAX_BATCH_BYTES: &str = "HERALD_MAX_BATCH_BYTES";
 pub const NATS_TIMEOUT: &str = "HERALD_NATS_TIMEOUT";
 pub const SEND_TIMEOUT: &str = "HERALD_SEND_TIMEOUT";
 pub const SEND_CONCURRENCY: &str = "HERALD_SEND_CONCURRENCY";
@@ -108,7 +111,12 @@ pub const VARS: &[Var] = &[
     Var {
         name: DUPLICATE_WINDOW,
         default: Some("2m"),
-        help: "how long an Idempotency-Key / Nats-Msg-Id is remembered by HERALD_INTENTS",
+        help: "how long HERALD_INTENTS drops a repeated Nats-Msg-Id (direct publishes; the gateway also remembers keys for HERALD_IDEMPOTENCY_HORIZON)",
+    },
+    Var {
+        name: IDEMPOTENCY_HORIZON,
+        default: Some("24h"),
+        help: "how long an Idempotency-Key is remembered (herald_idempotency, per-key TTL); at most 7 days",
     },
     Var {
         name: STREAM_REPLICAS,
@@ -134,6 +142,16 @@ pub const VARS: &[Var] = &[
         name: MAX_BODY_BYTES,
         default: Some("65536"),
         help: "largest request body the gateway accepts (larger: 413)",
+    },
+    Var {
+        name: MAX_BATCH_BYTES,
+        default: Some("4194304"),
+        help: "largest `POST /v1/notifications/batch` body (up to 1,000 notifications; larger: 413)",
+    },
+    Var {
+        name: FAILPOINTS,
+        default: None,
+        help: "fault tests only: points where the process aborts on purpose (`accept.after_commit`); never set it in production",
     },
     Var {
         name: NATS_TIMEOUT,
@@ -260,6 +278,9 @@ pub const VARS: &[Var] = &[
 
 /// The largest `HERALD_MAX_BODY_BYTES` allowed.
 pub const MAX_BODY_LIMIT: usize = crate::intent::MAX_INTENT_BYTES / 2;
+/// The most `HERALD_MAX_BATCH_BYTES` may be: 64 MiB, what a batch of 1,000 notifications
+/// could need at most, held in memory while it is parsed.
+pub const MAX_BATCH_LIMIT: usize = 64 * 1024 * 1024;
 
 /// How a channel retries transient failures.
 #[derive(Debug, Clone, PartialEq)]
@@ -486,6 +507,8 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Idempotency horizon of HERALD_INTENTS.
     pub duplicate_window: Duration,
+    /// How long the gateway remembers an Idempotency-Key.
+    pub idempotency_horizon: Duration,
     /// Replicas of every stream and bucket.
     pub stream_replicas: usize,
     /// What to do with a send whose outcome was never recorded, per channel.
@@ -496,6 +519,10 @@ pub struct Config {
     pub default_locale: String,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Largest accepted batch body.
+    pub max_batch_bytes: usize,
+    /// Points where the process aborts on purpose, for fault tests ([`Config::fail_at`]).
+    pub failpoints: Vec<String>,
     /// Bound on every JetStream call made while a client waits.
     pub nats_timeout: Duration,
     /// Timeout of one provider call, per channel.
@@ -575,6 +602,13 @@ impl Config {
             webhook_secret: secret(WEBHOOK_SECRET, "webhook-secret")?,
             retry,
             duplicate_window: parse_with(DUPLICATE_WINDOW, &required(DUPLICATE_WINDOW), parse_duration)?,
+            idempotency_horizon: parse_with(IDEMPOTENCY_HORIZON, &required(IDEMPOTENCY_HORIZON), |s| {
+                match parse_duration(s)? {
+                    d if d < Duration::from_secs(1) => Err("at least 1s".into()),
+                    d if d > crate::topology::MAX_IDEMPOTENCY_HORIZON => Err("at most 7 days".into()),
+                    d => Ok(d),
+                }
+            })?,
             stream_replicas: parse_with(STREAM_REPLICAS, &required(STREAM_REPLICAS), |s| {
                 match s.parse::<usize>() {
                     Ok(n @ 1..=5) => Ok(n),
@@ -602,6 +636,15 @@ impl Config {
                     _ => Err(format!("expected 1024 to {MAX_BODY_LIMIT} bytes")),
                 }
             })?,
+            max_batch_bytes: parse_with(MAX_BATCH_BYTES, &required(MAX_BATCH_BYTES), |s| {
+                match s.parse::<usize>() {
+                    Ok(n @ 1024..=MAX_BATCH_LIMIT) => Ok(n),
+                    _ => Err(format!("expected 1024 to {MAX_BATCH_LIMIT} bytes")),
+                }
+            })?,
+            failpoints: value(FAILPOINTS)
+                .map(|s| s.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect())
+                .unwrap_or_default(),
             nats_timeout: parse_with(NATS_TIMEOUT, &required(NATS_TIMEOUT), parse_duration)?,
             send_timeout: parse_with(SEND_TIMEOUT, &required(SEND_TIMEOUT), |s| {
                 PerChannel::parse(s, Duration::from_secs(10), |v| match parse_duration(v)? {
@@ -680,6 +723,15 @@ impl Config {
 pub const MIN_STORAGE: u64 = 4 * 1024 * 1024;
 
 impl Config {
+    /// Aborts the process, as a kill would stop it, when `point` is one of
+    /// `HERALD_FAILPOINTS`: fault tests show what survives a process dying exactly there.
+    pub fn fail_at(&self, point: &str) {
+        if self.failpoints.iter().any(|p| p == point) {
+            eprintln!("HERALD_FAILPOINTS: aborting at {point}");
+            std::process::abort();
+        }
+    }
+
     /// How long a worker's claim on a delivery lasts, which is also the consumers' ack wait: the
     /// longest a live worker needs to send (`HERALD_SEND_TIMEOUT`) and record the outcome (two
     /// JetStream calls), plus two seconds. A live worker keeps its message with progress acks

@@ -34,6 +34,7 @@ pub mod auth;
 pub mod config;
 pub mod deadletter;
 pub mod dlq;
+pub mod idempotency;
 pub mod intent;
 pub mod ledger;
 pub mod mirror;

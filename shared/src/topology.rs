@@ -29,6 +29,12 @@ pub const USERS_BUCKET: &str = "herald_users";
 pub const USERS_HISTORY: i64 = 2;
 /// Templates: `<tenant token>.<code>.<locale>`, history = versions.
 pub const TEMPLATES_BUCKET: &str = "herald_templates";
+/// Idempotency keys: `<tenant token>.<hash of the key>` -> the notification it made, each kept
+/// for the idempotency horizon by a per-key TTL (see `idempotency`).
+pub const IDEMPOTENCY_BUCKET: &str = "herald_idempotency";
+/// The longest idempotency horizon: shorter than the ledger keeps entries, so a key's
+/// notification can always be looked up while the key is remembered.
+pub const MAX_IDEMPOTENCY_HORIZON: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The durable consumer on HERALD_ADVISORIES that moves max-delivered intents to the DLQ.
 pub const DLQ_MOVER_CONSUMER: &str = "dlq_mover";
 /// A scratch stream the benchmark publishes to for the raw JetStream rate; deleted after.
@@ -64,13 +70,15 @@ pub const AUDIT_MAX_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
 /// ledger must hold a finished entry (about 520 bytes with its provider calls) for every intent
 /// HERALD_INTENTS can hold waiting (a small one is about 660 bytes), or a backlog that fills
 /// the intents stream would leave workers unable to record what they deliver: 36 × 520 / 660
-/// ≈ 28 < 32.
-pub const STORAGE_SHARES: [(&str, u64); 8] = [
+/// ≈ 28 < 32. An idempotency key (about 300 bytes) is kept a day where a ledger entry is kept
+/// eight, so 32 × 300 / 520 / 8 ≈ 2.3 < 3 keeps the keys from filling before the ledger.
+pub const STORAGE_SHARES: [(&str, u64); 9] = [
     (INTENTS_STREAM, 36),
     (NOTIFICATIONS_BUCKET, 32),
+    (IDEMPOTENCY_BUCKET, 3),
     (USERS_BUCKET, 2),
     (TEMPLATES_BUCKET, 2),
-    (DLQ_STREAM, 13),
+    (DLQ_STREAM, 10),
     (STATUS_STREAM, 8),
     (ADVISORIES_STREAM, 5),
     (AUDIT_STREAM, 2),
@@ -266,6 +274,24 @@ fn notifications_bucket_config(replicas: usize, max_bytes: i64) -> kv::Config {
     }
 }
 
+fn idempotency_bucket_config(replicas: usize, max_bytes: i64) -> kv::Config {
+    kv::Config {
+        num_replicas: replicas,
+        bucket: IDEMPOTENCY_BUCKET.into(),
+        description:
+            "idempotency keys: (tenant, key) -> notification id and request hash, kept by per-key TTL".into(),
+        history: 1,
+        // Per-key TTLs (the horizon) need the stream's message TTLs, which limit markers turn on;
+        // a marker left when a key expires is kept a minute.
+        limit_markers: Some(Duration::from_secs(60)),
+        // Full drops the oldest keys (see `kv_stream_config`): past the share, the horizon is
+        // as long as the share holds, never a refusal of new requests until keys expire.
+        max_bytes,
+        storage: StorageType::File,
+        ..Default::default()
+    }
+}
+
 fn users_bucket_config(replicas: usize, max_bytes: i64) -> kv::Config {
     kv::Config {
         num_replicas: replicas,
@@ -310,8 +336,14 @@ fn kv_stream_config(bucket: &kv::Config) -> stream::Config {
         allow_rollup: true,
         deny_delete: true,
         allow_direct: true,
-        discard: DiscardPolicy::New,
+        // A bucket refuses writes when full, except the idempotency keys: refusing requests
+        // until keys expire (a day) would be worse than forgetting the oldest keys early, so
+        // that bucket drops its oldest keys and `/ready` says how long keys are really kept.
+        discard: if bucket.bucket == IDEMPOTENCY_BUCKET { DiscardPolicy::Old } else { DiscardPolicy::New },
         duplicate_window: if bucket.max_age > Duration::ZERO { window.min(bucket.max_age) } else { window },
+        // Per-key TTLs, as `limit_markers` turns them on.
+        allow_message_ttl: bucket.limit_markers.is_some(),
+        subject_delete_marker_ttl: bucket.limit_markers,
         ..Default::default()
     }
 }
@@ -324,6 +356,7 @@ pub fn bucket_configs(config: &Config) -> Vec<kv::Config> {
         notifications_bucket_config(r, share(NOTIFICATIONS_BUCKET)),
         users_bucket_config(r, share(USERS_BUCKET)),
         templates_bucket_config(r, share(TEMPLATES_BUCKET)),
+        idempotency_bucket_config(r, share(IDEMPOTENCY_BUCKET)),
     ]
 }
 
@@ -442,6 +475,8 @@ pub struct Topology {
     pub users: Users,
     /// Templates in `herald_templates`.
     pub templates: crate::template_store::TemplateStore,
+    /// Idempotency keys in `herald_idempotency`.
+    pub keys: crate::idempotency::Keys,
 }
 
 impl Topology {
@@ -525,9 +560,7 @@ pub async fn ensure(js: &jetstream::Context, config: &Config) -> Result<Topology
     for bucket in bucket_configs(config) {
         stores.push(ensure_bucket(js, bucket).await?);
     }
-    let [kv, users, templates]: [kv::Store; 3] =
-        stores.try_into().map_err(|_| TopologyError::Nats("bucket list".into()))?;
-    handles(js, config, kv, users, templates).await
+    handles(js, config, stores).await
 }
 
 /// Creates a missing bucket or checks an existing one like a stream.
@@ -547,6 +580,11 @@ async fn ensure_bucket(js: &jetstream::Context, bucket: kv::Config) -> Result<kv
             check_drift(&want, &have)?;
             js.get_key_value(&name).await.map_err(|e| nats(&name)(&e))
         }
+        Err(e) if stream_not_found(&e) && bucket.bucket == IDEMPOTENCY_BUCKET => {
+            // Made as a stream: `create_key_value` would fix its discard policy at `new`.
+            js.create_stream(kv_stream_config(&bucket)).await.map_err(|e| nats(&kv_stream)(&e))?;
+            js.get_key_value(&name).await.map_err(|e| nats(&name)(&e))
+        }
         Err(e) if stream_not_found(&e) => js.create_key_value(bucket).await.map_err(|e| nats(&name)(&e)),
         Err(e) => Err(nats(&kv_stream)(&e)),
     }
@@ -563,11 +601,15 @@ pub async fn apply(js: &jetstream::Context, config: &Config) -> Result<Topology,
     let mut stores = Vec::new();
     for bucket in bucket_configs(config) {
         let name = bucket.bucket.clone();
+        if name == IDEMPOTENCY_BUCKET {
+            let stream = kv_stream_config(&bucket);
+            js.create_or_update_stream(stream).await.map_err(|e| nats(&name)(&e))?;
+            stores.push(js.get_key_value(&name).await.map_err(|e| nats(&name)(&e))?);
+            continue;
+        }
         stores.push(js.create_or_update_key_value(bucket).await.map_err(|e| nats(&name)(&e))?);
     }
-    let [kv, users, templates]: [kv::Store; 3] =
-        stores.try_into().map_err(|_| TopologyError::Nats("bucket list".into()))?;
-    let topology = handles(js, config, kv, users, templates).await?;
+    let topology = handles(js, config, stores).await?;
     for &channel in &config.channels {
         let mut want = channel_consumer_config(channel, config, None);
         if let Ok(mut existing) = topology.intents.get_consumer::<pull::Config>(channel.as_str()).await {
@@ -584,14 +626,16 @@ pub async fn apply(js: &jetstream::Context, config: &Config) -> Result<Topology,
     Ok(topology)
 }
 
+/// The handles of the ensured topology; `stores` in the order of [`bucket_configs`].
 async fn handles(
     js: &jetstream::Context,
     config: &Config,
-    kv: kv::Store,
-    users: kv::Store,
-    templates: kv::Store,
+    stores: Vec<kv::Store>,
 ) -> Result<Topology, TopologyError> {
+    let [kv, users, templates, keys]: [kv::Store; 4] =
+        stores.try_into().map_err(|_| TopologyError::Nats("bucket list".into()))?;
     Ok(Topology {
+        keys: crate::idempotency::Keys::new(keys, config.idempotency_horizon),
         js: js.clone(),
         intents: js.get_stream(INTENTS_STREAM).await.map_err(|e| nats(INTENTS_STREAM)(&e))?,
         advisories: js.get_stream(ADVISORIES_STREAM).await.map_err(|e| nats(ADVISORIES_STREAM)(&e))?,
@@ -654,14 +698,28 @@ pub async fn intents_full(topology: &Topology) -> Result<Option<String>, async_n
 /// message until it can: past the mark, new notifications are refused instead, so what is
 /// accepted can still be delivered. Returns why, when full.
 pub async fn ledger_full(topology: &Topology) -> Result<Option<String>, async_nats::Error> {
-    let name = format!("KV_{NOTIFICATIONS_BUCKET}");
-    let mut ledger = topology.js.get_stream(&name).await?;
-    let info = ledger.info().await?;
+    let mut stream = topology.js.get_stream(format!("KV_{NOTIFICATIONS_BUCKET}")).await?;
+    let info = stream.info().await?;
     let (used, max) = (info.state.bytes, info.config.max_bytes);
     if max <= 0 || used * 100 < max as u64 * INTENTS_HIGH_WATER {
         return Ok(None);
     }
     Ok(Some(format!("the delivery ledger ({NOTIFICATIONS_BUCKET}) holds {used} of {max} bytes")))
+}
+
+/// How long idempotency keys are really kept, when `herald_idempotency` is full enough
+/// ([`INTENTS_HIGH_WATER`]%) to be dropping its oldest keys before their horizon: the age of
+/// its oldest key. `None` while keys live out their horizon.
+pub async fn keys_kept(topology: &Topology) -> Result<Option<Duration>, async_nats::Error> {
+    let mut stream = topology.js.get_stream(format!("KV_{IDEMPOTENCY_BUCKET}")).await?;
+    let info = stream.info().await?.clone();
+    let (used, max) = (info.state.bytes, info.config.max_bytes);
+    if max <= 0 || used * 100 < max as u64 * INTENTS_HIGH_WATER || info.state.messages == 0 {
+        return Ok(None);
+    }
+    let oldest = stream.direct_get(info.state.first_sequence).await?;
+    let age = time::OffsetDateTime::now_utc() - oldest.time;
+    Ok(Some(Duration::from_secs(age.whole_seconds().max(0) as u64)))
 }
 
 /// Whether a JetStream error says a stream or bucket is full (its `max_bytes`, or the server's

@@ -299,7 +299,7 @@ async fn a_standalone_worker_serves_its_metrics_and_never_logs_secrets() {
 }
 
 /// A child process killed when the test ends, passed or not.
-struct KillOnDrop(std::process::Child);
+pub(crate) struct KillOnDrop(pub std::process::Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

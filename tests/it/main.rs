@@ -3,6 +3,7 @@
 //! SMTP server (aiosmtpd) for email.
 //! One test binary (modules below) so it links once.
 
+mod accept;
 mod api;
 mod chaos;
 mod cli;

@@ -1,6 +1,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use chrono::{DateTime, Utc};
+use herald_shared::idempotency::request_hash;
 use herald_shared::{
     Channel, Intent,
     auth::{SCOPE_READ, SCOPE_SEND},
@@ -14,20 +15,20 @@ use poem_openapi::{
     param::{Header, Path},
     payload::Json,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::Tags;
 use crate::{
     AppState, CorrelationId,
     auth::BearerAuth,
-    errors::{ApiError, ErrorResponse},
+    errors::{ApiError, ErrorBody, ErrorResponse},
     payload::StrictJson,
 };
 
 pub struct NotificationsApi;
 
 /// A delivery channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Deserialize, Serialize)]
 #[oai(rename = "Channel", rename_all = "lowercase")]
 #[serde(rename_all = "lowercase")]
 pub enum ApiChannel {
@@ -63,7 +64,7 @@ impl From<Channel> for ApiChannel {
 }
 
 /// How urgent a notification is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Deserialize, Serialize)]
 #[oai(rename = "Priority", rename_all = "lowercase")]
 #[serde(rename_all = "lowercase")]
 pub enum ApiPriority {
@@ -74,7 +75,7 @@ pub enum ApiPriority {
 }
 
 /// Where a notification is delivered (direct addresses).
-#[derive(Debug, Object, Deserialize)]
+#[derive(Debug, Object, Deserialize, Serialize)]
 #[oai(rename = "Recipient")]
 #[serde(deny_unknown_fields)]
 pub struct RecipientBody {
@@ -92,7 +93,7 @@ pub struct RecipientBody {
 }
 
 /// Inline content.
-#[derive(Debug, Object, Deserialize)]
+#[derive(Debug, Object, Deserialize, Serialize)]
 #[oai(rename = "Content")]
 #[serde(deny_unknown_fields)]
 pub struct ContentBody {
@@ -107,7 +108,7 @@ pub struct ContentBody {
 }
 
 /// A notification request.
-#[derive(Debug, Object, Deserialize)]
+#[derive(Debug, Object, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NotificationRequest {
     /// Who receives it.
@@ -134,6 +135,110 @@ pub struct NotificationRequest {
     expires_at: Option<DateTime<Utc>>,
     /// String key/values echoed to receivers and kept with the notification (at most 64).
     metadata: Option<BTreeMap<String, String>>,
+    /// Makes retries safe, like the `Idempotency-Key` header (1 to 255 visible ASCII
+    /// characters): how each notification of a batch carries its key. If both are given they
+    /// must be equal.
+    #[serde(skip_serializing)]
+    idempotency_key: Option<String>,
+}
+
+/// The most notifications one batch may carry.
+pub const MAX_BATCH: usize = 1000;
+/// Notifications of one batch in the accept path at once.
+const BATCH_IN_FLIGHT: usize = 128;
+
+/// Many notifications in one request (the documented schema; parsing is [`BatchRequest`]'s).
+#[derive(Object)]
+#[oai(rename = "NotificationBatch")]
+#[allow(dead_code)] // Only its schema is used.
+struct BatchSchema {
+    /// 1 to 1,000 notifications, each as `POST /v1/notifications` takes it, with its own
+    /// `idempotency_key` to make retrying the batch safe.
+    #[oai(validator(min_items = 1, max_items = 1000))]
+    notifications: Vec<NotificationRequest>,
+}
+
+/// A batch as parsed: each notification on its own, so one of the wrong shape is that
+/// notification's error (`400` in its result), not the whole batch's.
+pub struct BatchRequest {
+    notifications: Vec<Result<NotificationRequest, ApiError>>,
+}
+
+impl<'de> Deserialize<'de> for BatchRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {
+            notifications: Vec<serde_json::Value>,
+        }
+        let parse = |item: serde_json::Value| {
+            if !item.is_object() {
+                return Err(ApiError::malformed(None, "a notification must be a JSON object"));
+            }
+            serde_path_to_error::deserialize(item).map_err(crate::payload::field_error)
+        };
+        let raw = Raw::deserialize(d)?;
+        Ok(BatchRequest { notifications: raw.notifications.into_iter().map(parse).collect() })
+    }
+}
+
+impl poem_openapi::types::Type for BatchRequest {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> std::borrow::Cow<'static, str> {
+        BatchSchema::name()
+    }
+
+    fn schema_ref() -> poem_openapi::registry::MetaSchemaRef {
+        BatchSchema::schema_ref()
+    }
+
+    fn register(registry: &mut poem_openapi::registry::Registry) {
+        BatchSchema::register(registry);
+    }
+
+    fn as_raw_value(&self) -> Option<&Self> {
+        Some(self)
+    }
+
+    fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a Self> + 'a> {
+        Box::new(std::iter::once(self))
+    }
+}
+
+/// What became of one notification of a batch.
+#[derive(Debug, Object)]
+#[oai(rename = "BatchItemResult")]
+pub struct BatchItemBody {
+    /// This notification's own HTTP status: `202` accepted, `200` a duplicate of an earlier
+    /// request with its key (nothing new is sent), or the status of its error.
+    status: u16,
+    /// The notification id (also on a `503`: retry with it as the key if it had none).
+    #[oai(skip_serializing_if_is_none)]
+    id: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    duplicate: Option<bool>,
+    #[oai(skip_serializing_if_is_none)]
+    channels: Option<Vec<ApiChannel>>,
+    /// Why it was not accepted.
+    #[oai(skip_serializing_if_is_none)]
+    error: Option<ErrorBody>,
+}
+
+/// The answer to a batch: `results[i]` answers `notifications[i]`.
+#[derive(Debug, Object)]
+#[oai(rename = "BatchResult")]
+pub struct BatchBody {
+    results: Vec<BatchItemBody>,
+    /// Notifications stored by this request.
+    accepted: u32,
+    /// Notifications an earlier request with the same key had stored.
+    duplicates: u32,
+    /// Notifications refused (see their `error`); retry only those.
+    failed: u32,
+    correlation_id: String,
 }
 
 /// Where a notification stands overall or on one channel.
@@ -269,6 +374,13 @@ enum CreateResponse {
 }
 
 #[derive(ApiResponse)]
+enum BatchResponse {
+    /// Each notification's outcome; the request itself was understood.
+    #[oai(status = 200)]
+    Ok(Json<BatchBody>),
+}
+
+#[derive(ApiResponse)]
 enum GetResponse {
     /// The notification.
     #[oai(status = 200)]
@@ -280,8 +392,9 @@ impl NotificationsApi {
     /// Send a notification
     ///
     /// Answers 202 once every channel's intent is stored in JetStream. Send an
-    /// `Idempotency-Key` to make retries safe: a repeated key within the duplicate window
-    /// answers with the original id and `duplicate: true`, and sends nothing again.
+    /// `Idempotency-Key` to make retries safe: a repeated key within the idempotency horizon
+    /// (24 hours by default) answers with the original id and `duplicate: true`, and sends
+    /// nothing again; the same key with a different body is refused with 409.
     #[oai(path = "/v1/notifications", method = "post", operation_id = "createNotification")]
     async fn create(
         &self,
@@ -295,66 +408,108 @@ impl NotificationsApi {
         body: StrictJson<NotificationRequest>,
     ) -> Result<CreateResponse, ErrorResponse> {
         let claims = auth.require(SCOPE_SEND)?;
-        let key = idempotency_key.0.as_deref();
         // A header that is not visible ASCII never reaches `idempotency_key`; look at it raw.
-        let raw_key = request.headers().get("Idempotency-Key").map(|v| v.as_bytes());
-        if let Some(k) = raw_key
-            && (k.is_empty() || k.len() > 255 || !k.iter().all(u8::is_ascii_graphic))
-        {
-            return Err(ApiError::malformed(
-                Some("Idempotency-Key".into()),
-                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        if let Some(k) = request.headers().get("Idempotency-Key") {
+            check_key(k.as_bytes(), "Idempotency-Key")?;
+        }
+        let mut body = body.0;
+        if let Some(in_body) = &body.idempotency_key {
+            check_key(in_body.as_bytes(), "idempotency_key")?;
+            if idempotency_key.0.as_ref().is_some_and(|h| h != in_body) {
+                return Err(ApiError::invalid(
+                    "idempotency_key",
+                    "differs from the Idempotency-Key header; give one, or both equal",
+                )
+                .into());
+            }
+        }
+        if body.idempotency_key.is_none() {
+            body.idempotency_key = idempotency_key.0;
+        }
+        let tenant = claims.tenant.clone().unwrap_or_else(|| claims.sub.clone());
+        let accepted = send(&state, &tenant, &correlation.0.0, body).await?;
+        Ok(CreateResponse::Accepted(Json(accepted)))
+    }
+
+    /// Send many notifications
+    ///
+    /// Up to 1,000 notifications in one request, stored concurrently. Answers 200 with one
+    /// result per notification, in order: `202` accepted, `200` a duplicate (its
+    /// `idempotency_key` was used before; nothing new is sent), or its error (`4xx`, or `503`
+    /// with the id to retry with). One notification's error never affects another: retry only
+    /// the failed ones, with their keys.
+    #[oai(path = "/v1/notifications/batch", method = "post", operation_id = "createNotificationBatch")]
+    async fn batch(
+        &self,
+        auth: BearerAuth,
+        state: Data<&Arc<AppState>>,
+        correlation: Data<&CorrelationId>,
+        body: StrictJson<BatchRequest, true>,
+    ) -> Result<BatchResponse, ErrorResponse> {
+        use futures::StreamExt;
+        let claims = auth.require(SCOPE_SEND)?;
+        let items = body.0.notifications;
+        if items.is_empty() || items.len() > MAX_BATCH {
+            return Err(ApiError::invalid(
+                "notifications",
+                format!("a batch carries 1 to {MAX_BATCH} notifications, not {}", items.len()),
             )
             .into());
         }
         let tenant = claims.tenant.clone().unwrap_or_else(|| claims.sub.clone());
-        let mut body = body.0;
-        let mut passed = Vec::new();
-        let mut fallback = Vec::new();
-        let available = &state.config.channels;
-        if let Some(user_id) = body.recipient.user_id.clone() {
-            let user = find_user(&state, &tenant, &user_id).await?;
-            if body.channels.is_none() {
-                let direct = recipient(&body.recipient);
-                let (chosen, over, rest) = channels_for(&user, &direct, |c| available.contains(&c));
-                if chosen.is_empty() {
-                    return Err(ApiError::invalid(
-                        "recipient.user_id",
-                        format!("user {user_id} has no address for any channel this Herald delivers on"),
-                    )
-                    .into());
+        let correlation_id = &correlation.0.0;
+        let state = &*state;
+        let results: Vec<BatchItemBody> = futures::stream::iter(items.into_iter().enumerate())
+            .map(|(i, item)| {
+                let tenant = &tenant;
+                async move {
+                    let checked = item.and_then(|item| match &item.idempotency_key {
+                        Some(k) => check_key(k.as_bytes(), "idempotency_key").map(|()| item),
+                        None => Ok(item),
+                    });
+                    let outcome = match checked {
+                        Ok(item) => send(state, tenant, correlation_id, item).await,
+                        Err(e) => Err(e),
+                    };
+                    match outcome {
+                        Ok(a) => BatchItemBody {
+                            status: if a.duplicate { 200 } else { 202 },
+                            id: Some(a.id),
+                            duplicate: Some(a.duplicate),
+                            channels: Some(a.channels),
+                            error: None,
+                        },
+                        Err(e) => {
+                            let (status, mut error) = e.parts();
+                            error.field = Some(match error.field.take() {
+                                Some(f) => format!("notifications[{i}].{f}"),
+                                None => format!("notifications[{i}]"),
+                            });
+                            BatchItemBody {
+                                status: status.as_u16(),
+                                id: error.notification_id.clone(),
+                                duplicate: None,
+                                channels: None,
+                                error: Some(error),
+                            }
+                        }
+                    }
                 }
-                body.channels = Some(chosen.into_iter().map(ApiChannel::from).collect());
-                passed = over;
-                fallback = rest;
-            }
-        }
-        let intents = into_intents(body, &tenant, &correlation.0.0, available, fallback)?;
-        let channels: Vec<ApiChannel> = intents.iter().map(|i| i.channel().into()).collect();
-        let scheduled = intents[0].send_at.is_some_and(|t| t > Utc::now());
-        let first = intents[0].clone();
-        let accepted = state.accept(intents, &tenant, key).await?;
-        if !passed.is_empty() && !accepted.duplicate {
-            // The channels passed over are part of the record; the notification is stored
-            // already, so a failure here is logged, not answered.
-            let ledger = &state.topology()?.ledger;
-            if let Err(e) = ledger.passed_over(&first, &passed).await {
-                tracing::warn!(notification_id = %accepted.id, error = %e, "cannot record the channels passed over");
-            }
-        }
-        tracing::info!(
-            notification_id = %accepted.id,
-            correlation_id = %correlation.0.0,
-            duplicate = accepted.duplicate,
-            ?channels,
-            "accepted"
-        );
-        Ok(CreateResponse::Accepted(Json(AcceptedBody {
-            id: accepted.id,
-            status: if scheduled { ApiStatus::Scheduled } else { ApiStatus::Accepted },
-            channels,
-            duplicate: accepted.duplicate,
-            correlation_id: correlation.0.0.clone(),
+            })
+            .buffered(BATCH_IN_FLIGHT)
+            .collect()
+            .await;
+        let count = |f: fn(&BatchItemBody) -> bool| results.iter().filter(|r| f(r)).count() as u32;
+        let accepted = count(|r| r.status == 202);
+        let duplicates = count(|r| r.status == 200);
+        let failed = results.len() as u32 - accepted - duplicates;
+        tracing::info!(correlation_id = %correlation_id, accepted, duplicates, failed, "batch");
+        Ok(BatchResponse::Ok(Json(BatchBody {
+            results,
+            accepted,
+            duplicates,
+            failed,
+            correlation_id: correlation_id.clone(),
         })))
     }
 
@@ -392,6 +547,76 @@ impl NotificationsApi {
         }
         Ok(GetResponse::Ok(Json(notification_body(record))))
     }
+}
+
+/// Checks an idempotency key: 1 to 255 visible ASCII characters.
+fn check_key(key: &[u8], field: &str) -> Result<(), ApiError> {
+    if key.is_empty() || key.len() > 255 || !key.iter().all(u8::is_ascii_graphic) {
+        return Err(ApiError::malformed(
+            Some(field.to_owned()),
+            format!("{field} must be 1 to 255 visible ASCII characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one notification request, resolves its channels, and stores it through the accept
+/// path: what `create` and each item of `batch` do.
+async fn send(
+    state: &AppState,
+    tenant: &str,
+    correlation_id: &str,
+    mut body: NotificationRequest,
+) -> Result<AcceptedBody, ApiError> {
+    // The request as sent (key order and spacing aside), before channels are filled in.
+    let hash = request_hash(&serde_json::to_vec(&body).expect("a request always serializes"));
+    let key = body.idempotency_key.take();
+    let mut passed = Vec::new();
+    let mut fallback = Vec::new();
+    let available = &state.config.channels;
+    if let Some(user_id) = body.recipient.user_id.clone() {
+        let user = find_user(state, tenant, &user_id).await?;
+        if body.channels.is_none() {
+            let direct = recipient(&body.recipient);
+            let (chosen, over, rest) = channels_for(&user, &direct, |c| available.contains(&c));
+            if chosen.is_empty() {
+                return Err(ApiError::invalid(
+                    "recipient.user_id",
+                    format!("user {user_id} has no address for any channel this Herald delivers on"),
+                ));
+            }
+            body.channels = Some(chosen.into_iter().map(ApiChannel::from).collect());
+            passed = over;
+            fallback = rest;
+        }
+    }
+    let intents = into_intents(body, tenant, correlation_id, available, fallback)?;
+    let channels: Vec<ApiChannel> = intents.iter().map(|i| i.channel().into()).collect();
+    let scheduled = intents[0].send_at.is_some_and(|t| t > Utc::now());
+    let first = intents[0].clone();
+    let accepted = state.accept(intents, tenant, key.as_deref(), hash).await?;
+    if !passed.is_empty() && !accepted.duplicate {
+        // The channels passed over are part of the record; the notification is stored
+        // already, so a failure here is logged, not answered.
+        let ledger = &state.topology()?.ledger;
+        if let Err(e) = ledger.passed_over(&first, &passed).await {
+            tracing::warn!(notification_id = %accepted.id, error = %e, "cannot record the channels passed over");
+        }
+    }
+    tracing::info!(
+        notification_id = %accepted.id,
+        correlation_id = %correlation_id,
+        duplicate = accepted.duplicate,
+        ?channels,
+        "accepted"
+    );
+    Ok(AcceptedBody {
+        id: accepted.id,
+        status: if scheduled { ApiStatus::Scheduled } else { ApiStatus::Accepted },
+        channels,
+        duplicate: accepted.duplicate,
+        correlation_id: correlation_id.to_owned(),
+    })
 }
 
 fn notification_body(record: NotificationRecord) -> NotificationBody {

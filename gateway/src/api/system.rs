@@ -27,6 +27,11 @@ struct HealthBody {
     /// `templates-0`): in `herald up` the workers' copies of users and templates too.
     #[oai(skip_serializing_if_is_none)]
     copies_lag: Option<std::collections::BTreeMap<String, u64>>,
+    /// (`/ready`) Present only when `herald_idempotency` fills its share and forgets its oldest
+    /// keys before `HERALD_IDEMPOTENCY_HORIZON`: the age of the oldest key it still holds, in
+    /// seconds. Not a reason to be unready; raise `HERALD_MAX_STORAGE`.
+    #[oai(skip_serializing_if_is_none)]
+    idempotency_keys_kept_s: Option<u64>,
 }
 
 impl HealthBody {
@@ -37,6 +42,7 @@ impl HealthBody {
             copies_lag: Some(
                 herald_shared::mirror::following().into_iter().map(|(n, s)| (n, s.lag)).collect(),
             ),
+            idempotency_keys_kept_s: state.keys_kept().map(|d| d.as_secs()),
         }
     }
 }
@@ -56,7 +62,12 @@ impl SystemApi {
     /// Liveness: the process answers.
     #[oai(path = "/health", method = "get", operation_id = "health")]
     async fn health(&self) -> Json<HealthBody> {
-        Json(HealthBody { status: "ok".into(), users_copy_lag: None, copies_lag: None })
+        Json(HealthBody {
+            status: "ok".into(),
+            users_copy_lag: None,
+            copies_lag: None,
+            idempotency_keys_kept_s: None,
+        })
     }
 
     /// Readiness: NATS is connected, HERALD_INTENTS exists and has room for new notifications.
