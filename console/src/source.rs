@@ -160,31 +160,37 @@ pub async fn load_overview(source: &Source) -> Overview {
     overview
 }
 
+/// A channel's consumers summed over its priority lanes; the lag is the longest any lane's
+/// oldest waiting message has waited.
 async fn channel_stats(
     intents: &jetstream::stream::Stream,
     channel: Channel,
 ) -> anyhow::Result<ChannelStats> {
-    let info = intents.consumer_info(channel.as_str()).await?;
-    let lag = if info.num_pending == 0 {
-        None
-    } else {
-        // The next message the consumer will hand out is the oldest one waiting.
-        let next = intents
-            .direct_get_next_for_subject(
-                topology::intent_subject(channel),
-                Some(info.delivered.stream_sequence + 1),
-            )
-            .await?;
-        let stored = DateTime::from_timestamp(next.time.unix_timestamp(), 0).unwrap_or_default();
-        Some((Utc::now() - stored).to_std().unwrap_or_default())
-    };
-    Ok(ChannelStats {
-        channel,
-        pending: info.num_pending,
-        in_flight: info.num_ack_pending,
-        redelivered: info.num_redelivered,
-        lag,
-    })
+    let mut stats = ChannelStats { channel, pending: 0, in_flight: 0, redelivered: 0, lag: None };
+    for lane in topology::Lane::ALL {
+        let info = match intents.consumer_info(&topology::lane_consumer(channel, lane)).await {
+            Ok(info) => info,
+            // A lane's consumer is made when its worker first starts.
+            Err(_) if lane != topology::Lane::Bulk => continue,
+            Err(e) => return Err(e.into()),
+        };
+        stats.pending += info.num_pending;
+        stats.in_flight += info.num_ack_pending;
+        stats.redelivered += info.num_redelivered;
+        if info.num_pending > 0 {
+            // The next message the consumer will hand out is the oldest one waiting.
+            let next = intents
+                .direct_get_next_for_subject(
+                    topology::lane_subject(channel, lane),
+                    Some(info.delivered.stream_sequence + 1),
+                )
+                .await?;
+            let stored = DateTime::from_timestamp(next.time.unix_timestamp(), 0).unwrap_or_default();
+            let lag = (Utc::now() - stored).to_std().unwrap_or_default();
+            stats.lag = stats.lag.max(Some(lag));
+        }
+    }
+    Ok(stats)
 }
 
 async fn stream_stats(js: &jetstream::Context, name: &str) -> anyhow::Result<StreamStats> {

@@ -28,7 +28,7 @@ use herald_shared::{
     idempotency::{KeyRecord, Remembered},
     intent::{MAX_INTENT_BYTES, headers},
     ledger::LedgerKey,
-    topology::{Topology, intent_subject, is_storage_full, schedule},
+    topology::{Topology, is_storage_full, schedule, subject_of},
 };
 
 use crate::{AppState, errors::ApiError, metrics::ChannelLabel};
@@ -211,10 +211,9 @@ impl AppState {
     ) -> Result<PublishAck, ApiError> {
         let mut headers = intent.headers();
         headers.insert(NATS_MESSAGE_ID, msg_id.as_str());
-        let channel = intent.channel();
         let subject = match intent.send_at {
-            Some(at) if at > Utc::now() => schedule(&mut headers, channel, &intent.id, at),
-            _ => intent_subject(channel),
+            Some(at) if at > Utc::now() => schedule(&mut headers, intent, at),
+            _ => subject_of(intent),
         };
         let payload = intent.encode();
         // JSON numbers can grow in MessagePack: check the stored size, not just the body's.

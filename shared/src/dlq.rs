@@ -494,11 +494,7 @@ impl DeadLetters {
             headers.insert(NATS_MESSAGE_ID, format!("replay:{}:{sequence}", key.kv_key()).as_str());
             let ack = self
                 .js
-                .publish_with_headers(
-                    topology::intent_subject(intent.channel()),
-                    headers,
-                    intent.encode().into(),
-                )
+                .publish_with_headers(topology::subject_of(&intent), headers, intent.encode().into())
                 .await
                 .map_err(nats)?
                 .await

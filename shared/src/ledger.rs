@@ -788,7 +788,16 @@ impl Ledger {
             at: e.updated_at,
         };
         let mut headers = HeaderMap::new();
-        let msg_id = format!("{}.{}.{}.{}", held.key.kv_key(), held.sequence, e.attempts, outcome);
+        // The same event retried keeps its id; a breaker wait after a failed attempt has the
+        // attempt number and outcome of that attempt's event, so the time tells them apart.
+        let msg_id = format!(
+            "{}.{}.{}.{}.{}",
+            held.key.kv_key(),
+            held.sequence,
+            e.attempts,
+            outcome,
+            e.updated_at.timestamp_micros()
+        );
         headers.insert(NATS_MESSAGE_ID, msg_id.as_str());
         let payload = serde_json::to_vec(&event).expect("an event always serializes");
         self.js

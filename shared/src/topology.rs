@@ -99,9 +99,77 @@ pub fn storage_share(name: &str, max_storage: u64) -> i64 {
     (max_storage / 100 * percent) as i64
 }
 
-/// `herald.intent.<channel>`: where intents are published.
+/// `herald.intent.<channel>`: where intents are published (the bulk lane).
 pub fn intent_subject(channel: Channel) -> String {
     format!("herald.intent.{channel}")
+}
+
+/// A priority lane. Each channel's intents travel on one subject per lane, each with its own
+/// durable consumer and its own worker slots, so a `critical` one-time password never waits
+/// behind a bulk backlog of the same channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// `low` and `normal`: `herald.intent.<channel>`, consumer `<channel>`.
+    Bulk,
+    /// `high`: `herald.intent.<channel>.high`, consumer `<channel>_high`.
+    High,
+    /// `critical`: `herald.intent.<channel>.critical`, consumer `<channel>_critical`.
+    Critical,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 3] = [Lane::Critical, Lane::High, Lane::Bulk];
+
+    /// The lane a priority travels in.
+    pub fn of(priority: crate::intent::Priority) -> Lane {
+        use crate::intent::Priority;
+        match priority {
+            Priority::Low | Priority::Normal => Lane::Bulk,
+            Priority::High => Lane::High,
+            Priority::Critical => Lane::Critical,
+        }
+    }
+
+    /// `high` or `critical`; none for the bulk lane.
+    pub fn suffix(self) -> Option<&'static str> {
+        match self {
+            Lane::Bulk => None,
+            Lane::High => Some("high"),
+            Lane::Critical => Some("critical"),
+        }
+    }
+}
+
+/// The subject of `channel`'s `lane`.
+pub fn lane_subject(channel: Channel, lane: Lane) -> String {
+    match lane.suffix() {
+        None => intent_subject(channel),
+        Some(suffix) => format!("herald.intent.{channel}.{suffix}"),
+    }
+}
+
+/// The durable consumer of `channel`'s `lane`.
+pub fn lane_consumer(channel: Channel, lane: Lane) -> String {
+    match lane.suffix() {
+        None => channel.to_string(),
+        Some(suffix) => format!("{channel}_{suffix}"),
+    }
+}
+
+/// The channel and lane a consumer of HERALD_INTENTS serves, if it is a worker's.
+pub fn parse_lane_consumer(name: &str) -> Option<(Channel, Lane)> {
+    Lane::ALL.into_iter().find_map(|lane| {
+        let channel = match lane.suffix() {
+            None => name,
+            Some(suffix) => name.strip_suffix(suffix)?.strip_suffix('_')?,
+        };
+        channel.parse().ok().filter(|c| lane_consumer(*c, lane) == name).map(|c| (c, lane))
+    })
+}
+
+/// Where `intent` is published: its channel's subject in its priority's lane.
+pub fn subject_of(intent: &crate::Intent) -> String {
+    lane_subject(intent.channel(), Lane::of(intent.priority))
 }
 
 /// `herald.schedule.<channel>.<id>`: the schedule that fires an intent at `send_at`.
@@ -109,15 +177,14 @@ pub fn schedule_subject(channel: Channel, id: &str) -> String {
     format!("herald.schedule.{channel}.{id}")
 }
 
-/// Makes a publish a message schedule that fires the intent `id` on its channel's subject at
+/// Makes a publish a message schedule that fires `intent` on its subject ([`subject_of`]) at
 /// `at`, and answers the subject to publish it on. Schedules have whole seconds: the copy fires
 /// at `at` rounded down (rounded up when that has passed already) and carries the exact instant
 /// in `Herald-Due`, so the worker waits out what is left ([`due_in`]) and a 3 s retry waits
 /// 3 s, not up to 4.
 pub fn schedule(
     headers: &mut async_nats::HeaderMap,
-    channel: Channel,
-    id: &str,
+    intent: &crate::Intent,
     at: chrono::DateTime<chrono::Utc>,
 ) -> String {
     use async_nats::header::{NATS_SCHEDULE, NATS_SCHEDULE_TARGET};
@@ -128,12 +195,12 @@ pub fn schedule(
         NATS_SCHEDULE,
         format!("@at {}", fire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)).as_str(),
     );
-    headers.insert(NATS_SCHEDULE_TARGET, intent_subject(channel).as_str());
+    headers.insert(NATS_SCHEDULE_TARGET, subject_of(intent).as_str());
     headers.insert(
         crate::intent::headers::DUE,
         at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true).as_str(),
     );
-    schedule_subject(channel, id)
+    schedule_subject(intent.channel(), &intent.id)
 }
 
 /// How long a fired scheduled copy still has to wait (its `Herald-Due` is ahead of `now`),
@@ -177,7 +244,8 @@ pub fn intents_stream_config(duplicate_window: Duration, replicas: usize, max_by
         num_replicas: replicas,
         name: INTENTS_STREAM.into(),
         description: Some("notification intents, one message per notification and channel".into()),
-        subjects: vec!["herald.intent.*".into(), "herald.schedule.*.*".into()],
+        // `herald.intent.<channel>` and `herald.intent.<channel>.<lane>`.
+        subjects: vec!["herald.intent.*".into(), "herald.intent.*.*".into(), "herald.schedule.*.*".into()],
         // Limits, not WorkQueue: the ids of acked messages must survive a server restart for
         // the duplicate window to hold (see NATS-NOTES).
         retention: RetentionPolicy::Limits,
@@ -378,11 +446,19 @@ pub fn bench_stream_config() -> stream::Config {
 /// only decides how soon a dead worker's message comes back. `max_deliver` leaves room for
 /// redeliveries that are not attempts (a busy claim, a shutdown, a scheduled wait); attempts
 /// are counted by the ledger. `start` resumes a recreated consumer after the old one's ack floor.
-pub fn channel_consumer_config(channel: Channel, config: &Config, start: Option<u64>) -> pull::Config {
+pub fn channel_consumer_config(
+    channel: Channel,
+    lane: Lane,
+    config: &Config,
+    start: Option<u64>,
+) -> pull::Config {
     pull::Config {
-        durable_name: Some(channel.to_string()),
-        description: Some(format!("{channel} worker")),
-        filter_subject: intent_subject(channel),
+        durable_name: Some(lane_consumer(channel, lane)),
+        description: Some(match lane.suffix() {
+            None => format!("{channel} worker"),
+            Some(suffix) => format!("{channel} worker, {suffix} lane"),
+        }),
+        filter_subject: lane_subject(channel, lane),
         ack_policy: AckPolicy::Explicit,
         deliver_policy: match start {
             Some(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
@@ -441,11 +517,13 @@ pub fn definitions(config: &Config) -> Vec<(String, serde_json::Value)> {
         })
         .collect();
     for &channel in &config.channels {
-        let c = channel_consumer_config(channel, config, None);
-        out.push((
-            format!("consumer.{INTENTS_STREAM}.{channel}.json"),
-            serde_json::to_value(&c).expect("consumer configs serialize"),
-        ));
+        for lane in Lane::ALL {
+            let c = channel_consumer_config(channel, lane, config, None);
+            out.push((
+                format!("consumer.{INTENTS_STREAM}.{}.json", lane_consumer(channel, lane)),
+                serde_json::to_value(&c).expect("consumer configs serialize"),
+            ));
+        }
     }
     for bucket in bucket_configs(config) {
         let s = kv_stream_config(&bucket);
@@ -480,35 +558,40 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// The durable consumer of `channel`. An existing one is used as it is (only `herald
-    /// topology apply` changes it); a missing one is created, starting after `resume_after`
-    /// when the worker knows where a deleted one had got to.
+    /// The durable consumer of `channel`'s `lane`. An existing one is used as it is (only
+    /// `herald topology apply` changes it); a missing one is created, starting after
+    /// `resume_after` when the worker knows where a deleted one had got to.
     pub async fn channel_consumer(
         &self,
         channel: Channel,
+        lane: Lane,
         config: &Config,
         resume_after: Option<u64>,
     ) -> Result<PullConsumer, async_nats::Error> {
         use jetstream::context::ConsumerInfoErrorKind;
-        match self.intents.consumer_info(channel.as_str()).await {
+        let name = lane_consumer(channel, lane);
+        match self.intents.consumer_info(&name).await {
             Ok(info) => {
-                let want = channel_consumer_config(channel, config, None);
+                let want = channel_consumer_config(channel, lane, config, None);
                 let have = &info.config;
                 if have.ack_wait != want.ack_wait
                     || have.backoff != want.backoff
                     || have.max_deliver != want.max_deliver
                 {
                     tracing::warn!(
-                        consumer = %channel,
+                        consumer = %name,
                         "the consumer differs from this process's configuration (ack wait, backoff or max deliver); \
                          using it as it is (`herald topology apply` updates it)"
                     );
                 }
-                self.intents.get_consumer(channel.as_str()).await
+                self.intents.get_consumer(&name).await
             }
             Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
                 let start = resume_after.map(|floor| floor + 1);
-                Ok(self.intents.create_consumer(channel_consumer_config(channel, config, start)).await?)
+                Ok(self
+                    .intents
+                    .create_consumer(channel_consumer_config(channel, lane, config, start))
+                    .await?)
             }
             Err(e) => Err(e.into()),
         }
@@ -611,12 +694,15 @@ pub async fn apply(js: &jetstream::Context, config: &Config) -> Result<Topology,
     }
     let topology = handles(js, config, stores).await?;
     for &channel in &config.channels {
-        let mut want = channel_consumer_config(channel, config, None);
-        if let Ok(mut existing) = topology.intents.get_consumer::<pull::Config>(channel.as_str()).await {
-            let info = existing.info().await.map_err(|e| nats(channel.as_str())(&e))?;
-            want.deliver_policy = info.config.deliver_policy;
+        for lane in Lane::ALL {
+            let name = lane_consumer(channel, lane);
+            let mut want = channel_consumer_config(channel, lane, config, None);
+            if let Ok(mut existing) = topology.intents.get_consumer::<pull::Config>(&name).await {
+                let info = existing.info().await.map_err(|e| nats(&name)(&e))?;
+                want.deliver_policy = info.config.deliver_policy;
+            }
+            topology.intents.create_consumer(want).await.map_err(|e| nats(&name)(&e))?;
         }
-        topology.intents.create_consumer(want).await.map_err(|e| nats(channel.as_str())(&e))?;
     }
     topology
         .advisories
@@ -672,10 +758,15 @@ pub async fn intents_full(topology: &Topology) -> Result<Option<String>, async_n
         }
     };
     for channel in Channel::ALL {
-        if let Ok(c) = topology.intents.consumer_info(channel.as_str()).await
-            && c.num_pending + c.num_ack_pending as u64 > 0
-        {
-            note(c.ack_floor.stream_sequence + 1, format!("an intent the {channel} worker has not finished"));
+        for lane in Lane::ALL {
+            if let Ok(c) = topology.intents.consumer_info(&lane_consumer(channel, lane)).await
+                && c.num_pending + c.num_ack_pending as u64 > 0
+            {
+                note(
+                    c.ack_floor.stream_sequence + 1,
+                    format!("an intent the {channel} worker has not finished"),
+                );
+            }
         }
     }
     if let Ok(m) = topology.intents.direct_get_next_for_subject("herald.schedule.>", Some(first)).await {
@@ -834,7 +925,8 @@ mod tests {
 
     fn fired(at: chrono::DateTime<Utc>) -> (String, String) {
         let mut headers = async_nats::HeaderMap::new();
-        schedule(&mut headers, Channel::Webhook, "n1", at);
+        let intent = crate::Intent::new(Channel::Webhook, Default::default());
+        schedule(&mut headers, &intent, at);
         let get = |name: &str| headers.get(name).unwrap().as_str().to_string();
         (get(async_nats::header::NATS_SCHEDULE.as_ref()), get(crate::intent::headers::DUE))
     }
@@ -852,6 +944,26 @@ mod tests {
         assert_eq!(due_in(Some(&headers), down), Some(std::time::Duration::from_millis(700)));
         assert_eq!(due_in(Some(&headers), at), None);
         assert_eq!(due_in(None, down), None);
+    }
+
+    #[test]
+    fn lanes_have_their_own_subjects_and_consumers_and_names_parse_back() {
+        use crate::intent::Priority;
+        let lanes: Vec<Lane> = [Priority::Low, Priority::Normal, Priority::High, Priority::Critical]
+            .into_iter()
+            .map(Lane::of)
+            .collect();
+        assert_eq!(lanes, [Lane::Bulk, Lane::Bulk, Lane::High, Lane::Critical]);
+        assert_eq!(lane_subject(Channel::Sms, Lane::Bulk), "herald.intent.sms");
+        assert_eq!(lane_subject(Channel::Sms, Lane::Critical), "herald.intent.sms.critical");
+        for channel in Channel::ALL {
+            for lane in Lane::ALL {
+                assert_eq!(parse_lane_consumer(&lane_consumer(channel, lane)), Some((channel, lane)));
+            }
+        }
+        assert_eq!(parse_lane_consumer("dlq_mover"), None);
+        assert_eq!(parse_lane_consumer("webhook_urgent"), None);
+        assert_eq!(parse_lane_consumer("webhook__high"), None);
     }
 
     #[test]

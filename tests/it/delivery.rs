@@ -385,3 +385,83 @@ async fn a_stopped_worker_leaves_nothing_waiting_for_its_ack_wait() {
     stop.send_replace(true);
     worker.await.unwrap().unwrap();
 }
+
+/// Priority lanes: with a bulk backlog stuck behind a receiver that holds every request, a
+/// `critical` and a `high` notification of the same channel, sent over HTTP or published
+/// straight to their lane's subject, are delivered at once: each lane has its own consumer and
+/// worker slots.
+#[tokio::test]
+async fn critical_and_high_overtake_a_stuck_bulk_backlog() {
+    let stack = Stack::start_with(&[
+        (herald_shared::config::SEND_CONCURRENCY, "2"),
+        (herald_shared::config::SEND_TIMEOUT, "60s"),
+    ])
+    .await;
+    let stuck = Sink::start(vec![], Reply::Held).await;
+    let fast = Sink::ok().await;
+    let backlog: Vec<_> = (0..100)
+        .map(|i| {
+            let mut body = webhook_body(&stuck.url);
+            body["priority"] = json!(if i % 2 == 0 { "low" } else { "normal" });
+            body
+        })
+        .collect();
+    let resp = stack
+        .http
+        .post(format!("{}/v1/notifications/batch", stack.base))
+        .bearer_auth(&stack.token)
+        .json(&json!({"notifications": backlog}))
+        .send()
+        .await
+        .unwrap();
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(answer["accepted"], 100, "{answer}");
+    // The bulk lane's two slots are taken by requests the receiver holds.
+    crate::support::eventually(Duration::from_secs(20), "the bulk lane to be stuck", || async {
+        (stuck.in_flight() == 2).then_some(())
+    })
+    .await;
+
+    let mut critical = webhook_body(&fast.url);
+    critical["priority"] = json!("critical");
+    let critical = stack.send(critical, None).await;
+    let mut high = webhook_body(&fast.url);
+    high["priority"] = json!("high");
+    let high = stack.send(high, None).await;
+    let direct = json!({
+        "id": "otp-1", "priority": "critical",
+        "recipient": {"webhook_url": fast.url}, "content": {"body": "123456"}
+    });
+    stack
+        .js
+        .publish_with_headers(
+            "herald.intent.webhook.critical",
+            {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert(herald_shared::intent::headers::TENANT, crate::support::TENANT);
+                h
+            },
+            direct.to_string().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let got = fast.wait_for(3).await;
+    let mut ids: Vec<&str> = got.iter().map(|r| r.body["id"].as_str().unwrap()).collect();
+    ids.sort();
+    let mut want = vec![critical.as_str(), high.as_str(), "otp-1"];
+    want.sort();
+    assert_eq!(ids, want);
+    assert_eq!(stuck.received().len(), 2, "the bulk backlog moved: the test proves nothing");
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stack
+        .js
+        .get_stream(herald_shared::topology::INTENTS_STREAM)
+        .await
+        .unwrap()
+        .get_consumer("webhook")
+        .await
+        .unwrap();
+    assert_eq!(consumer.info().await.unwrap().num_pending, 98, "the backlog waits in the bulk lane");
+    stuck.open();
+}

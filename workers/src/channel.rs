@@ -38,7 +38,7 @@ use herald_shared::{
     intent::Rejection,
     ledger::{Begin, Held, Settle, Settled},
     state::{FailureKind, Status},
-    topology::{self, Topology},
+    topology::{self, Lane, Topology},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::Instrument;
@@ -70,6 +70,8 @@ const UNTIL_STORED: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub struct ChannelWorker<D> {
     channel: Channel,
+    /// The priority lane this worker serves; each lane has its own consumer and slots.
+    lane: Lane,
     config: Config,
     topology: Topology,
     deliver: Arc<D>,
@@ -88,6 +90,7 @@ pub struct ChannelWorker<D> {
 impl<D: Deliver> ChannelWorker<D> {
     pub fn new(
         channel: Channel,
+        lane: Lane,
         config: Config,
         topology: Topology,
         deliver: Arc<D>,
@@ -96,6 +99,7 @@ impl<D: Deliver> ChannelWorker<D> {
         let uncertain = config.uncertain.for_channel(channel);
         ChannelWorker {
             channel,
+            lane,
             config,
             topology,
             deliver,
@@ -113,10 +117,14 @@ impl<D: Deliver> ChannelWorker<D> {
         let this = Arc::new(self);
         // The ack floor of the consumer as last seen: where a recreated one resumes.
         let mut floor: Option<u64> = None;
-        tracing::info!(channel = %this.channel, concurrency, uncertain = ?this.uncertain, "worker started");
+        tracing::info!(channel = %this.channel, lane = ?this.lane, concurrency, uncertain = ?this.uncertain, "worker started");
         let mut stopping = *stop.borrow();
         'outer: while !stopping {
-            let mut consumer = match this.topology.channel_consumer(this.channel, &this.config, floor).await {
+            let mut consumer = match this
+                .topology
+                .channel_consumer(this.channel, this.lane, &this.config, floor)
+                .await
+            {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(channel = %this.channel, error = %e, "cannot reach the consumer; retrying");
@@ -506,7 +514,7 @@ impl<D: Deliver> ChannelWorker<D> {
             Resolved::Defer { until, why } => {
                 let id = format!("defer:{}:{}", held.key.kv_key(), until.timestamp());
                 let mut headers = intent.headers();
-                let subject = topology::schedule(&mut headers, self.channel, &intent.id, until);
+                let subject = topology::schedule(&mut headers, intent, until);
                 self.publish_held(subject, headers, intent, &id).await;
                 tracing::info!(%until, "deferred for the user's quiet hours");
                 Settle::Deferred { until, why }
@@ -590,7 +598,7 @@ impl<D: Deliver> ChannelWorker<D> {
         let until = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
         let id = format!("{step}:{}", herald_shared::ledger::LedgerKey::of(intent).kv_key());
         let mut headers = intent.headers();
-        let subject = topology::schedule(&mut headers, self.channel, &intent.id, until);
+        let subject = topology::schedule(&mut headers, intent, until);
         self.publish_held(subject, headers, intent, &id).await;
         self.ack(message, AckKind::Ack).await;
     }
@@ -657,7 +665,7 @@ impl<D: Deliver> ChannelWorker<D> {
             Intent { channel: Some(next), fallback: intent.fallback[1..].to_vec(), ..intent.clone() };
         tracing::info!(%why, %next, "handing over to the user's next channel");
         let id = format!("fallback:{}", held.key.kv_key());
-        self.publish_held(topology::intent_subject(next), successor.headers(), &successor, &id).await;
+        self.publish_held(topology::subject_of(&successor), successor.headers(), &successor, &id).await;
         if let Err(e) = self.topology.ledger.accept(std::slice::from_ref(&successor)).await {
             tracing::warn!(error = %e, "cannot record the next channel as accepted; its worker will");
         }

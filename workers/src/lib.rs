@@ -42,7 +42,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 use herald_shared::{
     Config, Intent,
     mirror::Mirror,
-    topology::{TEMPLATES_BUCKET, Topology, USERS_BUCKET},
+    topology::{Lane, TEMPLATES_BUCKET, Topology, USERS_BUCKET},
 };
 use tokio::sync::watch;
 
@@ -105,15 +105,19 @@ pub async fn run(
         config.required_categories.clone(),
     ));
     for &channel in &config.channels {
-        let sender = channels::build(channel, &config, &topology, provider_metrics.clone())?;
-        let worker = channel::ChannelWorker::new(
-            channel,
-            config.clone(),
-            topology.clone(),
-            Arc::new(sender),
-            resolver.clone(),
-        );
-        tasks.spawn(worker.run(stop_rx.clone()));
+        // One sender per channel: the lanes share its providers, rate limits and breakers.
+        let sender = Arc::new(channels::build(channel, &config, &topology, provider_metrics.clone())?);
+        for lane in Lane::ALL {
+            let worker = channel::ChannelWorker::new(
+                channel,
+                lane,
+                config.clone(),
+                topology.clone(),
+                sender.clone(),
+                resolver.clone(),
+            );
+            tasks.spawn(worker.run(stop_rx.clone()));
+        }
     }
     tasks.spawn(mover::run(topology.clone(), config.retry.max_attempts, stop_rx.clone()));
     shutdown.await;

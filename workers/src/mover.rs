@@ -23,7 +23,7 @@ use async_nats::{
 use bytes::Bytes;
 use futures::StreamExt;
 use herald_shared::{
-    Channel, Intent,
+    Intent,
     config::UncertainPolicy,
     deadletter::{DeadLetter, ErrorClass, Reason},
     ledger::{Begin, Settle},
@@ -98,7 +98,7 @@ async fn move_one(topology: &Topology, advisory: &[u8], max_attempts: u32) -> Ne
         tracing::warn!("unreadable max-deliveries advisory; skipped");
         return Next::Ack;
     };
-    let Ok(channel) = advisory.consumer.parse::<Channel>() else {
+    let Some((channel, _)) = herald_shared::topology::parse_lane_consumer(&advisory.consumer) else {
         // Someone else's consumer on HERALD_INTENTS (an operator's, say): not a delivery.
         return Next::Ack;
     };
