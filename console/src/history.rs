@@ -28,7 +28,7 @@ impl Counts {
             Outcome::Delivered => self.delivered,
             Outcome::Retrying => self.retrying,
             Outcome::DeadLettered => self.dead_lettered,
-            Outcome::Suppressed | Outcome::Deferred | Outcome::Skipped => self.not_sent,
+            Outcome::Suppressed | Outcome::Deferred | Outcome::Skipped | Outcome::Throttled => self.not_sent,
         }
     }
 
@@ -37,7 +37,9 @@ impl Counts {
             Outcome::Delivered => self.delivered += 1,
             Outcome::Retrying => self.retrying += 1,
             Outcome::DeadLettered => self.dead_lettered += 1,
-            Outcome::Suppressed | Outcome::Deferred | Outcome::Skipped => self.not_sent += 1,
+            Outcome::Suppressed | Outcome::Deferred | Outcome::Skipped | Outcome::Throttled => {
+                self.not_sent += 1
+            }
         }
     }
 }

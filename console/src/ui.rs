@@ -243,6 +243,7 @@ fn draw_series(frame: &mut Frame, row: Rect, app: &App, channel: Channel, outcom
         Outcome::Retrying => "retrying",
         Outcome::DeadLettered => "dead-lettered",
         Outcome::Suppressed => "suppressed",
+        Outcome::Throttled => "throttled",
         Outcome::Deferred => "deferred",
         Outcome::Skipped => "skipped",
     };

@@ -32,6 +32,7 @@ pub const IDEMPOTENCY_HORIZON: &str = "HERALD_IDEMPOTENCY_HORIZON";
 pub const MAX_BODY_BYTES: &str = "HERALD_MAX_BODY_BYTES";
 pub const FAILPOINTS: &str = "HERALD_FAILPOINTS";
 pub const MAX_BATCH_BYTES: &str = "HERALD_MAX_BATCH_BYTES";
+pub const RECIPIENT_LIMIT: &str = "HERALD_RECIPIENT_LIMIT";
 pub const NATS_TIMEOUT: &str = "HERALD_NATS_TIMEOUT";
 pub const SEND_TIMEOUT: &str = "HERALD_SEND_TIMEOUT";
 pub const SEND_CONCURRENCY: &str = "HERALD_SEND_CONCURRENCY";
@@ -147,6 +148,11 @@ pub const VARS: &[Var] = &[
         name: MAX_BATCH_BYTES,
         default: Some("4194304"),
         help: "largest `POST /v1/notifications/batch` body (up to 1,000 notifications; larger: 413)",
+    },
+    Var {
+        name: RECIPIENT_LIMIT,
+        default: None,
+        help: "most notifications one user gets per category and channel in a window: `20/1h`, per category `20/1h,marketing=3/1d`; the excess is `throttled`; `critical` is never throttled; unset: no limit",
     },
     Var {
         name: FAILPOINTS,
@@ -521,6 +527,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Largest accepted batch body.
     pub max_batch_bytes: usize,
+    /// Per-recipient limits (`HERALD_RECIPIENT_LIMIT`).
+    pub recipient_limits: crate::throttle::RecipientLimits,
     /// Points where the process aborts on purpose, for fault tests ([`Config::fail_at`]).
     pub failpoints: Vec<String>,
     /// Bound on every JetStream call made while a client waits.
@@ -642,6 +650,11 @@ impl Config {
                     _ => Err(format!("expected 1024 to {MAX_BATCH_LIMIT} bytes")),
                 }
             })?,
+            recipient_limits: parse_with(
+                RECIPIENT_LIMIT,
+                &value(RECIPIENT_LIMIT).unwrap_or_default(),
+                |s| crate::throttle::RecipientLimits::parse(s, parse_duration),
+            )?,
             failpoints: value(FAILPOINTS)
                 .map(|s| s.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect())
                 .unwrap_or_default(),

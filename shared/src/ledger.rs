@@ -243,7 +243,7 @@ pub fn decide(
     };
     match e.status {
         Status::Delivered => return Decision::Delivered,
-        s @ (Status::Suppressed | Status::Skipped) => return Decision::Decided(s),
+        s @ (Status::Suppressed | Status::Skipped | Status::Throttled) => return Decision::Decided(s),
         // The scheduled copy of a deferred message is a new message; a redelivery of the one
         // that was deferred has nothing left to do.
         Status::Deferred if e.sequence == Some(sequence) => return Decision::Decided(Status::Deferred),
@@ -314,6 +314,8 @@ pub enum Settle {
     Parked,
     /// Not sent: the user opted out; `rule` says which rule decided.
     Suppressed { rule: String },
+    /// Over the recipient's limit: not sent, recorded with the limit.
+    Throttled { limit: String },
     /// Not sent yet: a copy is scheduled for `until` (the end of quiet hours).
     Deferred { until: DateTime<Utc>, why: String },
     /// Not sent: nothing to send it to; `reason` says why (and which channel took over).
@@ -394,6 +396,10 @@ pub fn merge(current: &Entry, held_claim: Option<&Claim>, outcome: &Settle, now:
         Settle::Suppressed { rule } => {
             e.status = Status::Suppressed;
             e.note = Some(rule.clone());
+        }
+        Settle::Throttled { limit } => {
+            e.status = Status::Throttled;
+            e.note = Some(limit.clone());
         }
         Settle::Deferred { until, why } => {
             e.status = Status::Deferred;
@@ -689,6 +695,7 @@ impl Ledger {
                     Settle::Parked => Some(Outcome::DeadLettered),
                     Settle::Parking { .. } => None,
                     Settle::Suppressed { .. } => Some(Outcome::Suppressed),
+                    Settle::Throttled { .. } => Some(Outcome::Throttled),
                     Settle::Deferred { .. } => Some(Outcome::Deferred),
                     Settle::Skipped { .. } => Some(Outcome::Skipped),
                 };
@@ -774,7 +781,9 @@ impl Ledger {
                 _ => None,
             },
             note: match outcome {
-                Outcome::Suppressed | Outcome::Deferred | Outcome::Skipped => e.note.clone(),
+                Outcome::Suppressed | Outcome::Deferred | Outcome::Skipped | Outcome::Throttled => {
+                    e.note.clone()
+                }
                 _ => None,
             },
             correlation_id: e.correlation_id.clone(),

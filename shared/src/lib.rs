@@ -45,6 +45,7 @@ pub mod state;
 pub mod telemetry;
 pub mod template_store;
 pub mod templates;
+pub mod throttle;
 pub mod topology;
 pub mod users;
 

@@ -34,12 +34,15 @@ pub enum Status {
     /// Not sent because there was nothing to send it to (no address for the channel); `note`
     /// says why, and which channel took over if one did.
     Skipped,
+    /// Not sent because its user already got as many notifications of its category on this
+    /// channel as `HERALD_RECIPIENT_LIMIT` allows in the window; `note` says which limit.
+    Throttled,
 }
 
 impl Status {
     /// Whether nothing more will happen on this channel (a dead letter may still be replayed).
     pub fn is_final(self) -> bool {
-        matches!(self, Status::Delivered | Status::Suppressed | Status::Skipped)
+        matches!(self, Status::Delivered | Status::Suppressed | Status::Skipped | Status::Throttled)
     }
 }
 
@@ -53,6 +56,7 @@ pub enum Outcome {
     Suppressed,
     Deferred,
     Skipped,
+    Throttled,
 }
 
 impl Outcome {
@@ -64,6 +68,7 @@ impl Outcome {
             Outcome::Suppressed => "suppressed",
             Outcome::Deferred => "deferred",
             Outcome::Skipped => "skipped",
+            Outcome::Throttled => "throttled",
         }
     }
 }
@@ -221,6 +226,8 @@ impl NotificationRecord {
                 Status::Delivered
             } else if states().any(|s| s == Status::Suppressed) {
                 Status::Suppressed
+            } else if states().any(|s| s == Status::Throttled) {
+                Status::Throttled
             } else {
                 Status::Skipped
             }

@@ -21,6 +21,8 @@ pub const DLQ_STREAM: &str = "HERALD_DLQ";
 pub const ADVISORIES_STREAM: &str = "HERALD_ADVISORIES";
 /// Who replayed or discarded which dead letter, and when.
 pub const AUDIT_STREAM: &str = "HERALD_AUDIT";
+/// Per-recipient counts (`throttle`): a counter per (tenant, user, category, channel, window).
+pub const THROTTLE_STREAM: &str = "HERALD_THROTTLE";
 pub const NOTIFICATIONS_BUCKET: &str = "herald_notifications";
 /// Users, their devices and preferences: `<tenant token>.<user id>` -> user (see `users`).
 pub const USERS_BUCKET: &str = "herald_users";
@@ -72,16 +74,17 @@ pub const AUDIT_MAX_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
 /// the intents stream would leave workers unable to record what they deliver: 36 × 520 / 660
 /// ≈ 28 < 32. An idempotency key (about 300 bytes) is kept a day where a ledger entry is kept
 /// eight, so 32 × 300 / 520 / 8 ≈ 2.3 < 3 keeps the keys from filling before the ledger.
-pub const STORAGE_SHARES: [(&str, u64); 9] = [
+pub const STORAGE_SHARES: [(&str, u64); 10] = [
     (INTENTS_STREAM, 36),
     (NOTIFICATIONS_BUCKET, 32),
     (IDEMPOTENCY_BUCKET, 3),
     (USERS_BUCKET, 2),
     (TEMPLATES_BUCKET, 2),
-    (DLQ_STREAM, 10),
+    (DLQ_STREAM, 9),
     (STATUS_STREAM, 8),
     (ADVISORIES_STREAM, 5),
     (AUDIT_STREAM, 2),
+    (THROTTLE_STREAM, 1),
 ];
 
 /// The JetStream stream behind every stream and bucket Herald stores data in (a bucket's is
@@ -503,7 +506,27 @@ pub fn stream_configs(config: &Config) -> Vec<stream::Config> {
         dlq_stream_config(r, share(DLQ_STREAM)),
         advisories_stream_config(r, share(ADVISORIES_STREAM)),
         audit_stream_config(r, share(AUDIT_STREAM)),
+        throttle_stream_config(r, share(THROTTLE_STREAM)),
     ]
+}
+
+/// HERALD_THROTTLE: JetStream counters (`Nats-Incr`), the last total of each window kept
+/// until the longest window has passed.
+fn throttle_stream_config(replicas: usize, max_bytes: i64) -> stream::Config {
+    stream::Config {
+        num_replicas: replicas,
+        name: THROTTLE_STREAM.into(),
+        description: Some("per-recipient counts: (tenant, user, category, channel, window) -> total".into()),
+        subjects: vec![format!("{}.>", crate::throttle::SUBJECT_PREFIX)],
+        allow_message_counter: true,
+        max_messages_per_subject: 1,
+        max_age: crate::throttle::MAX_WINDOW + Duration::from_secs(3600),
+        max_bytes,
+        // Full drops the oldest windows' totals, which are the ones past or nearly past.
+        discard: DiscardPolicy::Old,
+        storage: StorageType::File,
+        ..Default::default()
+    }
 }
 
 /// The topology as JetStream API JSON documents (`nats stream add --config <file>`,

@@ -400,3 +400,53 @@ async fn a_worker_restarted_while_nats_is_down_renders_from_its_local_copies() {
         Some("Bonjour Zoé, commande 1234 (1\u{202f}234,50) expédiée le 23 novembre 2026")
     );
 }
+
+/// Per-recipient limits: a user gets at most two `promo` notifications an hour on webhook; the
+/// third is recorded `throttled` with the limit and sent nowhere; a `critical` one, another
+/// category and a notification sent to an address rather than a user are not counted against it.
+#[tokio::test]
+async fn a_recipient_over_the_limit_is_throttled_and_critical_is_not() {
+    let sink = Sink::ok().await;
+    let stack = Stack::start_with(&[("HERALD_RECIPIENT_LIMIT", "5/1h,promo=2/1h")]).await;
+    let t = token(&stack, TENANT);
+    setup(&stack, &t, json!({"name": "Ada", "webhook_url": sink.url})).await;
+    let mut promos = Vec::new();
+    for _ in 0..3 {
+        let id = send(&stack, &t, json!({"category": "promo"})).await;
+        // One at a time, so which one is over the limit is known.
+        let body = eventually(Duration::from_secs(30), "the promo to be decided", || async {
+            let (code, body) = call(&stack, "GET", &format!("/v1/notifications/{id}"), &t, Value::Null).await;
+            (code == StatusCode::OK
+                && ["delivered", "throttled"].contains(&body["status"].as_str().unwrap_or("")))
+            .then_some(body)
+        })
+        .await;
+        promos.push((id, body));
+    }
+    assert_eq!(promos[0].1["status"], "delivered", "{}", promos[0].1);
+    assert_eq!(promos[1].1["status"], "delivered", "{}", promos[1].1);
+    let third = &promos[2].1;
+    assert_eq!(third["status"], "throttled", "{third}");
+    let note = third["channels"][0]["note"].as_str().unwrap();
+    assert!(note.contains("2 \"promo\" notifications on webhook within 3600s"), "{note}");
+    let critical = send(&stack, &t, json!({"category": "promo", "priority": "critical"})).await;
+    record(&stack, &t, &critical, "delivered").await;
+    let other = send(&stack, &t, json!({"category": "news"})).await;
+    record(&stack, &t, &other, "delivered").await;
+    let direct =
+        json!({"recipient": {"webhook_url": sink.url}, "content": {"body": "x"}, "category": "promo"});
+    let (status, answer) = call(&stack, "POST", "/v1/notifications", &t, direct).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    record(&stack, &t, answer["id"].as_str().unwrap(), "delivered").await;
+    stack.wait_settled().await;
+    let sent: Vec<String> =
+        sink.received().iter().map(|r| r.body["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(sent.len(), 5, "{sent:?}");
+    assert!(!sent.contains(&promos[2].0), "the throttled one was sent");
+    let events = stack.status_events().await;
+    assert!(
+        events.iter().any(|(subject, e)| subject == "herald.status.webhook.throttled"
+            && e["notification_id"] == promos[2].0.as_str()),
+        "{events:?}"
+    );
+}

@@ -85,6 +85,8 @@ pub struct ChannelWorker<D> {
     handling: std::sync::Mutex<std::collections::HashSet<u64>>,
     /// Whether HERALD_INTENTS had room for scheduled copies, and when that was looked up.
     room: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
+    /// Per-recipient limits, when `HERALD_RECIPIENT_LIMIT` sets any.
+    throttle: Option<herald_shared::throttle::Throttle>,
 }
 
 impl<D: Deliver> ChannelWorker<D> {
@@ -97,7 +99,11 @@ impl<D: Deliver> ChannelWorker<D> {
         resolver: Arc<Resolver>,
     ) -> ChannelWorker<D> {
         let uncertain = config.uncertain.for_channel(channel);
+        let throttle = (!config.recipient_limits.is_empty()).then(|| {
+            herald_shared::throttle::Throttle::new(topology.js.clone(), config.recipient_limits.clone())
+        });
         ChannelWorker {
+            throttle,
             channel,
             lane,
             config,
@@ -398,6 +404,12 @@ impl<D: Deliver> ChannelWorker<D> {
         };
         let attempt = held.round_attempt();
         let sent = match self.resolver.resolve(&intent, Utc::now()) {
+            Ok(Resolved::Send(_))
+                if attempt == 1
+                    && let Some(limit) = self.over_limit(&intent).await =>
+            {
+                return self.decided(message, &intent, held, Resolved::Throttle(limit)).await;
+            }
             Ok(Resolved::Send(concrete)) => {
                 let delivery = self.deliver.deliver(&concrete).await;
                 held.calls = delivery.calls;
@@ -495,6 +507,24 @@ impl<D: Deliver> ChannelWorker<D> {
         refused_only && Utc::now() < accepted + horizon
     }
 
+    /// Counts a notification's first attempt against its recipient's limit; the limit it goes
+    /// over, if it does. A count that cannot be made lets the notification through: a limit is
+    /// a courtesy to the user, not worth holding a delivery for.
+    async fn over_limit(&self, intent: &Intent) -> Option<String> {
+        let throttle = self.throttle.as_ref()?;
+        match tokio::time::timeout(self.config.nats_timeout, throttle.over(intent, Utc::now())).await {
+            Ok(Ok(over)) => over,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot count against the recipient's limit; sending");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("counting against the recipient's limit timed out; sending");
+                None
+            }
+        }
+    }
+
     /// Records a decision not to send now (suppressed, skipped, or deferred with a scheduled
     /// copy for the end of the quiet hours), then acknowledges. The copy is stored before the
     /// decision, so a crash in between only schedules it twice under one message id.
@@ -518,6 +548,10 @@ impl<D: Deliver> ChannelWorker<D> {
                 self.publish_held(subject, headers, intent, &id).await;
                 tracing::info!(%until, "deferred for the user's quiet hours");
                 Settle::Deferred { until, why }
+            }
+            Resolved::Throttle(limit) => {
+                tracing::info!(%limit, "throttled: over the recipient's limit");
+                Settle::Throttled { limit }
             }
             Resolved::Send(_) => unreachable!("sends are delivered"),
         };

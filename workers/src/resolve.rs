@@ -30,6 +30,9 @@ pub enum Resolved {
     Defer { until: DateTime<Utc>, why: String },
     /// Nothing to send it to, or nothing to say on this channel.
     Skip(String),
+    /// Over the recipient's limit (decided by the worker's [`herald_shared::throttle::Throttle`]
+    /// after resolving, never by the resolver): the limit.
+    Throttle(String),
 }
 
 /// Resolves intents from local copies of users and templates.

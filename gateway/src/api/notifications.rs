@@ -254,6 +254,7 @@ pub enum ApiStatus {
     Suppressed,
     Deferred,
     Skipped,
+    Throttled,
 }
 
 impl From<Status> for ApiStatus {
@@ -268,6 +269,7 @@ impl From<Status> for ApiStatus {
             Status::Suppressed => ApiStatus::Suppressed,
             Status::Deferred => ApiStatus::Deferred,
             Status::Skipped => ApiStatus::Skipped,
+            Status::Throttled => ApiStatus::Throttled,
         }
     }
 }
