@@ -51,6 +51,9 @@ pub enum ErrorResponse {
     /// changed. Read it again, apply the change, and retry with the new `ETag`.
     #[oai(status = 412)]
     PreconditionFailed(Json<ErrorBody>),
+    /// The body did not arrive within `HERALD_BODY_READ_TIMEOUT`.
+    #[oai(status = 408)]
+    RequestTimeout(Json<ErrorBody>),
     /// The body is larger than `HERALD_MAX_BODY_BYTES`.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
@@ -60,8 +63,8 @@ pub enum ErrorResponse {
     /// Well-formed, but a value cannot be used (unsupported channel, bad URL, past expiry).
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
-    /// NATS is unreachable or too slow (`unavailable`), or Herald's storage is full
-    /// (`storage_full`). The notification may or may not have been stored: retry with the same
+    /// NATS is unreachable or too slow (`unavailable`), Herald's storage is full
+    /// (`storage_full`), or the gateway handles as many requests as it may (`overloaded`). The notification may or may not have been stored: retry with the same
     /// `Idempotency-Key`, which makes the retry safe.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
@@ -94,6 +97,12 @@ pub enum ApiError {
     /// `If-Match` does not match the resource's current revision.
     #[error("{0}")]
     PreconditionFailed(String),
+    /// The body did not arrive in time.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// More requests at once than `HERALD_MAX_IN_FLIGHT`.
+    #[error("the gateway is handling as many requests as it may (HERALD_MAX_IN_FLIGHT); retry in a second")]
+    Overloaded,
     /// An `Idempotency-Key` reused with a different request.
     #[error("{0}")]
     KeyReused(String),
@@ -177,6 +186,8 @@ impl ApiError {
             ApiError::NotReplayable(_) => "not_replayable",
             ApiError::PreconditionFailed(_) => "precondition_failed",
             ApiError::KeyReused(_) => "idempotency_key_reused",
+            ApiError::RequestTimeout(_) => "request_timeout",
+            ApiError::Overloaded => "overloaded",
             ApiError::NotStored { cause, .. } => cause.code(),
         }
     }
@@ -219,6 +230,8 @@ impl From<ApiError> for ErrorResponse {
             ApiError::NotReplayable(_) => ErrorResponse::Conflict(body),
             ApiError::PreconditionFailed(_) => ErrorResponse::PreconditionFailed(body),
             ApiError::KeyReused(_) => ErrorResponse::Conflict(body),
+            ApiError::RequestTimeout(_) => ErrorResponse::RequestTimeout(body),
+            ApiError::Overloaded => ErrorResponse::Unavailable(body, 1),
             ApiError::NotStored { .. } => unreachable!("unwrapped above"),
         }
     }
@@ -235,6 +248,7 @@ impl ApiError {
             ErrorResponse::Conflict(b) => (StatusCode::CONFLICT, b.0),
             ErrorResponse::PreconditionFailed(b) => (StatusCode::PRECONDITION_FAILED, b.0),
             ErrorResponse::PayloadTooLarge(b) => (StatusCode::PAYLOAD_TOO_LARGE, b.0),
+            ErrorResponse::RequestTimeout(b) => (StatusCode::REQUEST_TIMEOUT, b.0),
             ErrorResponse::UnsupportedMediaType(b) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, b.0),
             ErrorResponse::Unprocessable(b) => (StatusCode::UNPROCESSABLE_ENTITY, b.0),
             ErrorResponse::Unavailable(b, _) => (StatusCode::SERVICE_UNAVAILABLE, b.0),
@@ -295,6 +309,7 @@ pub fn code_for(status: StatusCode) -> &'static str {
         StatusCode::CONFLICT => "conflict",
         StatusCode::PRECONDITION_FAILED => "precondition_failed",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
         StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
         StatusCode::UNPROCESSABLE_ENTITY => "invalid_field",

@@ -17,6 +17,7 @@ pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod errors;
+pub mod limits;
 pub mod metrics;
 pub mod payload;
 
@@ -258,7 +259,9 @@ impl Gateway {
             .nest("/docs", docs)
             .at("/openapi.json", spec)
             .data(BodyLimit { single: state.config.max_body_bytes, batch: state.config.max_batch_bytes })
+            .around(limits::limit_in_flight)
             .around(correlate)
+            .data(limits::InFlight(Arc::new(tokio::sync::Semaphore::new(state.config.max_in_flight))))
             .data(state)
             .catch_all_error(|err| async move { errors::into_json_response(err) })
     }
@@ -271,8 +274,17 @@ impl Gateway {
     ) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "gateway listening");
-        let acceptor = TcpAcceptor::from_tokio(listener)?;
+        let config = &self.state.config;
+        let timeouts =
+            limits::ReadTimeouts { header: config.header_read_timeout, body: config.body_read_timeout };
+        let acceptor = limits::GuardedAcceptor::new(
+            TcpAcceptor::from_tokio(listener)?,
+            config.max_connections,
+            timeouts,
+        );
+        let idle = config.idle_timeout;
         poem::Server::new_with_acceptor(acceptor)
+            .idle_timeout(idle)
             .run_with_graceful_shutdown(self.app(), shutdown, Some(std::time::Duration::from_secs(10)))
             .await?;
         Ok(())

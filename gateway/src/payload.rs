@@ -62,7 +62,16 @@ impl<T: Type + DeserializeOwned, const BATCH: bool> ParsePayload for StrictJson<
         let mut stream = body.take()?.into_bytes_stream();
         let mut data = Vec::with_capacity(declared.unwrap_or(1024).min(limit));
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ApiError::malformed(None, format!("reading the body: {e}")))?;
+            let chunk = chunk.map_err(|e| {
+                if timed_out(&e) {
+                    ApiError::RequestTimeout(
+                        "the body did not arrive in time: it must arrive within HERALD_BODY_READ_TIMEOUT of the headers"
+                            .into(),
+                    )
+                } else {
+                    ApiError::malformed(None, format!("reading the body: {e}"))
+                }
+            })?;
             if data.len() + chunk.len() > limit {
                 return Err(too_large(limit).into());
             }
@@ -81,6 +90,19 @@ impl<T: Type + DeserializeOwned, const BATCH: bool> ParsePayload for StrictJson<
         de.end().map_err(|e| ApiError::malformed(None, format!("the body is not valid JSON: {e}")))?;
         Ok(StrictJson(value))
     }
+}
+
+/// Whether a body read failed because the connection's read deadline passed
+/// ([`crate::limits::Guarded`]), however deep hyper wrapped the I/O error.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// A serde error as a 400 naming the field that failed (none for a syntax error).

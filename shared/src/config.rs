@@ -33,6 +33,11 @@ pub const MAX_BODY_BYTES: &str = "HERALD_MAX_BODY_BYTES";
 pub const FAILPOINTS: &str = "HERALD_FAILPOINTS";
 pub const MAX_BATCH_BYTES: &str = "HERALD_MAX_BATCH_BYTES";
 pub const RECIPIENT_LIMIT: &str = "HERALD_RECIPIENT_LIMIT";
+pub const HEADER_READ_TIMEOUT: &str = "HERALD_HEADER_READ_TIMEOUT";
+pub const BODY_READ_TIMEOUT: &str = "HERALD_BODY_READ_TIMEOUT";
+pub const IDLE_TIMEOUT: &str = "HERALD_IDLE_TIMEOUT";
+pub const MAX_CONNECTIONS: &str = "HERALD_MAX_CONNECTIONS";
+pub const MAX_IN_FLIGHT: &str = "HERALD_MAX_IN_FLIGHT";
 pub const NATS_TIMEOUT: &str = "HERALD_NATS_TIMEOUT";
 pub const SEND_TIMEOUT: &str = "HERALD_SEND_TIMEOUT";
 pub const SEND_CONCURRENCY: &str = "HERALD_SEND_CONCURRENCY";
@@ -153,6 +158,31 @@ pub const VARS: &[Var] = &[
         name: RECIPIENT_LIMIT,
         default: None,
         help: "most notifications one user gets per category and channel in a window: `20/1h`, per category `20/1h,marketing=3/1d`; the excess is `throttled`; `critical` is never throttled; unset: no limit",
+    },
+    Var {
+        name: HEADER_READ_TIMEOUT,
+        default: Some("10s"),
+        help: "a request's headers must arrive within this of its first byte, or the connection is closed",
+    },
+    Var {
+        name: BODY_READ_TIMEOUT,
+        default: Some("30s"),
+        help: "a request's body must arrive (and its answer begin) within this of its headers; a late body is answered 408",
+    },
+    Var {
+        name: IDLE_TIMEOUT,
+        default: Some("60s"),
+        help: "a connection idle between requests this long is closed",
+    },
+    Var {
+        name: MAX_CONNECTIONS,
+        default: Some("1000"),
+        help: "connections the gateway holds at once; one more is answered 503 and closed (keep below `ulimit -n`)",
+    },
+    Var {
+        name: MAX_IN_FLIGHT,
+        default: Some("512"),
+        help: "requests the gateway handles at once; beyond, 503 `overloaded` with Retry-After: 1",
     },
     Var {
         name: FAILPOINTS,
@@ -284,6 +314,20 @@ pub const VARS: &[Var] = &[
 
 /// The largest `HERALD_MAX_BODY_BYTES` allowed.
 pub const MAX_BODY_LIMIT: usize = crate::intent::MAX_INTENT_BYTES / 2;
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be greater than zero".into()),
+        d => Ok(d),
+    }
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("expected a whole number of at least 1".into()),
+    }
+}
+
 /// The most `HERALD_MAX_BATCH_BYTES` may be: 64 MiB, what a batch of 1,000 notifications
 /// could need at most, held in memory while it is parsed.
 pub const MAX_BATCH_LIMIT: usize = 64 * 1024 * 1024;
@@ -527,6 +571,14 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Largest accepted batch body.
     pub max_batch_bytes: usize,
+    /// How long a request's headers, and then its body, may take to arrive.
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    /// How long a connection may idle between requests.
+    pub idle_timeout: Duration,
+    /// Connections and requests the gateway holds at once.
+    pub max_connections: usize,
+    pub max_in_flight: usize,
     /// Per-recipient limits (`HERALD_RECIPIENT_LIMIT`).
     pub recipient_limits: crate::throttle::RecipientLimits,
     /// Points where the process aborts on purpose, for fault tests ([`Config::fail_at`]).
@@ -650,6 +702,19 @@ impl Config {
                     _ => Err(format!("expected 1024 to {MAX_BATCH_LIMIT} bytes")),
                 }
             })?,
+            header_read_timeout: parse_with(
+                HEADER_READ_TIMEOUT,
+                &required(HEADER_READ_TIMEOUT),
+                positive_duration,
+            )?,
+            body_read_timeout: parse_with(
+                BODY_READ_TIMEOUT,
+                &required(BODY_READ_TIMEOUT),
+                positive_duration,
+            )?,
+            idle_timeout: parse_with(IDLE_TIMEOUT, &required(IDLE_TIMEOUT), positive_duration)?,
+            max_connections: parse_with(MAX_CONNECTIONS, &required(MAX_CONNECTIONS), at_least_one)?,
+            max_in_flight: parse_with(MAX_IN_FLIGHT, &required(MAX_IN_FLIGHT), at_least_one)?,
             recipient_limits: parse_with(
                 RECIPIENT_LIMIT,
                 &value(RECIPIENT_LIMIT).unwrap_or_default(),

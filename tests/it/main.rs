@@ -15,6 +15,7 @@ mod email;
 mod failover;
 mod faults;
 mod ledger;
+mod limits;
 mod outage;
 mod push;
 mod reference;
