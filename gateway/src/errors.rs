@@ -63,6 +63,22 @@ pub enum ErrorResponse {
     /// Well-formed, but a value cannot be used (unsupported channel, bad URL, past expiry).
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
+    /// The tenant or the token sends faster than `HERALD_TENANT_RATE` / `HERALD_TOKEN_RATE`
+    /// allow (`rate_limited`); nothing was stored. Retry after `Retry-After` seconds.
+    #[oai(status = 429)]
+    TooManyRequests(
+        Json<ErrorBody>,
+        #[oai(header = "Retry-After")] u32,
+        /// Sends allowed in a burst (one second's worth).
+        #[oai(header = "RateLimit-Limit")]
+        u64,
+        /// Sends left in the burst now.
+        #[oai(header = "RateLimit-Remaining")]
+        u64,
+        /// Seconds until this request would fit.
+        #[oai(header = "RateLimit-Reset")]
+        u32,
+    ),
     /// NATS is unreachable or too slow (`unavailable`), Herald's storage is full
     /// (`storage_full`), or the gateway handles as many requests as it may (`overloaded`). The notification may or may not have been stored: retry with the same
     /// `Idempotency-Key`, which makes the retry safe.
@@ -100,6 +116,9 @@ pub enum ApiError {
     /// The body did not arrive in time.
     #[error("{0}")]
     RequestTimeout(String),
+    /// Over the tenant's or the token's rate.
+    #[error("this {} sends faster than its limit allows; retry in {}s", .0.which, .0.retry_after.as_secs_f64().ceil())]
+    RateLimited(crate::limits::Limited),
     /// More requests at once than `HERALD_MAX_IN_FLIGHT`.
     #[error("the gateway is handling as many requests as it may (HERALD_MAX_IN_FLIGHT); retry in a second")]
     Overloaded,
@@ -188,6 +207,7 @@ impl ApiError {
             ApiError::KeyReused(_) => "idempotency_key_reused",
             ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::Overloaded => "overloaded",
+            ApiError::RateLimited(_) => "rate_limited",
             ApiError::NotStored { cause, .. } => cause.code(),
         }
     }
@@ -232,6 +252,10 @@ impl From<ApiError> for ErrorResponse {
             ApiError::KeyReused(_) => ErrorResponse::Conflict(body),
             ApiError::RequestTimeout(_) => ErrorResponse::RequestTimeout(body),
             ApiError::Overloaded => ErrorResponse::Unavailable(body, 1),
+            ApiError::RateLimited(l) => {
+                let wait = l.retry_after.as_secs_f64().ceil().max(1.0) as u32;
+                ErrorResponse::TooManyRequests(body, wait, l.limit, l.remaining, wait)
+            }
             ApiError::NotStored { .. } => unreachable!("unwrapped above"),
         }
     }
@@ -252,6 +276,7 @@ impl ApiError {
             ErrorResponse::UnsupportedMediaType(b) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, b.0),
             ErrorResponse::Unprocessable(b) => (StatusCode::UNPROCESSABLE_ENTITY, b.0),
             ErrorResponse::Unavailable(b, _) => (StatusCode::SERVICE_UNAVAILABLE, b.0),
+            ErrorResponse::TooManyRequests(b, ..) => (StatusCode::TOO_MANY_REQUESTS, b.0),
         }
     }
 }
@@ -310,6 +335,7 @@ pub fn code_for(status: StatusCode) -> &'static str {
         StatusCode::PRECONDITION_FAILED => "precondition_failed",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limited",
         StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
         StatusCode::UNPROCESSABLE_ENTITY => "invalid_field",

@@ -56,6 +56,8 @@ pub struct AppState {
     /// The local copy of `herald_users`, which `GET /v1/users` lists from (single-user reads go
     /// to the bucket, so a caller sees its own write at once).
     pub users_copy: Arc<Mirror>,
+    /// Sending rates per tenant and token.
+    pub(crate) rate_limits: limits::RateLimits,
     /// Other parts of this process whose metrics `/metrics` shows after the gateway's.
     pub more_metrics: std::sync::Mutex<Vec<Box<dyn Fn() -> String + Send + Sync>>>,
 }
@@ -103,6 +105,14 @@ impl AppState {
             Ok(r) => r.map_err(Into::into),
             Err(_) => Err(ApiError::Unavailable("NATS did not answer in time".into())),
         }
+    }
+
+    /// Takes `cost` sends from the caller's tenant's and token's rates, or answers 429.
+    pub(crate) fn rate_limit(&self, claims: &herald_shared::auth::Claims, cost: u64) -> Result<(), ApiError> {
+        let tenant = claims.tenant.as_deref().unwrap_or(&claims.sub);
+        // A token by what tells tokens apart without being secret.
+        let token = format!("{}|{}|{}", claims.sub, claims.iat, claims.exp);
+        self.rate_limits.take(tenant, &token, cost).map_err(ApiError::RateLimited)
     }
 
     /// How long idempotency keys are really kept, when that is less than the horizon.
@@ -205,6 +215,7 @@ impl Gateway {
         // Opened before NATS answers: the copy serves what it holds from disk at once.
         let users_copy = Arc::new(Mirror::open(&config.data_dir, "users")?);
         let state = Arc::new(AppState {
+            rate_limits: limits::RateLimits::new(&config),
             config,
             client,
             topology: tokio::sync::OnceCell::new(),

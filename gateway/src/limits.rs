@@ -12,6 +12,10 @@
 //! - [`limit_in_flight`] caps requests being handled at once (`HERALD_MAX_IN_FLIGHT`); beyond
 //!   it the answer is `503 overloaded` with `Retry-After: 1`, at once. `/health` is exempt.
 //!
+//! - [`RateLimits`] holds a token bucket per tenant (`HERALD_TENANT_RATE`) and per API token
+//!   (`HERALD_TOKEN_RATE`) for sending; over it, `429` with `Retry-After` and the
+//!   `RateLimit-*` fields, and nothing is stored.
+//!
 //! The timing sees bytes, not HTTP: a request's headers end at its first `\r\n\r\n`, and a
 //! response written ends the request. HTTP/2 connections get the idle timeout only.
 
@@ -231,6 +235,86 @@ pub async fn limit_in_flight<E: Endpoint>(next: E, req: Request) -> poem::Result
     next.call(req).await.map(IntoResponse::into_response)
 }
 
+/// Buckets kept before idle (full) ones are forgotten: a full bucket is what a new one is.
+const MAX_BUCKETS: usize = 10_000;
+
+/// One token bucket: `tokens` at `at`, refilled at `rate` per second up to `capacity`.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+/// Token buckets by tenant and by token, for sending.
+pub struct RateLimits {
+    tenant: Option<herald_shared::config::Rate>,
+    token: Option<herald_shared::config::Rate>,
+    buckets: std::sync::Mutex<std::collections::HashMap<String, Bucket>>,
+}
+
+/// A refusal: how long to wait, and the `RateLimit-*` fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limited {
+    pub which: &'static str,
+    pub limit: u64,
+    pub remaining: u64,
+    pub retry_after: Duration,
+}
+
+impl RateLimits {
+    pub fn new(config: &herald_shared::Config) -> RateLimits {
+        RateLimits { tenant: config.tenant_rate, token: config.token_rate, buckets: Default::default() }
+    }
+
+    /// Takes `cost` sends from the tenant's and the token's buckets, or neither. A bucket that
+    /// is full lets any cost through (into debt), so a batch larger than a second's worth still
+    /// goes, and the next requests wait for the debt to be paid. A bucket holds the rate's count
+    /// (`600` of `600/m`).
+    pub fn take(&self, tenant: &str, token: &str, cost: u64) -> Result<(), Limited> {
+        let checks = [
+            ("tenant", self.tenant, format!("tenant\u{0}{tenant}")),
+            ("token", self.token, format!("token\u{0}{token}")),
+        ];
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().expect("never poisoned");
+        let refill = |key: &String, rate: herald_shared::config::Rate| {
+            let capacity = rate.burst.max(1.0);
+            let b = buckets.get(key).copied().unwrap_or(Bucket { tokens: capacity, at: now });
+            let tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate.per_second).min(capacity);
+            (tokens, capacity)
+        };
+        let mut taken = Vec::new();
+        for (which, rate, key) in &checks {
+            let Some(rate) = *rate else { continue };
+            let (tokens, capacity) = refill(key, rate);
+            let cost = cost as f64;
+            if tokens < cost && tokens < capacity {
+                let missing = cost.min(capacity) - tokens;
+                return Err(Limited {
+                    which,
+                    limit: capacity as u64,
+                    remaining: tokens.max(0.0) as u64,
+                    retry_after: Duration::from_secs_f64(missing / rate.per_second),
+                });
+            }
+            taken.push((key.clone(), tokens - cost));
+        }
+        if buckets.len() + taken.len() > MAX_BUCKETS {
+            let (tenant, token) = (self.tenant, self.token);
+            buckets.retain(|key, b| {
+                let rate = if key.starts_with("tenant") { tenant } else { token };
+                rate.is_some_and(|r| {
+                    b.tokens + now.duration_since(b.at).as_secs_f64() * r.per_second < r.burst.max(1.0)
+                })
+            });
+        }
+        for (key, tokens) in taken {
+            buckets.insert(key, Bucket { tokens, at: now });
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,5 +339,30 @@ mod tests {
         let mut h = guarded();
         h.saw(b"GET / HTTP/1.1\r\n\r\r\n\r\n");
         assert_eq!(h.phase, Phase::Body);
+    }
+
+    #[test]
+    fn a_bucket_refuses_past_its_rate_and_keeps_tenants_and_tokens_apart() {
+        let config = herald_shared::Config::from_pairs(&[
+            (herald_shared::config::TENANT_RATE, "5/s"),
+            (herald_shared::config::TOKEN_RATE, "3/s"),
+            (herald_shared::config::JWT_SECRET, "x".repeat(32).as_str()),
+            (herald_shared::config::WEBHOOK_SECRET, "y".repeat(32).as_str()),
+        ])
+        .unwrap();
+        let limits = RateLimits::new(&config);
+        for _ in 0..3 {
+            limits.take("acme", "t1", 1).unwrap();
+        }
+        let refused = limits.take("acme", "t1", 1).unwrap_err();
+        assert_eq!((refused.which, refused.limit, refused.remaining), ("token", 3, 0));
+        assert!(refused.retry_after > Duration::ZERO && refused.retry_after <= Duration::from_millis(334));
+        // Another token of the tenant has its own bucket, but shares the tenant's.
+        limits.take("acme", "t2", 2).unwrap();
+        assert_eq!(limits.take("acme", "t2", 1).unwrap_err().which, "tenant");
+        limits.take("globex", "t3", 3).unwrap();
+        // A full bucket lets a large batch through into debt.
+        limits.take("initech", "t4", 50).unwrap();
+        assert!(limits.take("initech", "t4", 1).unwrap_err().retry_after > Duration::from_secs(9));
     }
 }

@@ -38,6 +38,8 @@ pub const BODY_READ_TIMEOUT: &str = "HERALD_BODY_READ_TIMEOUT";
 pub const IDLE_TIMEOUT: &str = "HERALD_IDLE_TIMEOUT";
 pub const MAX_CONNECTIONS: &str = "HERALD_MAX_CONNECTIONS";
 pub const MAX_IN_FLIGHT: &str = "HERALD_MAX_IN_FLIGHT";
+pub const TENANT_RATE: &str = "HERALD_TENANT_RATE";
+pub const TOKEN_RATE: &str = "HERALD_TOKEN_RATE";
 pub const NATS_TIMEOUT: &str = "HERALD_NATS_TIMEOUT";
 pub const SEND_TIMEOUT: &str = "HERALD_SEND_TIMEOUT";
 pub const SEND_CONCURRENCY: &str = "HERALD_SEND_CONCURRENCY";
@@ -185,6 +187,12 @@ pub const VARS: &[Var] = &[
         help: "requests the gateway handles at once; beyond, 503 `overloaded` with Retry-After: 1",
     },
     Var {
+        name: TENANT_RATE,
+        default: None,
+        help: "notifications each tenant may send through the gateway: `500/s`, or `6000/m` (up to 6000 at once, then 100 a second); over it: 429; unset: unlimited",
+    },
+    Var { name: TOKEN_RATE, default: None, help: "the same for each API token; unset: unlimited" },
+    Var {
         name: FAILPOINTS,
         default: None,
         help: "fault tests only: points where the process aborts on purpose (`accept.after_commit`); never set it in production",
@@ -314,6 +322,22 @@ pub const VARS: &[Var] = &[
 
 /// The largest `HERALD_MAX_BODY_BYTES` allowed.
 pub const MAX_BODY_LIMIT: usize = crate::intent::MAX_INTENT_BYTES / 2;
+/// `count/s` or `count/m`, more than zero.
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
+    let bad = || format!("{s:?} is not `count/s` or `count/m`");
+    let (count, per) = s.trim().split_once('/').ok_or_else(bad)?;
+    let count: f64 = count.trim().parse().map_err(|_| bad())?;
+    let per_second = match per.trim() {
+        "s" => count,
+        "m" => count / 60.0,
+        _ => return Err(bad()),
+    };
+    if !(per_second > 0.0 && per_second.is_finite()) {
+        return Err(bad());
+    }
+    Ok(Rate { per_second, burst: count })
+}
+
 fn positive_duration(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
         d if d.is_zero() => Err("must be greater than zero".into()),
@@ -449,6 +473,9 @@ pub struct BreakerPolicy {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
     pub per_second: f64,
+    /// The count as written (`600` of `600/m`): how many a sender limited by it may send at
+    /// once before the rate applies.
+    pub burst: f64,
 }
 
 /// Email over SMTP.
@@ -579,6 +606,9 @@ pub struct Config {
     /// Connections and requests the gateway holds at once.
     pub max_connections: usize,
     pub max_in_flight: usize,
+    /// Notifications per second each tenant, and each token, may send (unset: unlimited).
+    pub tenant_rate: Option<Rate>,
+    pub token_rate: Option<Rate>,
     /// Per-recipient limits (`HERALD_RECIPIENT_LIMIT`).
     pub recipient_limits: crate::throttle::RecipientLimits,
     /// Points where the process aborts on purpose, for fault tests ([`Config::fail_at`]).
@@ -715,6 +745,8 @@ impl Config {
             idle_timeout: parse_with(IDLE_TIMEOUT, &required(IDLE_TIMEOUT), positive_duration)?,
             max_connections: parse_with(MAX_CONNECTIONS, &required(MAX_CONNECTIONS), at_least_one)?,
             max_in_flight: parse_with(MAX_IN_FLIGHT, &required(MAX_IN_FLIGHT), at_least_one)?,
+            tenant_rate: value(TENANT_RATE).map(|v| parse_with(TENANT_RATE, &v, parse_rate)).transpose()?,
+            token_rate: value(TOKEN_RATE).map(|v| parse_with(TOKEN_RATE, &v, parse_rate)).transpose()?,
             recipient_limits: parse_with(
                 RECIPIENT_LIMIT,
                 &value(RECIPIENT_LIMIT).unwrap_or_default(),
@@ -975,17 +1007,7 @@ fn providers(value: &impl Fn(&'static str) -> Option<String>) -> Result<Provider
                 .map(|item| {
                     let bad = || format!("{item:?} is not `provider=count/s` or `provider=count/m`");
                     let (name, rate) = item.split_once('=').ok_or_else(bad)?;
-                    let (count, per) = rate.trim().split_once('/').ok_or_else(bad)?;
-                    let count: f64 = count.trim().parse().map_err(|_| bad())?;
-                    let per_second = match per.trim() {
-                        "s" => count,
-                        "m" => count / 60.0,
-                        _ => return Err(bad()),
-                    };
-                    if !(per_second > 0.0 && per_second.is_finite()) {
-                        return Err(bad());
-                    }
-                    Ok((name.trim().to_owned(), Rate { per_second }))
+                    Ok((name.trim().to_owned(), parse_rate(rate).map_err(|_| bad())?))
                 })
                 .collect::<Result<Vec<_>, String>>()
         })?,
@@ -1207,8 +1229,8 @@ mod tests {
         assert_eq!(c.send_timeout.for_channel(Channel::Sms), Duration::from_secs(2));
         assert_eq!(c.send_concurrency.for_channel(Channel::Email), 8);
         assert_eq!(c.send_concurrency.for_channel(Channel::Webhook), 64);
-        assert_eq!(c.providers.rate("twilio"), Some(Rate { per_second: 10.0 }));
-        assert_eq!(c.providers.rate("smtp"), Some(Rate { per_second: 10.0 }));
+        assert_eq!(c.providers.rate("twilio"), Some(Rate { per_second: 10.0, burst: 10.0 }));
+        assert_eq!(c.providers.rate("smtp"), Some(Rate { per_second: 10.0, burst: 600.0 }));
         assert_eq!(c.providers.rate("fcm"), None);
         assert_eq!(c.providers.breaker, BreakerPolicy { failures: 3, open_for: Duration::from_secs(10) });
         for (name, value) in [

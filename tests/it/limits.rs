@@ -169,3 +169,62 @@ async fn the_in_flight_cap_answers_503_at_once() {
     })
     .await;
 }
+
+fn token_for(stack: &Stack, sub: &str, tenant: &str) -> String {
+    herald_shared::auth::mint(
+        &stack.config.jwt_secret,
+        sub,
+        Some(tenant),
+        herald_shared::auth::DEFAULT_SCOPES,
+        Duration::from_secs(600),
+    )
+}
+
+async fn post_as(stack: &Stack, token: &str) -> reqwest::Response {
+    stack
+        .http
+        .post(format!("{}/v1/notifications", stack.base))
+        .bearer_auth(token)
+        .json(&webhook_body("https://example.com/hook"))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A tenant sending faster than `HERALD_TENANT_RATE` gets `429` with `Retry-After` and the
+/// `RateLimit-*` fields, and what was refused is not stored; another tenant is unaffected;
+/// after `Retry-After` it is accepted again. Two tokens of one tenant each have their own
+/// `HERALD_TOKEN_RATE`.
+#[tokio::test]
+async fn senders_over_their_rate_get_429_and_nothing_is_stored() {
+    let stack = Stack::start_with(&[(config::TENANT_RATE, "3/m"), (config::TOKEN_RATE, "2/m")]).await;
+    let a1 = token_for(&stack, "svc-a1", "acme");
+    let a2 = token_for(&stack, "svc-a2", "acme");
+    let globex = token_for(&stack, "svc-g", "globex");
+    for _ in 0..2 {
+        assert_eq!(post_as(&stack, &a1).await.status(), 202);
+    }
+    // The token's own rate (2 a minute) is spent; the tenant has one left.
+    let refused = post_as(&stack, &a1).await;
+    assert_eq!(refused.status(), 429);
+    let headers = refused.headers().clone();
+    let wait: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=30).contains(&wait), "Retry-After {wait}");
+    assert_eq!(headers["ratelimit-limit"], "2");
+    assert_eq!(headers["ratelimit-remaining"], "0");
+    assert!(headers.contains_key("ratelimit-reset"));
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "rate_limited", "{body}");
+    assert!(body["message"].as_str().unwrap().contains("token"), "{body}");
+    // The tenant's last send goes through the other token; then the tenant is spent.
+    assert_eq!(post_as(&stack, &a2).await.status(), 202);
+    let refused = post_as(&stack, &a2).await;
+    assert_eq!(refused.status(), 429);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(body["message"].as_str().unwrap().contains("tenant"), "{body}");
+    // Another tenant is unaffected.
+    assert_eq!(post_as(&stack, &globex).await.status(), 202);
+    let intents =
+        stack.js.get_stream(herald_shared::topology::INTENTS_STREAM).await.unwrap().get_info().await;
+    assert_eq!(intents.unwrap().state.messages, 4, "a refused request was stored");
+}

@@ -432,7 +432,7 @@ mod tests {
 
     #[test]
     fn a_token_bucket_spaces_calls_at_its_rate() {
-        let bucket = TokenBucket::new(Rate { per_second: 10.0 });
+        let bucket = TokenBucket::new(Rate { per_second: 10.0, burst: 10.0 });
         let waits: Vec<Duration> = (0..15).map(|_| bucket.reserve()).collect();
         assert!(waits[..10].iter().all(|w| w.is_zero()), "a second's worth at once: {waits:?}");
         // The 11th waits about 100 ms, the 15th about 500 ms.

@@ -410,6 +410,7 @@ impl NotificationsApi {
         body: StrictJson<NotificationRequest>,
     ) -> Result<CreateResponse, ErrorResponse> {
         let claims = auth.require(SCOPE_SEND)?;
+        state.rate_limit(claims, 1)?;
         // A header that is not visible ASCII never reaches `idempotency_key`; look at it raw.
         if let Some(k) = request.headers().get("Idempotency-Key") {
             check_key(k.as_bytes(), "Idempotency-Key")?;
@@ -458,6 +459,7 @@ impl NotificationsApi {
             )
             .into());
         }
+        state.rate_limit(claims, items.len() as u64)?;
         let tenant = claims.tenant.clone().unwrap_or_else(|| claims.sub.clone());
         let correlation_id = &correlation.0.0;
         let state = &*state;
