@@ -129,7 +129,14 @@ enum Command {
         /// The channel to deliver on: `webhook`, `email` (to a local SMTP sink) or `sms` (to a
         /// local sink answering like Twilio). Email and SMS need the private stack.
         #[arg(long, default_value = "webhook")]
-        channel: herald_gateway::bench::BenchChannel,
+        channel: herald_bench::BenchChannel,
+        /// Send batches of this many notifications (1 to 1000) to `POST /v1/notifications/batch`.
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Send exactly this many notifications as fast as the connections allow (instead of
+        /// for `--duration`), and report the time to accept and to deliver them all.
+        #[arg(long)]
+        count: Option<u64>,
     },
 }
 
@@ -232,8 +239,10 @@ fn main() -> anyhow::Result<()> {
                 cluster,
                 by_reference,
                 channel,
+                batch,
+                count,
             } => {
-                let options = herald_gateway::bench::BenchOptions {
+                let options = herald_bench::BenchOptions {
                     nats_url: url
                         .as_ref()
                         .filter(|_| !config.nats_urls.is_empty())
@@ -254,8 +263,10 @@ fn main() -> anyhow::Result<()> {
                     replicas: config.stream_replicas,
                     by_reference,
                     channel,
+                    batch,
+                    count,
                 };
-                let report = herald_gateway::bench::run(options, &config).await?;
+                let report = herald_bench::run(options, &config).await?;
                 println!("{report}");
                 Ok(())
             }

@@ -6,7 +6,6 @@
 //! - [`payload`]: `StrictJson`, request bodies whose errors name the field.
 //! - [`auth`]: the bearer-token security scheme.
 //! - [`metrics`]: Prometheus counters served on `/metrics`.
-//! - [`bench`]: `herald bench`, the load generator that measures the gateway.
 //!
 //! [`Gateway::serve`] runs the server on a listener until a shutdown future completes, so tests
 //! drive the real thing on `127.0.0.1:0`. [`openapi_service`] builds the one OpenAPI service
@@ -15,7 +14,6 @@
 pub mod accept;
 pub mod api;
 pub mod auth;
-pub mod bench;
 pub mod errors;
 pub mod limits;
 pub mod metrics;

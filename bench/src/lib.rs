@@ -105,6 +105,12 @@ pub struct BenchOptions {
     pub by_reference: bool,
     /// The channel delivered on, and so the sink started and the provider pointed at it.
     pub channel: BenchChannel,
+    /// Notifications per request, sent to `POST /v1/notifications/batch` (None: one per
+    /// `POST /v1/notifications`).
+    pub batch: Option<usize>,
+    /// Send exactly this many notifications, as fast as the connections allow, instead of for
+    /// `duration`.
+    pub count: Option<u64>,
 }
 
 /// The channels the benchmark can deliver on, each to a sink of its own.
@@ -168,6 +174,8 @@ pub struct BenchReport {
     /// Requests named a user and a template instead of carrying content.
     pub by_reference: bool,
     pub channel: BenchChannel,
+    pub batch: Option<usize>,
+    pub count: Option<u64>,
 }
 
 /// The system under test.
@@ -243,6 +251,8 @@ pub struct AcceptStats {
     pub first_error: Option<String>,
     /// From the start of the phase until the last request finished.
     pub elapsed: Duration,
+    /// HTTP requests answered (batches count once).
+    pub requests: u64,
     /// Latency of 202 answers in microseconds; in open loop from the scheduled send time.
     pub latency_us: Histogram<u64>,
 }
@@ -395,13 +405,17 @@ pub async fn run(options: BenchOptions, config: &Config) -> anyhow::Result<Bench
         connections: options.connections,
         duration: options.duration,
         rate: options.rate,
+        batch: options.batch,
+        left: options.count.map(|n| Arc::new(AtomicU64::new(n))),
     };
     let started = Instant::now();
     let accept = accept_phase(&plan).await?;
     let delivery = if options.gateway_only {
         None
     } else {
-        Some(await_delivery(&sink, accept.accepted, started, DELIVERY_TIMEOUT).await)
+        // A large run takes longer to drain: allow a thousand deliveries a second at least.
+        let timeout = DELIVERY_TIMEOUT + Duration::from_secs(accept.accepted / 1000);
+        Some(await_delivery(&sink, accept.accepted, started, timeout).await)
     };
 
     let memory = stack.as_ref().and_then(|stack| match stack.memory() {
@@ -426,6 +440,8 @@ pub async fn run(options: BenchOptions, config: &Config) -> anyhow::Result<Bench
         memory,
         by_reference: options.by_reference,
         channel,
+        batch: options.batch,
+        count: options.count,
     })
 }
 
@@ -476,6 +492,15 @@ fn check_options(options: &BenchOptions) -> anyhow::Result<()> {
     }
     if options.rate == Some(0) {
         bail!("--rate must be at least 1 request/s");
+    }
+    if options.batch.is_some_and(|b| !(1..=1000).contains(&b)) {
+        bail!("--batch takes 1 to 1000 notifications per request");
+    }
+    if options.count == Some(0) {
+        bail!("--count must be at least 1");
+    }
+    if options.count.is_some() && options.rate.is_some() {
+        bail!("--count sends as fast as it can; it does not take --rate");
     }
     if options.url.is_some() && options.channel != BenchChannel::Webhook {
         bail!(
@@ -544,7 +569,9 @@ impl PrivateStack {
             // The sink listens on 127.0.0.1.
             .env(herald_shared::config::WEBHOOK_ALLOW_PRIVATE, "true")
             .envs(env.iter().map(|(k, v)| (*k, v)))
-            .env("RUST_LOG", "warn")
+            // The log level and format a user gets: the measured figures include the
+            // per-request log line.
+            .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -1060,10 +1087,15 @@ struct LoadPlan {
     connections: usize,
     duration: Duration,
     rate: Option<u64>,
+    /// Notifications per batch request, if batches are sent.
+    batch: Option<usize>,
+    /// With `--count`: the notifications still to send, shared by the tasks.
+    left: Option<Arc<AtomicU64>>,
 }
 
 /// What one load task saw.
 struct TaskResult {
+    requests: u64,
     accepted: u64,
     duplicates: u64,
     statuses: BTreeMap<u16, u64>,
@@ -1075,6 +1107,7 @@ struct TaskResult {
 impl TaskResult {
     fn new() -> anyhow::Result<TaskResult> {
         Ok(TaskResult {
+            requests: 0,
             accepted: 0,
             duplicates: 0,
             statuses: BTreeMap::new(),
@@ -1101,7 +1134,8 @@ async fn accept_phase(plan: &LoadPlan) -> anyhow::Result<AcceptStats> {
         ),
     }
     let started = tokio::time::Instant::now();
-    let deadline = started + plan.duration;
+    // With `--count` the tasks stop when the count is sent, not at a time.
+    let deadline = started + if plan.left.is_some() { Duration::from_secs(24 * 3600) } else { plan.duration };
     let mut tasks = Vec::with_capacity(plan.connections);
     let endpoint = url::Url::parse(&plan.endpoint).context("parsing the gateway URL")?;
     let authority = format!(
@@ -1113,7 +1147,12 @@ async fn accept_phase(plan: &LoadPlan) -> anyhow::Result<AcceptStats> {
         let worker = LoadTask {
             connection: None,
             authority: authority.clone(),
-            path: endpoint.path().to_owned(),
+            path: match plan.batch {
+                Some(_) => format!("{}/batch", endpoint.path()),
+                None => endpoint.path().to_owned(),
+            },
+            batch: plan.batch,
+            left: plan.left.clone(),
             authorization: plan.authorization.clone(),
             address: plan.address.clone(),
             channel: plan.channel,
@@ -1136,6 +1175,7 @@ async fn accept_phase(plan: &LoadPlan) -> anyhow::Result<AcceptStats> {
     let mut total = TaskResult::new()?;
     for result in futures::future::join_all(tasks).await {
         let r = result.context("a load task failed")??;
+        total.requests += r.requests;
         total.accepted += r.accepted;
         total.duplicates += r.duplicates;
         total.transport_errors += r.transport_errors;
@@ -1154,6 +1194,7 @@ async fn accept_phase(plan: &LoadPlan) -> anyhow::Result<AcceptStats> {
         transport_errors: total.transport_errors,
         first_error: total.first_error,
         elapsed: started.elapsed(),
+        requests: total.requests,
         latency_us: total.latency_us,
     };
     eprintln!(
@@ -1194,8 +1235,12 @@ struct LoadTask {
     connection: Option<SendRequest<Full<Bytes>>>,
     /// `host:port` of the gateway.
     authority: String,
-    /// Path of `POST /v1/notifications`.
+    /// Path of `POST /v1/notifications` (or its `/batch`).
     path: String,
+    /// Notifications per batch request, if batches are sent.
+    batch: Option<usize>,
+    /// With `--count`: the notifications still to send, shared by the tasks.
+    left: Option<Arc<AtomicU64>>,
     authorization: HeaderValue,
     address: String,
     channel: BenchChannel,
@@ -1213,10 +1258,30 @@ impl LoadTask {
         let mut i = 0u64;
         while tokio::time::Instant::now() < deadline {
             let sent = tokio::time::Instant::now();
-            self.send(i, sent, &mut result).await;
+            if !self.send(i, sent, &mut result).await {
+                break;
+            }
             i += 1;
         }
         Ok(result)
+    }
+
+    /// How many notifications request `i` carries: the batch size, or fewer (none) once
+    /// `--count` is nearly (all) sent.
+    fn take(&self) -> u64 {
+        let want = self.batch.unwrap_or(1) as u64;
+        let Some(left) = &self.left else { return want };
+        let mut current = left.load(Ordering::Acquire);
+        loop {
+            let n = want.min(current);
+            if n == 0 {
+                return 0;
+            }
+            match left.compare_exchange(current, current - n, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return n,
+                Err(now) => current = now,
+            }
+        }
     }
 
     /// At a fixed rate whatever the gateway does. A late answer delays the next send, but the
@@ -1244,17 +1309,32 @@ impl LoadTask {
         Ok(result)
     }
 
-    /// Sends request `i` and records its outcome, with latency counted from `since`.
-    async fn send(&mut self, i: u64, since: tokio::time::Instant, result: &mut TaskResult) {
-        let n = self.first_n + i;
-        let body = request_body(self.channel, self.by_reference, &self.address, n);
+    /// Sends request `i` and records its outcome, with latency counted from `since`; false
+    /// once `--count` is all sent.
+    async fn send(&mut self, i: u64, since: tokio::time::Instant, result: &mut TaskResult) -> bool {
+        let items = self.take();
+        if items == 0 {
+            return false;
+        }
         let key = format!("{}-{i}", self.key_prefix);
+        let body = match self.batch {
+            None => request_body(self.channel, self.by_reference, &self.address, self.first_n + i),
+            Some(size) => batch_body(
+                self.channel,
+                self.by_reference,
+                &self.address,
+                self.first_n + i * size as u64,
+                items,
+                &key,
+            ),
+        };
         let outcome = tokio::time::timeout(REQUEST_TIMEOUT, self.post(body, key)).await;
         let outcome = match outcome {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(e)) => Err(format!("{e:#}")),
             Err(_) => Err(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())),
         };
+        result.requests += 1;
         match outcome {
             Ok((202, body)) => {
                 let micros = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -1263,6 +1343,29 @@ impl LoadTask {
                     result.duplicates += 1;
                 } else {
                     result.accepted += 1;
+                }
+            }
+            Ok((200, body)) if self.batch.is_some() => {
+                let micros = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+                result.latency_us.saturating_record(micros.max(1));
+                match BatchCounts::parse(&body) {
+                    Some(c) => {
+                        result.accepted += c.accepted;
+                        result.duplicates += c.duplicates;
+                        if c.failed > 0 {
+                            *result.statuses.entry(200).or_default() += c.failed;
+                            if result.first_error.is_none() {
+                                result.first_error =
+                                    Some(format!("a batch item failed: {}", String::from_utf8_lossy(&body)));
+                            }
+                        }
+                    }
+                    None => {
+                        *result.statuses.entry(200).or_default() += items;
+                        result.first_error.get_or_insert_with(|| {
+                            format!("an unreadable batch answer: {}", String::from_utf8_lossy(&body))
+                        });
+                    }
                 }
             }
             Ok((status, body)) => {
@@ -1280,6 +1383,7 @@ impl LoadTask {
                 }
             }
         }
+        true
     }
 
     /// One POST on this task's connection (opened if needed); returns status and body.
@@ -1306,6 +1410,46 @@ impl LoadTask {
         let body = response.into_body().collect().await?.to_bytes();
         Ok((status, body))
     }
+}
+
+/// The totals of a batch answer.
+#[derive(Debug, PartialEq, Eq)]
+struct BatchCounts {
+    accepted: u64,
+    duplicates: u64,
+    failed: u64,
+}
+
+impl BatchCounts {
+    fn parse(body: &[u8]) -> Option<BatchCounts> {
+        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+        Some(BatchCounts { accepted: n("accepted")?, duplicates: n("duplicates")?, failed: n("failed")? })
+    }
+}
+
+/// A batch of `items` notifications starting at `data.n = first`, keyed `<key>-<j>`.
+fn batch_body(
+    channel: BenchChannel,
+    by_reference: bool,
+    address: &str,
+    first: u64,
+    items: u64,
+    key: &str,
+) -> String {
+    let mut body = String::with_capacity(items as usize * 160 + 20);
+    body.push_str(r#"{"notifications":["#);
+    for j in 0..items {
+        if j > 0 {
+            body.push(',');
+        }
+        let item = request_body(channel, by_reference, address, first + j);
+        // Each notification carries its own key, as a client retrying the batch would.
+        body.push_str(&format!(r#"{{"idempotency_key":"{key}-{j}","#));
+        body.push_str(&item[1..]);
+    }
+    body.push_str("]}");
+    body
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -1391,13 +1535,18 @@ impl fmt::Display for BenchReport {
         } else {
             format!("{mode}, inline content")
         };
+        let mode = match self.batch {
+            Some(size) => format!("{mode}, batches of {size} (POST /v1/notifications/batch)"),
+            None => mode,
+        };
+        let amount = match self.count {
+            Some(n) => format!("{n} notifications"),
+            None => format!("{:.1} s", self.duration.as_secs_f64()),
+        };
         writeln!(
             f,
-            "  load               {} connections, {:.1} s, {mode}, {} channel; intent payload {} B",
-            self.connections,
-            self.duration.as_secs_f64(),
-            self.channel,
-            self.payload_bytes
+            "  load               {} connections, {amount}, {mode}, {} channel; intent payload {} B; default logging",
+            self.connections, self.channel, self.payload_bytes
         )?;
         match &self.raw {
             Some(raw) => writeln!(
@@ -1420,6 +1569,14 @@ impl fmt::Display for BenchReport {
             a.elapsed.as_secs_f64(),
             self.ratio(a.per_second())
         )?;
+        if self.batch.is_some() {
+            writeln!(
+                f,
+                "  requests           {:.0}/s ({} batch requests)",
+                per_second(a.requests, a.elapsed),
+                a.requests
+            )?;
+        }
         if !a.latency_us.is_empty() {
             let q = |q: f64| ms(a.latency_us.value_at_quantile(q));
             writeln!(
@@ -1628,6 +1785,7 @@ mod tests {
                 transport_errors: 1,
                 first_error: Some("503 Service Unavailable".into()),
                 elapsed: Duration::from_secs(10),
+                requests: 300_003,
                 latency_us,
             },
             delivery: Some(Delivery {
@@ -1640,6 +1798,8 @@ mod tests {
             memory: Some(Memory { peak_kib: 40 * 1024, current_kib: 30 * 1024 }),
             by_reference: true,
             channel: BenchChannel::Email,
+            batch: None,
+            count: None,
         };
         let text = report.to_string();
         for expected in [
@@ -1660,5 +1820,19 @@ mod tests {
         ] {
             assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn a_batch_body_carries_a_key_per_notification_and_its_answer_is_counted() {
+        let body = batch_body(BenchChannel::Webhook, false, "http://127.0.0.1:1/hook", 10, 3, "k-7");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let items = v["notifications"].as_array().unwrap();
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[2]["idempotency_key"], "k-7-2");
+        assert_eq!(items[2]["data"]["n"], 12);
+        assert_eq!(items[0]["recipient"]["webhook_url"], "http://127.0.0.1:1/hook");
+        let answer = br#"{"results":[],"accepted":2,"duplicates":1,"failed":0,"correlation_id":"c"}"#;
+        assert_eq!(BatchCounts::parse(answer), Some(BatchCounts { accepted: 2, duplicates: 1, failed: 0 }));
+        assert_eq!(BatchCounts::parse(b"not json"), None);
     }
 }
