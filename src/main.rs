@@ -137,6 +137,10 @@ enum Command {
         /// for `--duration`), and report the time to accept and to deliver them all.
         #[arg(long)]
         count: Option<u64>,
+        /// The priority-lanes measurement: queue this many `low` notifications for a receiver
+        /// that answers in 200 ms, then time 200 `critical` ones to a fast receiver.
+        #[arg(long)]
+        priority_backlog: Option<u64>,
     },
 }
 
@@ -241,6 +245,7 @@ fn main() -> anyhow::Result<()> {
                 channel,
                 batch,
                 count,
+                priority_backlog,
             } => {
                 let options = herald_bench::BenchOptions {
                     nats_url: url
@@ -265,6 +270,7 @@ fn main() -> anyhow::Result<()> {
                     channel,
                     batch,
                     count,
+                    priority_backlog,
                 };
                 let report = herald_bench::run(options, &config).await?;
                 println!("{report}");

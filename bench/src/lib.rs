@@ -111,7 +111,20 @@ pub struct BenchOptions {
     /// Send exactly this many notifications, as fast as the connections allow, instead of for
     /// `duration`.
     pub count: Option<u64>,
+    /// The priority-lanes measurement instead: queue this many `low` notifications for a slow
+    /// receiver, then time `critical` ones to a fast one.
+    pub priority_backlog: Option<u64>,
 }
+
+/// Path on the sink that answers after [`SLOW_ANSWER`]: the backlog's receiver.
+const SLOW_PATH: &str = "/slow";
+/// How long the slow receiver takes to answer.
+const SLOW_ANSWER: Duration = Duration::from_millis(200);
+/// Path on the sink whose arrivals are timed one by one: the critical probes' receiver.
+const PROBE_PATH: &str = "/probe";
+/// Critical probes sent, and how far apart.
+const PROBES: u64 = 200;
+const PROBE_EVERY: Duration = Duration::from_millis(50);
 
 /// The channels the benchmark can deliver on, each to a sink of its own.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -176,6 +189,22 @@ pub struct BenchReport {
     pub channel: BenchChannel,
     pub batch: Option<usize>,
     pub count: Option<u64>,
+    /// The priority-lanes measurement, when that was run instead of end to end.
+    pub priority: Option<PriorityStats>,
+}
+
+/// `--priority-backlog`: `critical` notifications timed behind a `low` backlog.
+#[derive(Debug)]
+pub struct PriorityStats {
+    /// `low` notifications queued for the slow receiver.
+    pub backlog: u64,
+    /// Critical probes sent, and how many arrived.
+    pub probes: u64,
+    pub arrived: u64,
+    /// From each probe's request being sent to its arrival at the sink, in microseconds.
+    pub latency_us: Histogram<u64>,
+    /// Backlog notifications the slow receiver had got when the probes were done.
+    pub backlog_delivered: u64,
 }
 
 /// The system under test.
@@ -407,7 +436,46 @@ pub async fn run(options: BenchOptions, config: &Config) -> anyhow::Result<Bench
         rate: options.rate,
         batch: options.batch,
         left: options.count.map(|n| Arc::new(AtomicU64::new(n))),
+        priority: None,
     };
+    if let Some(backlog) = options.priority_backlog {
+        let queue = LoadPlan {
+            endpoint: plan.endpoint.clone(),
+            authorization: plan.authorization.clone(),
+            address: format!("{}{SLOW_PATH}", sink.url),
+            channel,
+            by_reference: false,
+            run_id: plan.run_id.clone(),
+            connections: options.connections.min(8),
+            duration: options.duration,
+            rate: None,
+            batch: Some(1000),
+            left: Some(Arc::new(AtomicU64::new(backlog))),
+            priority: Some("low"),
+        };
+        let accept = accept_phase(&queue).await?;
+        let priority = probe_phase(&base_url, &token, &sink, accept.accepted).await?;
+        let memory = stack.as_ref().and_then(|stack| stack.memory().ok());
+        // The backlog is left undelivered: the stack and its store go.
+        drop(stack);
+        sink.stop();
+        return Ok(BenchReport {
+            target,
+            connections: queue.connections,
+            duration: options.duration,
+            rate: None,
+            payload_bytes,
+            raw,
+            accept,
+            delivery: None,
+            memory,
+            by_reference: false,
+            channel,
+            batch: Some(1000),
+            count: Some(backlog),
+            priority: Some(priority),
+        });
+    }
     let started = Instant::now();
     let accept = accept_phase(&plan).await?;
     let delivery = if options.gateway_only {
@@ -442,7 +510,67 @@ pub async fn run(options: BenchOptions, config: &Config) -> anyhow::Result<Bench
         channel,
         batch: options.batch,
         count: options.count,
+        priority: None,
     })
+}
+
+/// Sends [`PROBES`] `critical` notifications, one every [`PROBE_EVERY`], to the sink's fast
+/// path while the backlog is worked on, and times each from its request to its arrival.
+async fn probe_phase(
+    base_url: &str,
+    token: &str,
+    sink: &Sink,
+    backlog: u64,
+) -> anyhow::Result<PriorityStats> {
+    eprintln!(
+        "bench: {backlog} low queued; sending {PROBES} critical, one every {} ms",
+        PROBE_EVERY.as_millis()
+    );
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let url = format!("{base_url}/v1/notifications");
+    let target = format!("{}{PROBE_PATH}", sink.url);
+    let mut ticks = tokio::time::interval(PROBE_EVERY);
+    let mut sends = Vec::new();
+    for n in 0..PROBES {
+        ticks.tick().await;
+        let (http, url, target, token) = (http.clone(), url.clone(), target.clone(), token.to_owned());
+        sends.push(tokio::spawn(async move {
+            let body = serde_json::json!({
+                "priority": "critical", "recipient": {"webhook_url": target},
+                "content": {"title": "code", "body": format!("{n:06}")}
+            });
+            let sent = Instant::now();
+            let resp = http.post(url).bearer_auth(token).json(&body).send().await.ok()?;
+            let answer: serde_json::Value = resp.json().await.ok()?;
+            Some((answer["id"].as_str()?.to_owned(), sent))
+        }));
+    }
+    let mut sent = Vec::new();
+    for s in sends {
+        if let Some(probe) = s.await? {
+            sent.push(probe);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let arrived = sink.state.probes.lock().expect("never poisoned").len();
+        if arrived >= sent.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let arrivals = sink.state.probes.lock().expect("never poisoned").clone();
+    let mut latency_us = Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).context("creating a histogram")?;
+    let mut arrived = 0;
+    for (id, at) in &sent {
+        if let Some(got) = arrivals.get(id) {
+            arrived += 1;
+            let micros = u64::try_from(got.saturating_duration_since(*at).as_micros()).unwrap_or(u64::MAX);
+            latency_us.saturating_record(micros.max(1));
+        }
+    }
+    let backlog_delivered = sink.delivered().saturating_sub(arrived);
+    Ok(PriorityStats { backlog, probes: PROBES, arrived, latency_us, backlog_delivered })
 }
 
 /// The user and template a run by reference names: the user's address on `channel` is the
@@ -698,6 +826,8 @@ struct SinkState {
     seen: Mutex<HashSet<String>>,
     /// Nanoseconds after `SinkState::epoch` of the last new delivery (0: none yet).
     last_nanos: AtomicU64,
+    /// When each notification sent to [`PROBE_PATH`] arrived, by id.
+    probes: Mutex<std::collections::HashMap<String, Instant>>,
 }
 
 /// A local HTTP server answering 200 to every POST, counting them.
@@ -783,7 +913,16 @@ async fn receive(state: &SinkState, epoch: Instant, req: poem::Request) -> poem:
         return poem::http::StatusCode::OK;
     }
     let id = req.header(intent::headers::NOTIFICATION_ID).map(str::to_owned);
+    let path = req.uri().path().to_owned();
     let _ = req.into_body().into_bytes().await;
+    if path == PROBE_PATH
+        && let Some(id) = &id
+    {
+        state.probes.lock().expect("never poisoned").entry(id.clone()).or_insert_with(Instant::now);
+    }
+    if path == SLOW_PATH {
+        tokio::time::sleep(SLOW_ANSWER).await;
+    }
     state.record(epoch, id);
     poem::http::StatusCode::OK
 }
@@ -1091,6 +1230,8 @@ struct LoadPlan {
     batch: Option<usize>,
     /// With `--count`: the notifications still to send, shared by the tasks.
     left: Option<Arc<AtomicU64>>,
+    /// A `priority` every notification carries (none: the default).
+    priority: Option<&'static str>,
 }
 
 /// What one load task saw.
@@ -1122,6 +1263,11 @@ impl TaskResult {
 /// Drives `connections` tasks for `duration` and merges what they saw.
 async fn accept_phase(plan: &LoadPlan) -> anyhow::Result<AcceptStats> {
     match plan.rate {
+        None if plan.left.is_some() => eprintln!(
+            "bench: accept phase: {} connections, closed loop, {} notifications",
+            plan.connections,
+            plan.left.as_ref().map_or(0, |l| l.load(Ordering::Acquire))
+        ),
         None => eprintln!(
             "bench: accept phase: {} connections, closed loop, {:.1} s",
             plan.connections,
@@ -1153,6 +1299,7 @@ async fn accept_phase(plan: &LoadPlan) -> anyhow::Result<AcceptStats> {
             },
             batch: plan.batch,
             left: plan.left.clone(),
+            priority: plan.priority,
             authorization: plan.authorization.clone(),
             address: plan.address.clone(),
             channel: plan.channel,
@@ -1241,6 +1388,7 @@ struct LoadTask {
     batch: Option<usize>,
     /// With `--count`: the notifications still to send, shared by the tasks.
     left: Option<Arc<AtomicU64>>,
+    priority: Option<&'static str>,
     authorization: HeaderValue,
     address: String,
     channel: BenchChannel,
@@ -1327,6 +1475,11 @@ impl LoadTask {
                 items,
                 &key,
             ),
+        };
+        let body = match self.priority {
+            // Every notification has one `recipient`; its priority goes beside it.
+            Some(p) => body.replace(r#""recipient":"#, &format!(r#""priority":"{p}","recipient":"#)),
+            None => body,
         };
         let outcome = tokio::time::timeout(REQUEST_TIMEOUT, self.post(body, key)).await;
         let outcome = match outcome {
@@ -1517,9 +1670,9 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.target {
             Target::PrivateStack { ready_in, nats } => {
-                let what = match self.delivery {
-                    Some(_) => format!("herald up = gateway + {} worker", self.channel),
-                    None => "herald gateway only".to_owned(),
+                let what = match (&self.delivery, &self.priority) {
+                    (None, None) => "herald gateway only".to_owned(),
+                    _ => format!("herald up = gateway + {} worker", self.channel),
                 };
                 writeln!(f, "herald bench: private stack ({what}, {nats})")?;
                 writeln!(f, "  stack ready in     {} ms", ready_in.as_millis())?;
@@ -1548,6 +1701,27 @@ impl fmt::Display for BenchReport {
             "  load               {} connections, {amount}, {mode}, {} channel; intent payload {} B; default logging",
             self.connections, self.channel, self.payload_bytes
         )?;
+        if let Some(p) = &self.priority {
+            let q = |q: f64| ms(p.latency_us.value_at_quantile(q));
+            writeln!(
+                f,
+                "  priority lanes     {} low queued for a receiver answering in {} ms; {} critical, one every {} ms, to a fast one",
+                p.backlog,
+                SLOW_ANSWER.as_millis(),
+                p.probes,
+                PROBE_EVERY.as_millis()
+            )?;
+            writeln!(
+                f,
+                "  critical latency   p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (request sent → arrived), {} of {} arrived; {} of the backlog delivered meanwhile",
+                q(0.5),
+                q(0.99),
+                ms(p.latency_us.max()),
+                p.arrived,
+                p.probes,
+                p.backlog_delivered
+            )?;
+        }
         match &self.raw {
             Some(raw) => writeln!(
                 f,
@@ -1800,6 +1974,7 @@ mod tests {
             channel: BenchChannel::Email,
             batch: None,
             count: None,
+            priority: None,
         };
         let text = report.to_string();
         for expected in [
