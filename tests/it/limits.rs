@@ -16,6 +16,19 @@ fn addr(stack: &Stack) -> String {
     stack.base.trim_start_matches("http://").to_owned()
 }
 
+/// Opens a connection and sends an authorized request's headers (`Content-Length: 1000`) and
+/// one byte of its body, then nothing more.
+async fn stall_a_body(stack: &Stack) -> TcpStream {
+    let mut s = TcpStream::connect(addr(stack)).await.unwrap();
+    let head = format!(
+        "POST /v1/notifications HTTP/1.1\r\nHost: herald\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{",
+        stack.token
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
 /// Reads until the server closes the connection (or `limit` passes); what it sent.
 async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> Option<String> {
     let mut got = Vec::new();
@@ -79,14 +92,7 @@ async fn bodies_that_never_arrive_are_answered_408() {
     let stack = Stack::start_with(&[(config::BODY_READ_TIMEOUT, "1s")]).await;
     let mut slow = Vec::new();
     for _ in 0..50 {
-        let mut s = TcpStream::connect(addr(&stack)).await.unwrap();
-        let head = format!(
-            "POST /v1/notifications HTTP/1.1\r\nHost: herald\r\nAuthorization: Bearer {}\r\n\
-             Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{",
-            stack.token
-        );
-        s.write_all(head.as_bytes()).await.unwrap();
-        slow.push(s);
+        slow.push(stall_a_body(&stack).await);
     }
     for s in &mut slow {
         let answer =
@@ -133,14 +139,7 @@ async fn the_in_flight_cap_answers_503_at_once() {
     // Two requests whose bodies are still arriving hold the two places.
     let mut holding = Vec::new();
     for _ in 0..2 {
-        let mut s = TcpStream::connect(addr(&stack)).await.unwrap();
-        let head = format!(
-            "POST /v1/notifications HTTP/1.1\r\nHost: herald\r\nAuthorization: Bearer {}\r\n\
-             Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{",
-            stack.token
-        );
-        s.write_all(head.as_bytes()).await.unwrap();
-        holding.push(s);
+        holding.push(stall_a_body(&stack).await);
     }
     let refused = eventually(Duration::from_secs(10), "a request over the cap to be refused", || async {
         let started = Instant::now();
