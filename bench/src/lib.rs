@@ -1850,47 +1850,6 @@ impl fmt::Display for BenchReport {
             "  load               {} connections, {amount}, {mode}, {} channel; intent payload {} B; default logging",
             self.connections, self.channel, self.payload_bytes
         )?;
-        if let Some(p) = &self.priority {
-            writeln!(
-                f,
-                "  priority lanes     {} low queued for a receiver answering in {} ms; {} critical, one every {} ms, to a fast one",
-                p.backlog,
-                SLOW_ANSWER.as_millis(),
-                p.probes,
-                p.every.as_millis()
-            )?;
-            writeln!(
-                f,
-                "  critical           {} of {} answered 202, {} of those arrived, {} never did (waited {} s after the last answer)",
-                p.accepted,
-                p.probes,
-                p.arrived,
-                p.accepted - p.arrived,
-                PROBE_TIMEOUT.as_secs()
-            )?;
-            if p.arrived > 0 {
-                let quantiles = |h: &Histogram<u64>| {
-                    format!(
-                        "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-                        ms(h.value_at_quantile(0.5)),
-                        ms(h.value_at_quantile(0.99)),
-                        ms(h.max())
-                    )
-                };
-                writeln!(
-                    f,
-                    "  accepted → arrived {} ({} arrived before their 202 was read)",
-                    quantiles(&p.from_acceptance_us),
-                    p.before_acceptance
-                )?;
-                writeln!(f, "  sent → arrived     {}", quantiles(&p.from_request_us))?;
-            }
-            writeln!(
-                f,
-                "  backlog            {} of {} delivered meanwhile (not waited for)",
-                p.backlog_delivered, p.backlog
-            )?;
-        }
         match &self.raw {
             Some(raw) => writeln!(
                 f,
@@ -1948,6 +1907,10 @@ impl fmt::Display for BenchReport {
             }
         }
 
+        if let Some(p) = &self.priority {
+            self.fmt_priority(f, p)?;
+            return self.fmt_memory(f);
+        }
         let Some(d) = &self.delivery else {
             writeln!(f, "  end to end         not measured (gateway only)")?;
             return self.fmt_memory(f);
@@ -1977,10 +1940,58 @@ impl fmt::Display for BenchReport {
 }
 
 impl BenchReport {
+    /// The priority-lanes figures, in place of end to end: the accept lines above are the
+    /// backlog's.
+    fn fmt_priority(&self, f: &mut fmt::Formatter<'_>, p: &PriorityStats) -> fmt::Result {
+        writeln!(
+            f,
+            "  priority lanes     {} low queued for a receiver answering in {} ms; {} critical, one every {} ms, to a fast one",
+            p.backlog,
+            SLOW_ANSWER.as_millis(),
+            p.probes,
+            p.every.as_millis()
+        )?;
+        writeln!(
+            f,
+            "  critical           {} of {} answered 202, {} of those arrived, {} never did (waited {} s after the last answer)",
+            p.accepted,
+            p.probes,
+            p.arrived,
+            p.accepted - p.arrived,
+            PROBE_TIMEOUT.as_secs()
+        )?;
+        if p.arrived > 0 {
+            let quantiles = |h: &Histogram<u64>| {
+                format!(
+                    "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                    ms(h.value_at_quantile(0.5)),
+                    ms(h.value_at_quantile(0.99)),
+                    ms(h.max())
+                )
+            };
+            writeln!(
+                f,
+                "  accepted → arrived {} ({} arrived before their 202 was read)",
+                quantiles(&p.from_acceptance_us),
+                p.before_acceptance
+            )?;
+            writeln!(f, "  sent → arrived     {}", quantiles(&p.from_request_us))?;
+        }
+        writeln!(
+            f,
+            "  backlog            {} of {} delivered meanwhile (not waited for)",
+            p.backlog_delivered, p.backlog
+        )?;
+        Ok(())
+    }
+
     fn fmt_memory(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(m) = &self.memory {
-            let what =
-                if self.delivery.is_some() { "herald up: gateway and worker" } else { "herald gateway" };
+            let what = if self.delivery.is_some() || self.priority.is_some() {
+                "herald up: gateway and worker"
+            } else {
+                "herald gateway"
+            };
             writeln!(
                 f,
                 "  memory             peak {:.1} MB (VmHWM), now {:.1} MB (VmRSS) of {what}",
@@ -2374,7 +2385,7 @@ mod tests {
                 latency_us: histogram(&[500_000]),
             },
             delivery: None,
-            memory: None,
+            memory: Some(Memory { peak_kib: 100 * 1024, current_kib: 60 * 1024 }),
             by_reference: false,
             channel: BenchChannel::Webhook,
             batch: Some(1000),
@@ -2400,10 +2411,12 @@ mod tests {
             "max 8.00 ms (4 arrived before their 202 was read)",
             "sent → arrived     p50 5.00 ms",
             "310 of 20000 delivered meanwhile",
+            "of herald up: gateway and worker",
             "10000/s (20000 in 2.00 s)  (0.10 × raw JetStream)",
             "10/s (20 batch requests)",
         ] {
             assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
         }
+        assert!(!text.contains("gateway only"), "{text}");
     }
 }
