@@ -138,9 +138,16 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
         /// The priority-lanes measurement: queue this many `low` notifications for a receiver
-        /// that answers in 200 ms, then time 200 `critical` ones to a fast receiver.
+        /// that answers in 200 ms, then time `critical` ones to a fast receiver, each from its
+        /// acceptance to its arrival.
         #[arg(long)]
         priority_backlog: Option<u64>,
+        /// With `--priority-backlog`: how many `critical` notifications to time.
+        #[arg(long, default_value_t = 200)]
+        critical: u64,
+        /// With `--priority-backlog`: the interval between the `critical` notifications.
+        #[arg(long, default_value = "50ms", value_parser = config::parse_duration)]
+        critical_every: Duration,
     },
 }
 
@@ -246,6 +253,8 @@ fn main() -> anyhow::Result<()> {
                 batch,
                 count,
                 priority_backlog,
+                critical,
+                critical_every,
             } => {
                 let options = herald_bench::BenchOptions {
                     nats_url: url
@@ -271,6 +280,8 @@ fn main() -> anyhow::Result<()> {
                     batch,
                     count,
                     priority_backlog,
+                    critical,
+                    critical_every,
                 };
                 let report = herald_bench::run(options, &config).await?;
                 println!("{report}");
