@@ -75,9 +75,14 @@ enum Command {
         /// Tenant the token acts for.
         #[arg(long)]
         tenant: Option<String>,
-        /// Scopes, comma separated.
-        #[arg(long, default_value = "notifications:write,notifications:read")]
-        scopes: String,
+        /// Scopes, comma separated [default: notifications:write,notifications:read; with
+        /// --user: inbox, the only scope an end user's token may have].
+        #[arg(long)]
+        scopes: Option<String>,
+        /// Mint an end user's token: it may read and mark only this user's inbox (for a
+        /// browser; `--sub` is then `user:<id>`).
+        #[arg(long)]
+        user: Option<String>,
         /// Lifetime (e.g. 30m, 24h).
         #[arg(long, default_value = "24h", value_parser = config::parse_duration)]
         ttl: Duration,
@@ -204,9 +209,29 @@ fn main() -> anyhow::Result<()> {
             Command::Console => herald_console::run(config, herald_console::cli::operator()).await,
             Command::Dlq { action } => herald_console::cli::run(config, action).await,
             Command::Worker { .. } => worker(config).await,
-            Command::Token { sub, tenant, scopes, ttl } => {
+            Command::Token { sub, tenant, scopes, user, ttl } => {
+                let default =
+                    if user.is_some() { auth::USER_SCOPES.join(",") } else { auth::DEFAULT_SCOPES.join(",") };
+                let scopes = scopes.unwrap_or(default);
                 let scopes: Vec<&str> = scopes.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-                println!("{}", auth::mint(&config.jwt_secret, &sub, tenant.as_deref(), &scopes, ttl));
+                let token = match user {
+                    Some(user) => {
+                        anyhow::ensure!(
+                            herald_shared::users::is_valid_user_id(&user),
+                            "--user {user:?} is not a user id (1 to 128 of A-Z a-z 0-9 - _)"
+                        );
+                        if let Some(bad) = scopes.iter().find(|s| !auth::USER_SCOPES.contains(s)) {
+                            anyhow::bail!("an end user's token may only have the scope `inbox`, not `{bad}`");
+                        }
+                        anyhow::ensure!(
+                            ttl <= auth::MAX_USER_TOKEN_TTL,
+                            "an end user's token lives at most 7d"
+                        );
+                        auth::mint_for_user(&config.jwt_secret, tenant.as_deref(), &user, ttl).0
+                    }
+                    None => auth::mint(&config.jwt_secret, &sub, tenant.as_deref(), &scopes, ttl),
+                };
+                println!("{token}");
                 Ok(())
             }
             Command::Provision => {
@@ -368,15 +393,29 @@ async fn up(mut config: Config, started: Instant, seed: bool) -> anyhow::Result<
             auth::SCOPE_TEMPLATES_READ,
             auth::SCOPE_TEMPLATES_WRITE,
             auth::SCOPE_DLQ_ADMIN,
+            auth::SCOPE_INBOX,
+            auth::SCOPE_TOKENS_WRITE,
         ],
         Duration::from_secs(24 * 3600),
     );
     let by_reference = if seed {
+        // The demo user's own token, for the reference inbox page: it can read and mark user
+        // 42's inbox and nothing else.
+        let (user_token, _) = auth::mint_for_user(
+            &config.jwt_secret,
+            Some(herald_console::seed::TENANT),
+            "42",
+            Duration::from_secs(24 * 3600),
+        );
         format!(
-            "Or by user and template (seeded; the webhook goes to example.com, see its status with GET):\n\n  \
+            "See one arrive: open the demo user's inbox (it updates live)\n\n  \
+             http://{addr}/inbox#user=42&token={user_token}\n\n\
+             and send user 42 an in-app notification:\n\n  \
              curl -sS http://{addr}/v1/notifications -H 'Authorization: Bearer {token}' \\\n    \
              -H 'Content-Type: application/json' \\\n    \
-             -d '{{\"recipient\":{{\"user_id\":\"42\"}},\"template\":\"order_shipped\",\"data\":{{\"order\":1234,\"total\":59.9,\"shipped_at\":\"2026-11-22T10:00:00Z\"}}}}'\n\n"
+             -d '{{\"recipient\":{{\"user_id\":\"42\"}},\"channels\":[\"inapp\"],\"template\":\"order_shipped\",\"data\":{{\"order\":1234,\"total\":59.9,\"shipped_at\":\"2026-11-22T10:00:00Z\"}}}}'\n\n\
+             Without \"channels\" it goes to every channel user 42 has (the webhook to example.com; see its status \
+             with GET).\n\n"
         )
     } else {
         String::new()

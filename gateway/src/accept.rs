@@ -166,7 +166,8 @@ impl AppState {
         }
     }
 
-    /// Writes the ledger entries of stored intents: a `202` promises the notification can be
+    /// Writes the ledger entries of stored intents, and the notification's entry in its user's
+    /// history: a `202` promises the notification can be
     /// found with `GET`, so this is retried until it lands or the NATS timeout passes, and then
     /// the request fails (the intents are stored; a retry with the same key finds them as
     /// duplicates and writes the record). Create-only, so a duplicate request leaves the
@@ -175,13 +176,20 @@ impl AppState {
         let deadline = Instant::now() + self.config.nats_timeout;
         let mut delay = std::time::Duration::from_millis(20);
         loop {
-            let error = match tokio::time::timeout_at(deadline.into(), topology.ledger.accept(intents)).await
-            {
-                Ok(Ok(())) => {
+            // The user's history entry goes with the record (a repeat within two minutes is
+            // dropped by its message id).
+            let both = async {
+                futures::try_join!(
+                    async { topology.ledger.accept(intents).await.map_err(|e| e.to_string()) },
+                    async { topology.history.record(intents).await.map_err(|e| e.to_string()) },
+                )
+            };
+            let error = match tokio::time::timeout_at(deadline.into(), both).await {
+                Ok(Ok(_)) => {
                     self.note_bucket_full(None);
                     return Ok(());
                 }
-                Ok(Err(e)) => e.to_string(),
+                Ok(Err(e)) => e,
                 Err(_) => "timed out".to_owned(),
             };
             if Instant::now() + delay >= deadline {

@@ -95,6 +95,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("this token lacks the scope `{0}`")]
     MissingScope(&'static str),
+    /// The token may not touch this resource (a user's token, another user's inbox).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -181,6 +184,25 @@ impl From<herald_shared::dlq::DlqError> for ApiError {
     }
 }
 
+impl From<herald_shared::state::StateError> for ApiError {
+    fn from(e: herald_shared::state::StateError) -> ApiError {
+        ApiError::Unavailable(e.to_string())
+    }
+}
+
+impl From<herald_shared::inbox::InboxError> for ApiError {
+    fn from(e: herald_shared::inbox::InboxError) -> ApiError {
+        use herald_shared::inbox::InboxError;
+        match e {
+            InboxError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            InboxError::Store(ref m) if herald_shared::topology::is_storage_full(m) => {
+                ApiError::StorageFull(e.to_string())
+            }
+            InboxError::Store(_) => ApiError::Unavailable(e.to_string()),
+        }
+    }
+}
+
 impl ApiError {
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
         ApiError::Invalid { field: field.into(), message: message.into() }
@@ -195,7 +217,7 @@ impl ApiError {
         match self {
             ApiError::Malformed { .. } => "malformed_request",
             ApiError::Unauthorized(_) => "unauthorized",
-            ApiError::MissingScope(_) => "forbidden",
+            ApiError::MissingScope(_) | ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::TooLarge(_) => "payload_too_large",
@@ -240,7 +262,7 @@ impl From<ApiError> for ErrorResponse {
         match e {
             ApiError::Malformed { .. } => ErrorResponse::BadRequest(body),
             ApiError::Unauthorized(_) => ErrorResponse::Unauthorized(body),
-            ApiError::MissingScope(_) => ErrorResponse::Forbidden(body),
+            ApiError::MissingScope(_) | ApiError::Forbidden(_) => ErrorResponse::Forbidden(body),
             ApiError::NotFound(_) => ErrorResponse::NotFound(body),
             ApiError::Conflict(_) => ErrorResponse::Conflict(body),
             ApiError::TooLarge(_) => ErrorResponse::PayloadTooLarge(body),

@@ -16,6 +16,7 @@ pub mod api;
 pub mod auth;
 pub mod errors;
 pub mod limits;
+pub mod live;
 pub mod metrics;
 pub mod payload;
 
@@ -56,6 +57,8 @@ pub struct AppState {
     pub users_copy: Arc<Mirror>,
     /// Sending rates per tenant and token.
     pub(crate) rate_limits: limits::RateLimits,
+    /// Connected inbox live streams, fed by one reader of every inbox change.
+    pub(crate) live: Arc<live::Hub>,
     /// Other parts of this process whose metrics `/metrics` shows after the gateway's.
     pub more_metrics: std::sync::Mutex<Vec<Box<dyn Fn() -> String + Send + Sync>>>,
 }
@@ -107,7 +110,7 @@ impl AppState {
 
     /// Takes `cost` sends from the caller's tenant's and token's rates, or answers 429.
     pub(crate) fn rate_limit(&self, claims: &herald_shared::auth::Claims, cost: u64) -> Result<(), ApiError> {
-        let tenant = claims.tenant.as_deref().unwrap_or(&claims.sub);
+        let tenant = claims.tenant_or_sub();
         // A token by what tells tokens apart without being secret.
         let token = format!("{}|{}|{}", claims.sub, claims.iat, claims.exp);
         self.rate_limits.take(tenant, &token, cost).map_err(ApiError::RateLimited)
@@ -178,11 +181,12 @@ pub struct CorrelationId(pub String);
 pub const CORRELATION_HEADER: &str = "X-Correlation-Id";
 
 /// The OpenAPI service: every operation, with the spec's metadata.
-pub fn openapi_service()
--> OpenApiService<(api::NotificationsApi, api::UsersApi, api::TemplatesApi, api::DlqApi, api::SystemApi), ()>
-{
+pub fn openapi_service() -> OpenApiService<
+    (api::NotificationsApi, api::UsersApi, api::InboxApi, api::TemplatesApi, api::DlqApi, api::SystemApi),
+    (),
+> {
     OpenApiService::new(
-        (api::NotificationsApi, api::UsersApi, api::TemplatesApi, api::DlqApi, api::SystemApi),
+        (api::NotificationsApi, api::UsersApi, api::InboxApi, api::TemplatesApi, api::DlqApi, api::SystemApi),
         "Herald",
         env!("CARGO_PKG_VERSION"),
     )
@@ -224,12 +228,14 @@ impl Gateway {
             renderer: Default::default(),
             users_copy: users_copy.clone(),
             more_metrics: Default::default(),
+            live: Default::default(),
         });
         let background = state.clone();
         tokio::spawn(async move {
             match topology::ensure_with_retry(&js, &background.config).await {
                 Ok(t) => {
                     tokio::spawn(users_copy.follow(t.js.clone(), USERS_BUCKET.to_owned()));
+                    tokio::spawn(background.live.clone().run(t.inbox.clone()));
                     let _ = background.topology.set(t);
                 }
                 Err(e) => {
@@ -263,10 +269,13 @@ impl Gateway {
         let docs = service.swagger_ui();
         let spec = service.spec_endpoint();
         let state = self.state.clone();
+        let cors = cors(&state.config.cors_origins);
         Route::new()
             .nest("/", service)
             .nest("/docs", docs)
             .at("/openapi.json", spec)
+            .at("/inbox", poem::get(inbox_page))
+            .with_if(cors.is_some(), cors.unwrap_or_default())
             .data(BodyLimit { single: state.config.max_body_bytes, batch: state.config.max_batch_bytes })
             .around(limits::limit_in_flight)
             .around(correlate)
@@ -298,6 +307,45 @@ impl Gateway {
             .await?;
         Ok(())
     }
+}
+
+/// `HERALD_CORS_ORIGINS` as middleware: none when unset (browsers then refuse other origins'
+/// calls), any origin for `*`.
+fn cors(origins: &[String]) -> Option<poem::middleware::Cors> {
+    use poem::http::Method;
+    if origins.is_empty() {
+        return None;
+    }
+    let cors = poem::middleware::Cors::new()
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+        .allow_headers([
+            "authorization",
+            "content-type",
+            "idempotency-key",
+            "if-match",
+            "last-event-id",
+            "x-correlation-id",
+        ])
+        .expose_headers([
+            "etag",
+            "retry-after",
+            "x-correlation-id",
+            "ratelimit-limit",
+            "ratelimit-remaining",
+            "ratelimit-reset",
+        ])
+        .max_age(600);
+    if origins.iter().any(|o| o == "*") {
+        return Some(cors);
+    }
+    Some(cors.allow_origins(origins.iter().map(String::as_str)))
+}
+
+/// The reference inbox page (`GET /inbox`): static HTML and a small script, no build step.
+/// It takes an end user's token from the address (`#token=…&user=…`) or a form.
+#[poem::handler]
+fn inbox_page() -> poem::web::Html<&'static str> {
+    poem::web::Html(include_str!("inbox.html"))
 }
 
 /// Takes or makes the correlation id, runs the request inside a span carrying it, echoes it on

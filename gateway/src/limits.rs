@@ -223,7 +223,10 @@ pub struct InFlight(pub Arc<tokio::sync::Semaphore>);
 
 /// Runs a request if there is room for it, else answers `503 overloaded` at once.
 pub async fn limit_in_flight<E: Endpoint>(next: E, req: Request) -> poem::Result<Response> {
-    if req.uri().path() == "/health" {
+    // Health checks must answer when busy, and a live inbox stream is held open for hours:
+    // counted here, a few hundred idle browsers would refuse every other request. Streams are
+    // bounded by HERALD_MAX_CONNECTIONS instead.
+    if req.uri().path() == "/health" || req.uri().path().ends_with("/inbox/stream") {
         return next.call(req).await.map(IntoResponse::into_response);
     }
     let in_flight = req.data::<InFlight>().cloned();

@@ -21,6 +21,15 @@ pub const SCOPE_TEMPLATES_WRITE: &str = "templates:write";
 pub const SCOPE_USERS_READ: &str = "users:read";
 /// May create, change and delete users, their devices and preferences.
 pub const SCOPE_USERS_WRITE: &str = "users:write";
+/// May read and mark in-app inboxes: every user's of its tenant, or with a `user` claim that
+/// user's only.
+pub const SCOPE_INBOX: &str = "inbox";
+/// May mint tokens for end users (`POST /v1/users/{id}/tokens`).
+pub const SCOPE_TOKENS_WRITE: &str = "tokens:write";
+/// The only scopes a token for one end user may carry.
+pub const USER_SCOPES: &[&str] = &[SCOPE_INBOX];
+/// The longest an end user's token may live.
+pub const MAX_USER_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Scopes a development token gets by default.
 pub const DEFAULT_SCOPES: &[&str] = &[SCOPE_SEND, SCOPE_READ];
 
@@ -34,6 +43,10 @@ pub struct Claims {
     /// Space-separated scopes.
     #[serde(default)]
     pub scope: String,
+    /// Set on an end user's token (a browser's): the one user whose inbox it may use. Such a
+    /// token is refused everything else, whatever its scopes say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// Expiry, seconds since the epoch (required).
     pub exp: u64,
     #[serde(default)]
@@ -41,7 +54,16 @@ pub struct Claims {
 }
 
 impl Claims {
+    /// The tenant the token acts for: its `tenant` claim, else its subject. Notifications,
+    /// users, templates and inboxes are stored under it.
+    pub fn tenant_or_sub(&self) -> &str {
+        self.tenant.as_deref().unwrap_or(&self.sub)
+    }
+
     pub fn allows(&self, scope: &str) -> bool {
+        if self.user.is_some() && !USER_SCOPES.contains(&scope) {
+            return false;
+        }
         self.scope.split_whitespace().any(|s| s == scope)
     }
 }
@@ -61,10 +83,25 @@ pub fn mint(secret: &str, sub: &str, tenant: Option<&str>, scopes: &[&str], ttl:
         sub: sub.to_owned(),
         tenant: tenant.map(str::to_owned),
         scope: scopes.join(" "),
+        user: None,
         exp: now + ttl.as_secs(),
         iat: now,
     };
     encode(secret, &claims)
+}
+
+/// Mints a token for end user `user` of `tenant`: `inbox` scope only, bound to that user.
+pub fn mint_for_user(secret: &str, tenant: Option<&str>, user: &str, ttl: Duration) -> (String, Claims) {
+    let now = now_secs();
+    let claims = Claims {
+        sub: format!("user:{user}"),
+        tenant: tenant.map(str::to_owned),
+        scope: USER_SCOPES.join(" "),
+        user: Some(user.to_owned()),
+        exp: now + ttl.as_secs(),
+        iat: now,
+    };
+    (encode(secret, &claims), claims)
 }
 
 /// Signs arbitrary claims (tests use it for tokens that are already expired).
@@ -109,7 +146,14 @@ mod tests {
         assert!(matches!(verify("other", &t), Err(AuthError::Invalid(_))));
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
-            &Claims { sub: "svc".into(), tenant: None, scope: String::new(), exp: now_secs() - 10, iat: 0 },
+            &Claims {
+                sub: "svc".into(),
+                tenant: None,
+                scope: String::new(),
+                user: None,
+                exp: now_secs() - 10,
+                iat: 0,
+            },
             &EncodingKey::from_secret(b"s3cret"),
         )
         .unwrap();

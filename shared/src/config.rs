@@ -78,6 +78,10 @@ pub const UNCERTAIN: &str = "HERALD_UNCERTAIN";
 pub const MAX_STORAGE: &str = "HERALD_MAX_STORAGE";
 pub const DEFAULT_LOCALE: &str = "HERALD_DEFAULT_LOCALE";
 pub const REQUIRED_CATEGORIES: &str = "HERALD_REQUIRED_CATEGORIES";
+pub const INBOX_RETENTION: &str = "HERALD_INBOX_RETENTION";
+pub const INBOX_MAX_ITEMS: &str = "HERALD_INBOX_MAX_ITEMS";
+pub const CORS_ORIGINS: &str = "HERALD_CORS_ORIGINS";
+pub const SSE_HEARTBEAT: &str = "HERALD_SSE_HEARTBEAT";
 
 pub const VARS: &[Var] = &[
     Var {
@@ -308,6 +312,26 @@ pub const VARS: &[Var] = &[
         help: "channels this deployment delivers on (the gateway refuses others; `herald worker` runs them); unset: webhook and every channel whose provider is configured",
     },
     Var { name: LOG_FORMAT, default: Some("text"), help: "`text` (human-readable) or `json`" },
+    Var {
+        name: INBOX_RETENTION,
+        default: Some("90d"),
+        help: "how long in-app inbox items are kept: a default and per-tenant ages, like `90d,acme=30d,beta=7d` (per-message TTL); at most 3650d",
+    },
+    Var {
+        name: INBOX_MAX_ITEMS,
+        default: Some("1000"),
+        help: "the most items one user's inbox keeps; a new item beyond it drops the oldest (stream limit per subject)",
+    },
+    Var {
+        name: CORS_ORIGINS,
+        default: None,
+        help: "origins whose browser pages may call the API (comma separated, like `https://app.example.com`; `*` for any); unset: none",
+    },
+    Var {
+        name: SSE_HEARTBEAT,
+        default: Some("15s"),
+        help: "how often an idle inbox stream (server-sent events) gets a comment line, so proxies keep it open",
+    },
     Var {
         name: NATS_SERVER,
         default: None,
@@ -548,7 +572,7 @@ impl Providers {
             Channel::Email => self.smtp.is_some(),
             Channel::Sms => self.twilio.is_some(),
             Channel::Push => self.fcm.is_some() || self.apns.is_some(),
-            Channel::Inapp => false,
+            Channel::Inapp => true,
         }
     }
 
@@ -637,6 +661,58 @@ pub struct Config {
     pub tools_dir: Option<PathBuf>,
     /// Categories an operator marks required: a user's preferences cannot mute them.
     pub required_categories: Vec<String>,
+    /// How long in-app inbox items are kept, by default and per tenant.
+    pub inbox_retention: InboxRetention,
+    /// The most items one user's inbox keeps.
+    pub inbox_max_items: i64,
+    /// Origins allowed to call the API from a browser (`*` allows any).
+    pub cors_origins: Vec<String>,
+    /// Interval of the comment line on idle inbox streams.
+    pub sse_heartbeat: Duration,
+}
+
+/// `HERALD_INBOX_RETENTION`: how long inbox items live, a default and per-tenant overrides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboxRetention {
+    pub default: Duration,
+    pub tenants: Vec<(String, Duration)>,
+}
+
+/// The longest retention `HERALD_INBOX_RETENTION` accepts: ten years.
+pub const MAX_INBOX_RETENTION: Duration = Duration::from_secs(3650 * 24 * 3600);
+
+impl InboxRetention {
+    /// The age an item of `tenant` is kept to.
+    pub fn for_tenant(&self, tenant: Option<&str>) -> Duration {
+        tenant.and_then(|t| self.tenants.iter().find(|(name, _)| name == t)).map_or(self.default, |(_, d)| *d)
+    }
+
+    /// The longest retention of any tenant: how long read marks must be kept.
+    pub fn longest(&self) -> Duration {
+        self.tenants.iter().map(|(_, d)| *d).fold(self.default, Duration::max)
+    }
+
+    /// `90d` or `90d,acme=30d,beta=7d` (the default may also come after the tenants).
+    pub fn parse(s: &str) -> Result<InboxRetention, String> {
+        let age = |v: &str| match parse_duration(v)? {
+            d if d < Duration::from_secs(1) => Err(format!("{v:?}: at least 1s")),
+            d if d > MAX_INBOX_RETENTION => Err(format!("{v:?}: at most 3650d")),
+            d => Ok(d),
+        };
+        let mut default = None;
+        let mut tenants = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                Some((tenant, v)) if !tenant.trim().is_empty() => {
+                    tenants.push((tenant.trim().to_owned(), age(v.trim())?))
+                }
+                Some(_) => return Err(format!("{part:?} names no tenant")),
+                None if default.is_some() => return Err("more than one default age".into()),
+                None => default = Some(age(part)?),
+            }
+        }
+        Ok(InboxRetention { default: default.unwrap_or(Duration::from_secs(90 * 24 * 3600)), tenants })
+    }
 }
 
 /// A configuration value that could not be used.
@@ -801,6 +877,22 @@ impl Config {
                     }
                 })?,
             },
+            inbox_retention: parse_with(INBOX_RETENTION, &required(INBOX_RETENTION), InboxRetention::parse)?,
+            inbox_max_items: parse_with(INBOX_MAX_ITEMS, &required(INBOX_MAX_ITEMS), |s| {
+                match s.parse::<i64>() {
+                    Ok(n @ 1..=1_000_000) => Ok(n),
+                    _ => Err("expected a whole number from 1 to 1000000".into()),
+                }
+            })?,
+            cors_origins: value(CORS_ORIGINS)
+                .map(|s| {
+                    s.split(',')
+                        .map(|o| o.trim().trim_end_matches('/').to_owned())
+                        .filter(|o| !o.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            sse_heartbeat: parse_with(SSE_HEARTBEAT, &required(SSE_HEARTBEAT), positive_duration)?,
             data_dir,
         };
         config.channels = match value(CHANNELS) {
@@ -870,7 +962,7 @@ fn provider_vars(channel: Channel) -> &'static str {
         Channel::Push => {
             "set HERALD_FCM_PROJECT_ID and HERALD_FCM_CREDENTIALS, or the HERALD_APNS_* variables"
         }
-        Channel::Inapp => "this version of Herald has no in-app worker",
+        Channel::Inapp => "none is needed",
         Channel::Webhook => "none is needed",
     }
 }
@@ -1053,18 +1145,20 @@ fn parse_with<T>(
     parse(value).map_err(|reason| ConfigError { name, value: value.to_owned(), reason })
 }
 
-/// Parses `250ms`, `5s`, `2m` or `1h`.
+/// Parses `250ms`, `5s`, `2m`, `1h` or `7d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
-    let n: u64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 250ms, 5s, 2m or 1h"))?;
+    let n: u64 =
+        number.parse().map_err(|_| format!("{s:?} is not a duration like 250ms, 5s, 2m, 1h or 7d"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{s:?} is not a duration like 250ms, 5s, 2m or 1h")),
+        "d" => Ok(Duration::from_secs(n * 24 * 3600)),
+        _ => Err(format!("{s:?} is not a duration like 250ms, 5s, 2m, 1h or 7d")),
     }
 }
 

@@ -24,6 +24,15 @@ pub const AUDIT_STREAM: &str = "HERALD_AUDIT";
 /// Per-recipient counts (`throttle`): a counter per (tenant, user, category, channel, window).
 pub const THROTTLE_STREAM: &str = "HERALD_THROTTLE";
 pub const NOTIFICATIONS_BUCKET: &str = "herald_notifications";
+/// In-app inbox items, one subject per (tenant, user): `herald.inbox.<tenant token>.<user>`.
+pub const INBOX_STREAM: &str = "HERALD_INBOX";
+/// Read and archived marks of inbox items: `<tenant token>.<user>.<item>.<read|archived>`.
+pub const INBOX_STATE_BUCKET: &str = "herald_inbox_state";
+/// Each user's notifications, one entry per accepted notification, for the history endpoint:
+/// `herald.history.<tenant token>.<user>`.
+pub const HISTORY_STREAM: &str = "HERALD_HISTORY";
+/// The most history entries kept per user (the oldest go first).
+pub const HISTORY_PER_USER: i64 = 10_000;
 /// Users, their devices and preferences: `<tenant token>.<user id>` -> user (see `users`).
 pub const USERS_BUCKET: &str = "herald_users";
 /// Revisions kept per user: the latest is what counts; one more lets an operator see what the
@@ -71,20 +80,23 @@ pub const AUDIT_MAX_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The share of `HERALD_MAX_STORAGE`, in percent, each stream and the bucket may use. The
 /// ledger must hold a finished entry (about 520 bytes with its provider calls) for every intent
 /// HERALD_INTENTS can hold waiting (a small one is about 660 bytes), or a backlog that fills
-/// the intents stream would leave workers unable to record what they deliver: 36 × 520 / 660
-/// ≈ 28 < 32. An idempotency key (about 300 bytes) is kept a day where a ledger entry is kept
-/// eight, so 32 × 300 / 520 / 8 ≈ 2.3 < 3 keeps the keys from filling before the ledger.
-pub const STORAGE_SHARES: [(&str, u64); 10] = [
-    (INTENTS_STREAM, 36),
-    (NOTIFICATIONS_BUCKET, 32),
+/// the intents stream would leave workers unable to record what they deliver: 33 × 520 / 660
+/// ≈ 26 < 29. An idempotency key (about 300 bytes) is kept a day where a ledger entry is kept
+/// eight, so 29 × 300 / 520 / 8 ≈ 2.1 < 3 keeps the keys from filling before the ledger.
+pub const STORAGE_SHARES: [(&str, u64); 13] = [
+    (INTENTS_STREAM, 33),
+    (NOTIFICATIONS_BUCKET, 29),
     (IDEMPOTENCY_BUCKET, 3),
     (USERS_BUCKET, 2),
     (TEMPLATES_BUCKET, 2),
-    (DLQ_STREAM, 9),
-    (STATUS_STREAM, 8),
+    (DLQ_STREAM, 7),
+    (STATUS_STREAM, 6),
     (ADVISORIES_STREAM, 5),
     (AUDIT_STREAM, 2),
     (THROTTLE_STREAM, 1),
+    (INBOX_STREAM, 6),
+    (INBOX_STATE_BUCKET, 1),
+    (HISTORY_STREAM, 3),
 ];
 
 /// The JetStream stream behind every stream and bucket Herald stores data in (a bucket's is
@@ -428,7 +440,63 @@ pub fn bucket_configs(config: &Config) -> Vec<kv::Config> {
         users_bucket_config(r, share(USERS_BUCKET)),
         templates_bucket_config(r, share(TEMPLATES_BUCKET)),
         idempotency_bucket_config(r, share(IDEMPOTENCY_BUCKET)),
+        inbox_state_bucket_config(config, share(INBOX_STATE_BUCKET)),
     ]
+}
+
+fn inbox_state_bucket_config(config: &Config, max_bytes: i64) -> kv::Config {
+    kv::Config {
+        num_replicas: config.stream_replicas,
+        bucket: INBOX_STATE_BUCKET.into(),
+        description: "inbox marks: (tenant, user, item, read|archived) -> on/off and when".into(),
+        history: 1,
+        // A mark outlives no item: kept as long as the longest retention, and a day more.
+        max_age: config.inbox_retention.longest() + Duration::from_secs(24 * 3600),
+        // Full means marking answers 503; what is marked stays.
+        max_bytes,
+        storage: StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// HERALD_INBOX: every in-app item, one subject per user. The per-user count and each item's
+/// age (its tenant's retention, a per-message TTL) are JetStream limits: nothing sweeps.
+fn inbox_stream_config(config: &Config, max_bytes: i64) -> stream::Config {
+    stream::Config {
+        num_replicas: config.stream_replicas,
+        name: INBOX_STREAM.into(),
+        description: Some("in-app inbox items: one subject per (tenant, user)".into()),
+        subjects: vec!["herald.inbox.>".into()],
+        storage: StorageType::File,
+        max_messages_per_subject: config.inbox_max_items,
+        // Each item carries its tenant's retention as `Nats-TTL`.
+        allow_message_ttl: true,
+        max_bytes,
+        // An inbox is a feed: when full, the oldest items make room.
+        discard: DiscardPolicy::Old,
+        // A redelivered intent stores its item once (`Nats-Msg-Id` = the notification).
+        duplicate_window: Duration::from_secs(120),
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// HERALD_HISTORY: one entry per accepted notification with a user, on the user's subject, kept
+/// as long as the ledger keeps the notification's state.
+fn history_stream_config(replicas: usize, max_bytes: i64) -> stream::Config {
+    stream::Config {
+        num_replicas: replicas,
+        name: HISTORY_STREAM.into(),
+        description: Some("each user's notifications, for the history endpoint".into()),
+        subjects: vec!["herald.history.>".into()],
+        storage: StorageType::File,
+        max_age: LEDGER_MAX_AGE,
+        max_messages_per_subject: HISTORY_PER_USER,
+        max_bytes,
+        discard: DiscardPolicy::Old,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    }
 }
 
 pub fn bench_stream_config() -> stream::Config {
@@ -507,6 +575,8 @@ pub fn stream_configs(config: &Config) -> Vec<stream::Config> {
         advisories_stream_config(r, share(ADVISORIES_STREAM)),
         audit_stream_config(r, share(AUDIT_STREAM)),
         throttle_stream_config(r, share(THROTTLE_STREAM)),
+        inbox_stream_config(config, share(INBOX_STREAM)),
+        history_stream_config(r, share(HISTORY_STREAM)),
     ]
 }
 
@@ -578,6 +648,10 @@ pub struct Topology {
     pub templates: crate::template_store::TemplateStore,
     /// Idempotency keys in `herald_idempotency`.
     pub keys: crate::idempotency::Keys,
+    /// In-app inboxes: HERALD_INBOX and `herald_inbox_state`.
+    pub inbox: crate::inbox::Inbox,
+    /// Each user's notifications (HERALD_HISTORY).
+    pub history: crate::history::History,
 }
 
 impl Topology {
@@ -741,7 +815,7 @@ async fn handles(
     config: &Config,
     stores: Vec<kv::Store>,
 ) -> Result<Topology, TopologyError> {
-    let [kv, users, templates, keys]: [kv::Store; 4] =
+    let [kv, users, templates, keys, inbox_state]: [kv::Store; 5] =
         stores.try_into().map_err(|_| TopologyError::Nats("bucket list".into()))?;
     Ok(Topology {
         keys: crate::idempotency::Keys::new(keys, config.idempotency_horizon),
@@ -752,6 +826,16 @@ async fn handles(
         ledger: Ledger::new(js.clone(), kv, config.claim_ttl()),
         users: Users::new(users, config.required_categories.clone()),
         templates: crate::template_store::TemplateStore::new(templates),
+        inbox: crate::inbox::Inbox::new(
+            js.clone(),
+            js.get_stream(INBOX_STREAM).await.map_err(|e| nats(INBOX_STREAM)(&e))?,
+            inbox_state,
+            config.inbox_retention.clone(),
+        ),
+        history: crate::history::History::new(
+            js.clone(),
+            js.get_stream(HISTORY_STREAM).await.map_err(|e| nats(HISTORY_STREAM)(&e))?,
+        ),
     })
 }
 

@@ -164,6 +164,7 @@ async fn tokens_are_checked() {
             sub: "tests".into(),
             tenant: None,
             scope: auth::SCOPE_SEND.into(),
+            user: None,
             exp: (chrono::Utc::now().timestamp() - 60) as u64,
             iat: 0,
         },

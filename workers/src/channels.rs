@@ -9,6 +9,7 @@
 //! | sms | `recipient.phone` | `twilio` |
 //! | push | each device token | `fcm` or `apns`, by the device's platform |
 //! | webhook | `recipient.webhook_url` | `webhook` (a breaker per receiving host) |
+//! | inapp | `recipient.user_id` | none: the item is stored in the user's inbox (HERALD_INBOX) |
 
 use std::sync::Arc;
 
@@ -32,6 +33,8 @@ pub enum Sender {
     Addressed(Addressed),
     /// Every device of the recipient, each through its platform's chain.
     Push(Box<PushSender>),
+    /// The recipient's in-app inbox.
+    Inbox(Box<InboxSender>),
 }
 
 impl Deliver for Sender {
@@ -39,6 +42,7 @@ impl Deliver for Sender {
         match self {
             Sender::Addressed(a) => a.deliver(intent).await,
             Sender::Push(p) => p.deliver(intent).await,
+            Sender::Inbox(i) => i.deliver(intent).await,
         }
     }
 }
@@ -102,7 +106,56 @@ pub fn build(
                 .collect();
             Ok(Sender::Addressed(Addressed { chain: chain(providers), channel }))
         }
-        other => anyhow::bail!("channel {other} has no worker in this version of Herald"),
+        Channel::Inapp => Ok(Sender::Inbox(Box::new(InboxSender { inbox: topology.inbox.clone() }))),
+    }
+}
+
+/// The in-app channel: delivering is storing the rendered item in the user's inbox, where the
+/// inbox API and its live stream serve it. The call is recorded like a provider's, as `inbox`,
+/// with the item's sequence as its id.
+pub struct InboxSender {
+    inbox: herald_shared::inbox::Inbox,
+}
+
+impl Deliver for InboxSender {
+    async fn deliver<'a>(&'a self, intent: &'a Intent) -> Delivery {
+        use herald_shared::inbox::{Item, Owner};
+        let Some(user) = intent.recipient.user_id.as_deref() else {
+            return Delivery::failed(DeliveryError::Permanent {
+                message: "the inapp channel needs recipient.user_id".into(),
+            });
+        };
+        let item = Item {
+            id: intent.id.clone(),
+            title: intent.content.title.clone(),
+            body: intent.content.body.clone(),
+            data: intent.data.clone(),
+            category: intent.category.clone(),
+            created_at: intent.created_at.unwrap_or_else(chrono::Utc::now),
+        };
+        let started = std::time::Instant::now();
+        let result = self.inbox.store(Owner { tenant: intent.tenant.as_deref(), user }, &item).await;
+        let mut call = herald_shared::state::ProviderCall {
+            provider: "inbox".into(),
+            provider_message_id: None,
+            latency_ms: started.elapsed().as_millis() as u64,
+            failure: None,
+            error: None,
+            device: None,
+            detail: None,
+        };
+        let result = match result {
+            Ok(sequence) => {
+                call.provider_message_id = Some(sequence.to_string());
+                Ok(())
+            }
+            Err(e) => {
+                call.failure = Some(herald_shared::state::FailureKind::Unavailable);
+                call.error = Some(e.to_string());
+                Err(DeliveryError::Transient { message: e.to_string(), retry_after: None })
+            }
+        };
+        Delivery { result, calls: vec![call] }
     }
 }
 

@@ -1,12 +1,14 @@
 //! The API, one struct per resource. [`Tags`] groups operations in the spec.
 
 mod dlq;
+mod inbox;
 mod notifications;
 mod system;
 mod templates;
 mod users;
 
 pub use dlq::{DlqApi, Jobs};
+pub use inbox::InboxApi;
 pub use notifications::NotificationsApi;
 pub use system::SystemApi;
 pub use templates::TemplatesApi;
@@ -48,6 +50,9 @@ pub enum Tags {
     DeadLetters,
     /// Users, their push devices and their preferences (scopes `users:read`, `users:write`).
     Users,
+    /// Users' in-app inboxes, live, and end users' tokens for them (scopes `inbox`,
+    /// `tokens:write`).
+    Inbox,
     /// Liveness, readiness and metrics.
     System,
 }

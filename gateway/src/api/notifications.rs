@@ -12,7 +12,7 @@ use herald_shared::{
 use poem::web::Data;
 use poem_openapi::{
     ApiResponse, Enum, Object, OpenApi,
-    param::{Header, Path},
+    param::{Header, Path, Query},
     payload::Json,
 };
 use serde::{Deserialize, Serialize};
@@ -382,6 +382,28 @@ enum BatchResponse {
     Ok(Json<BatchBody>),
 }
 
+/// A page of a user's notifications, newest first.
+#[derive(Debug, Object)]
+#[oai(rename = "NotificationPage")]
+pub struct NotificationPage {
+    notifications: Vec<NotificationBody>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page. Notifications
+    /// accepted meanwhile never shift a page.
+    #[oai(skip_serializing_if_is_none)]
+    next_cursor: Option<String>,
+}
+
+#[derive(ApiResponse)]
+enum ListResponse {
+    /// A page of the user's notifications.
+    #[oai(status = 200)]
+    Ok(Json<NotificationPage>),
+}
+
+/// Default and largest page of `GET /v1/notifications`.
+const DEFAULT_HISTORY_LIMIT: u32 = 50;
+const MAX_HISTORY_LIMIT: u32 = 200;
+
 #[derive(ApiResponse)]
 enum GetResponse {
     /// The notification.
@@ -429,7 +451,7 @@ impl NotificationsApi {
         if body.idempotency_key.is_none() {
             body.idempotency_key = idempotency_key.0;
         }
-        let tenant = claims.tenant.clone().unwrap_or_else(|| claims.sub.clone());
+        let tenant = claims.tenant_or_sub().to_owned();
         let accepted = send(&state, &tenant, &correlation.0.0, body).await?;
         Ok(CreateResponse::Accepted(Json(accepted)))
     }
@@ -460,7 +482,7 @@ impl NotificationsApi {
             .into());
         }
         state.rate_limit(claims, items.len() as u64)?;
-        let tenant = claims.tenant.clone().unwrap_or_else(|| claims.sub.clone());
+        let tenant = claims.tenant_or_sub().to_owned();
         let correlation_id = &correlation.0.0;
         let state = &*state;
         let results: Vec<BatchItemBody> = futures::stream::iter(items.into_iter().enumerate())
@@ -517,6 +539,90 @@ impl NotificationsApi {
         })))
     }
 
+    /// List a user's notifications
+    ///
+    /// Every notification sent to `user_id` through this API in the last 8 days (as long as
+    /// their status is kept), newest first, with their status on every channel. `status` keeps
+    /// those whose overall status is that one, or with `channel` that channel's status.
+    #[oai(path = "/v1/notifications", method = "get", operation_id = "listNotifications")]
+    #[allow(clippy::too_many_arguments)]
+    async fn list(
+        &self,
+        auth: BearerAuth,
+        state: Data<&Arc<AppState>>,
+        /// The user (`recipient.user_id`).
+        user_id: Query<String>,
+        /// Only notifications in this status.
+        status: Query<Option<ApiStatus>>,
+        /// Only notifications sent on this channel.
+        channel: Query<Option<ApiChannel>>,
+        /// Only notifications created at or after this time (RFC 3339).
+        since: Query<Option<DateTime<Utc>>>,
+        /// The `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+        /// Notifications per page, 1 to 200 (default 50).
+        limit: Query<Option<u32>>,
+    ) -> Result<ListResponse, ErrorResponse> {
+        let claims = auth.require(SCOPE_READ)?;
+        let tenant = claims.tenant_or_sub();
+        if !herald_shared::users::is_valid_user_id(&user_id.0) {
+            return Err(
+                ApiError::invalid("user_id", "a user id is 1 to 128 characters of A-Z a-z 0-9 - _").into()
+            );
+        }
+        let limit = match limit.0 {
+            None => DEFAULT_HISTORY_LIMIT,
+            Some(n @ 1..=MAX_HISTORY_LIMIT) => n,
+            Some(_) => {
+                return Err(ApiError::invalid("limit", format!("from 1 to {MAX_HISTORY_LIMIT}")).into());
+            }
+        } as usize;
+        let before = match cursor.0.as_deref() {
+            None => None,
+            Some(c) => Some(c.parse::<u64>().map_err(|_| {
+                ApiError::invalid("cursor", "not a cursor this API gave (the `next_cursor` of a page)")
+            })?),
+        };
+        let topology = state.topology()?;
+        let owner = herald_shared::inbox::Owner { tenant: Some(tenant), user: &user_id.0 };
+        let channel: Option<Channel> = channel.0.map(Into::into);
+        let entries = state.within(2, topology.history.entries(owner, before, since.0)).await?;
+        let mut candidates =
+            entries.into_iter().filter(|(_, e)| channel.is_none_or(|c| e.channels.contains(&c))).peekable();
+        let mut page = Vec::new();
+        let mut last = None;
+        let mut seen = std::collections::HashSet::new();
+        // Statuses are read a page's worth at a time until the page is full.
+        while page.len() < limit && candidates.peek().is_some() {
+            let chunk: Vec<(u64, herald_shared::history::Entry)> = candidates
+                .by_ref()
+                .filter(|(_, e)| seen.insert(e.id.clone()))
+                .take(limit - page.len())
+                .collect();
+            let reads = chunk.iter().map(|(_, e)| topology.ledger.record(Some(tenant), &e.id));
+            let records = state.within(1, futures::future::try_join_all(reads)).await?;
+            for ((sequence, _), record) in chunk.into_iter().zip(records) {
+                last = Some(sequence);
+                let Some(record) = record else { continue };
+                let shown = match (status.0, channel) {
+                    (None, _) => true,
+                    (Some(want), None) => ApiStatus::from(record.overall()) == want,
+                    (Some(want), Some(c)) => {
+                        record.channels.get(&c).is_some_and(|s| ApiStatus::from(s.status) == want)
+                    }
+                };
+                if shown {
+                    page.push(notification_body(record));
+                }
+            }
+        }
+        let next_cursor = match (candidates.peek(), last) {
+            (Some(_), Some(sequence)) => Some(sequence.to_string()),
+            _ => None,
+        };
+        Ok(ListResponse::Ok(Json(NotificationPage { notifications: page, next_cursor })))
+    }
+
     /// Get a notification's status
     ///
     /// Overall and per-channel status, attempts, last error and timestamps.
@@ -533,7 +639,7 @@ impl NotificationsApi {
         if !intent::is_valid_id(&id.0) {
             return Err(not_found().into());
         }
-        let tenant = claims.tenant.as_deref().unwrap_or(&claims.sub);
+        let tenant = claims.tenant_or_sub();
         // Ledger keys carry the tenant: another tenant's notification, or one published
         // straight to NATS without a tenant, is simply not there for this caller.
         let lookup = tokio::time::timeout(

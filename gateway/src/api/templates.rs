@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use herald_shared::{
-    auth::{Claims, SCOPE_TEMPLATES_READ, SCOPE_TEMPLATES_WRITE},
+    auth::{SCOPE_TEMPLATES_READ, SCOPE_TEMPLATES_WRITE},
     template_store::{Found, TemplateStore},
     templates::{Audience, Parts, canonical_locale, valid_code},
     users::{Precondition, parse_time_zone},
@@ -215,10 +215,6 @@ fn store(state: &AppState) -> Result<&TemplateStore, ApiError> {
     Ok(&state.topology()?.templates)
 }
 
-fn tenant(claims: &Claims) -> &str {
-    claims.tenant.as_deref().unwrap_or(&claims.sub)
-}
-
 fn code(code: &str) -> Result<(), ApiError> {
     if valid_code(code) {
         Ok(())
@@ -281,9 +277,11 @@ impl TemplatesApi {
         let parts: Parts = parts.0.into();
         parts.check().map_err(ApiError::from)?;
         let store = store(&state)?;
-        let found =
-            timely(&state, store.put(tenant(claims), &code.0, &locale, parts, &claims.sub, None, expected))
-                .await?;
+        let found = timely(
+            &state,
+            store.put(claims.tenant_or_sub(), &code.0, &locale, parts, &claims.sub, None, expected),
+        )
+        .await?;
         tracing::info!(code = %code.0, %locale, version = found.0.version, author = %claims.sub, "template written");
         let tag = etag(found.1);
         Ok(TemplateResponse::Ok(Json(body(found)), tag))
@@ -307,8 +305,8 @@ impl TemplatesApi {
         let locale = self::locale(&locale.0)?;
         let store = store(&state)?;
         let found = match version.0 {
-            None => timely(&state, store.latest(tenant(claims), &code.0, &locale)).await?,
-            Some(n) => timely(&state, store.version(tenant(claims), &code.0, &locale, n)).await?,
+            None => timely(&state, store.latest(claims.tenant_or_sub(), &code.0, &locale)).await?,
+            Some(n) => timely(&state, store.version(claims.tenant_or_sub(), &code.0, &locale, n)).await?,
         };
         let found = found.ok_or_else(|| not_found(&code.0, &locale))?;
         let tag = etag(found.1);
@@ -332,7 +330,7 @@ impl TemplatesApi {
         self::code(&code.0)?;
         let locale = self::locale(&locale.0)?;
         let store = store(&state)?;
-        let versions = timely(&state, store.versions(tenant(claims), &code.0, &locale)).await?;
+        let versions = timely(&state, store.versions(claims.tenant_or_sub(), &code.0, &locale)).await?;
         if versions.is_empty() {
             return Err(not_found(&code.0, &locale).into());
         }
@@ -368,8 +366,9 @@ impl TemplatesApi {
         let locale = self::locale(&locale.0)?;
         let store = store(&state)?;
         let n = request.0.version;
-        let (old, _) =
-            timely(&state, store.version(tenant(claims), &code.0, &locale, n)).await?.ok_or_else(|| {
+        let (old, _) = timely(&state, store.version(claims.tenant_or_sub(), &code.0, &locale, n))
+            .await?
+            .ok_or_else(|| {
                 ApiError::NotFound(format!(
                     "template {:?} in {locale:?} has no version {n} (kept: the last 64)",
                     code.0
@@ -377,7 +376,7 @@ impl TemplatesApi {
             })?;
         let found = timely(
             &state,
-            store.put(tenant(claims), &code.0, &locale, old.parts, &claims.sub, Some(n), None),
+            store.put(claims.tenant_or_sub(), &code.0, &locale, old.parts, &claims.sub, Some(n), None),
         )
         .await?;
         tracing::info!(code = %code.0, %locale, version = found.0.version, restores = n, author = %claims.sub, "template rolled back");
@@ -398,7 +397,7 @@ impl TemplatesApi {
         self::code(&code.0)?;
         let locale = self::locale(&locale.0)?;
         let store = store(&state)?;
-        timely(&state, store.delete(tenant(claims), &code.0, &locale)).await?;
+        timely(&state, store.delete(claims.tenant_or_sub(), &code.0, &locale)).await?;
         tracing::info!(code = %code.0, %locale, author = %claims.sub, "template deleted");
         Ok(DeleteResponse::Deleted)
     }
@@ -412,7 +411,7 @@ impl TemplatesApi {
     ) -> Result<ListResponse, ErrorResponse> {
         let claims = auth.require(SCOPE_TEMPLATES_READ)?;
         let store = store(&state)?;
-        let all = timely(&state, store.list(tenant(claims))).await?;
+        let all = timely(&state, store.list(claims.tenant_or_sub())).await?;
         Ok(ListResponse::Ok(Json(all.into_iter().map(body).collect())))
     }
 
@@ -446,7 +445,7 @@ impl TemplatesApi {
             None => chrono_tz::UTC,
         };
         let store = store(&state)?;
-        let t = tenant(claims);
+        let t = claims.tenant_or_sub();
         let found = match request.version {
             None => timely(&state, store.resolve(t, &code.0, &wanted, &state.config.default_locale)).await?,
             Some(n) => timely(&state, store.version(t, &code.0, &wanted, n)).await?,

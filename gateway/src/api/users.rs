@@ -228,11 +228,6 @@ enum PreferencesResponse {
     Ok(Json<PreferencesBody>, #[oai(header = "ETag")] String),
 }
 
-/// The tenant a token acts for: its `tenant` claim, else its subject (as for notifications).
-fn tenant(claims: &Claims) -> &str {
-    claims.tenant.as_deref().unwrap_or(&claims.sub)
-}
-
 fn check_id(id: &str) -> Result<(), ApiError> {
     if users::is_valid_user_id(id) {
         Ok(())
@@ -440,9 +435,10 @@ impl UsersApi {
         let precondition = precondition(if_match.0.as_deref())?;
         let fields = into_fields(body.0, Utc::now())?;
         let users = &state.topology()?.users;
-        let (user, created) =
-            bounded(&state, async { Ok(users.put(tenant(claims), &id.0, fields, precondition).await?) })
-                .await?;
+        let (user, created) = bounded(&state, async {
+            Ok(users.put(claims.tenant_or_sub(), &id.0, fields, precondition).await?)
+        })
+        .await?;
         let tag = etag(user.revision);
         Ok(if created {
             PutUserResponse::Created(Json(user_body(user)), tag)
@@ -490,7 +486,7 @@ impl UsersApi {
         let users = &state.topology()?.users;
         let user = bounded(&state, async {
             users
-                .modify(tenant(claims), &id.0, precondition, |current| {
+                .modify(claims.tenant_or_sub(), &id.0, precondition, |current| {
                     let mut doc = as_input(current);
                     users::merge_patch(&mut doc, &patch);
                     into_fields(parse_input(doc)?, Utc::now())
@@ -519,7 +515,8 @@ impl UsersApi {
             return Err(ApiError::NotFound(format!("no user {:?}", id.0)).into());
         }
         let users = &state.topology()?.users;
-        bounded(&state, async { Ok(users.delete(tenant(claims), &id.0, precondition).await?) }).await?;
+        bounded(&state, async { Ok(users.delete(claims.tenant_or_sub(), &id.0, precondition).await?) })
+            .await?;
         Ok(DeletedResponse::Deleted)
     }
 
@@ -548,7 +545,7 @@ impl UsersApi {
             return Err(ApiError::malformed(Some("cursor".into()), "not a cursor this API gave").into());
         }
         catch_up(&state).await;
-        let prefix = users::tenant_prefix(tenant(claims));
+        let prefix = users::tenant_prefix(claims.tenant_or_sub());
         let copy = state.users_copy.clone();
         let after = cursor.0.clone();
         let rows = tokio::task::spawn_blocking(move || copy.list(&prefix, after.as_deref(), limit + 1))
@@ -590,7 +587,7 @@ impl UsersApi {
         let mut added = false;
         let user = bounded(&state, async {
             users
-                .modify(tenant(claims), &id.0, precondition, |current| {
+                .modify(claims.tenant_or_sub(), &id.0, precondition, |current| {
                     let mut fields = current.fields.clone();
                     match fields.devices.iter_mut().find(|d| d.token == device.token) {
                         Some(d) => {
@@ -640,7 +637,7 @@ impl UsersApi {
         let users = &state.topology()?.users;
         bounded(&state, async {
             users
-                .modify(tenant(claims), &id.0, precondition, |current| {
+                .modify(claims.tenant_or_sub(), &id.0, precondition, |current| {
                     let mut fields = current.fields.clone();
                     let before = fields.devices.len();
                     fields.devices.retain(|d| d.token != token.0);
@@ -697,7 +694,7 @@ impl UsersApi {
         preferences.validate(users.required(), "").map_err(|i| ApiError::invalid(i.field, i.message))?;
         let user = bounded(&state, async {
             users
-                .modify(tenant(claims), &id.0, precondition, |current| {
+                .modify(claims.tenant_or_sub(), &id.0, precondition, |current| {
                     Ok::<_, ApiError>(UserFields {
                         preferences: preferences.clone(),
                         ..current.fields.clone()
@@ -716,7 +713,7 @@ impl UsersApi {
 /// One user of the caller's tenant, from the bucket, or 404.
 async fn read(state: &AppState, claims: &Claims, id: &str) -> Result<Versioned<User>, ApiError> {
     let users = &state.topology()?.users;
-    bounded(state, async { Ok(users.get(tenant(claims), id).await?) })
+    bounded(state, async { Ok(users.get(claims.tenant_or_sub(), id).await?) })
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no user {id:?}")))
 }
