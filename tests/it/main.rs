@@ -14,6 +14,7 @@ mod dlq;
 mod email;
 mod failover;
 mod faults;
+mod inbox;
 mod ledger;
 mod limits;
 mod outage;

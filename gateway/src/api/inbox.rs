@@ -412,7 +412,8 @@ impl InboxApi {
     /// Follow a user's inbox live
     ///
     /// Server-sent events: `count` first, then `item` for each new item and `mark` for each
-    /// mark changed (each followed by a `count`). Every event's `id` is a position; a client
+    /// mark changed (each followed by a `count`). A resumed stream starts with what it missed,
+    /// then the `count`. Every event's `id` is a position; a client
     /// that reconnects with it as `Last-Event-ID` (a browser's `EventSource` does so itself)
     /// gets every item and mark it missed, once. Idle streams get a comment line every
     /// `HERALD_SSE_HEARTBEAT`. Browsers pass the token as `access_token`.
@@ -439,20 +440,19 @@ impl InboxApi {
                         futures::try_join!(inbox.items_after(owner, a), inbox.marks_after(owner, b))
                     })
                     .await?;
-                let (mut a, mut b) = (a, b);
-                for s in items {
-                    a = a.max(s.sequence);
-                    pending.push_back(Change::Item { owner: String::new(), stored: s });
-                }
-                for m in marks {
-                    b = b.max(m.sequence);
-                    pending.push_back(Change::Mark { owner: String::new(), change: m });
-                }
+                pending.extend(items.into_iter().map(|stored| Change::Item { owner: String::new(), stored }));
+                pending.extend(marks.into_iter().map(|change| Change::Mark { owner: String::new(), change }));
                 (a, b)
             }
             None => state.within(1, inbox.positions()).await?,
         };
-        let counts = state.within(2, inbox.counts(owner)).await?;
+        // A fresh connection, or one that missed nothing, starts with the counts; a catch-up
+        // ends with them.
+        let mut out = VecDeque::new();
+        if pending.is_empty() {
+            let counts = state.within(2, inbox.counts(owner)).await?;
+            out.push_back(count_event(items_at, marks_at, counts));
+        }
         let live = Live {
             inbox,
             tenant: owner.tenant.map(str::to_owned),
@@ -460,7 +460,7 @@ impl InboxApi {
             items_at,
             marks_at,
             caught_up: pending,
-            out: VecDeque::from([count_event(items_at, marks_at, counts)]),
+            out,
             listening,
         };
         let stream = futures::stream::unfold(live, Live::next).boxed();
