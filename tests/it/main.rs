@@ -5,6 +5,7 @@
 
 mod accept;
 mod api;
+mod browser;
 mod chaos;
 mod cli;
 mod cluster;
