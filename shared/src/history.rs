@@ -7,15 +7,16 @@
 //! status. Entries live as long as the ledger's (8 days), at most
 //! [`HISTORY_PER_USER`](crate::topology::HISTORY_PER_USER) per user.
 
-use async_nats::jetstream::{self, consumer::DeliverPolicy, message::PublishMessage, stream};
+use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     Channel, Intent,
-    inbox::{InboxError, Owner, read_to_end},
+    inbox::{InboxError, Owner, read_subject},
     ledger::tenant_token,
+    topology::HISTORY_STREAM,
 };
 
 /// One notification in a user's history.
@@ -38,12 +39,11 @@ pub fn subject(owner: Owner<'_>) -> String {
 #[derive(Clone)]
 pub struct History {
     js: jetstream::Context,
-    stream: stream::Stream,
 }
 
 impl History {
-    pub fn new(js: jetstream::Context, stream: stream::Stream) -> History {
-        History { js, stream }
+    pub fn new(js: jetstream::Context) -> History {
+        History { js }
     }
 
     /// Adds the notification these intents (its channels) make to its user's history, if it
@@ -81,16 +81,8 @@ impl History {
         before: Option<u64>,
         since: Option<DateTime<Utc>>,
     ) -> Result<Vec<(u64, Entry)>, InboxError> {
-        let deliver = match since {
-            // The stream's time is when the entry was stored, a moment after its `created_at`:
-            // start a minute early and filter exactly below.
-            Some(t) => DeliverPolicy::ByStartTime {
-                start_time: time::OffsetDateTime::from_unix_timestamp((t.timestamp() - 60).max(0))
-                    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
-            },
-            None => DeliverPolicy::All,
-        };
-        let messages = read_to_end(&self.stream, subject(owner), deliver).await?;
+        // Everything of the user (at most HISTORY_PER_USER entries); `since` filters below.
+        let messages = read_subject(&self.js, HISTORY_STREAM, &subject(owner), 1).await?;
         let mut out: Vec<(u64, Entry)> = messages
             .into_iter()
             .filter(|(sequence, _, _)| before.is_none_or(|b| *sequence < b))

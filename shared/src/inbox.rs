@@ -32,7 +32,11 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use crate::{config::InboxRetention, ledger::tenant_token, topology::INBOX_STATE_BUCKET};
+use crate::{
+    config::InboxRetention,
+    ledger::tenant_token,
+    topology::{INBOX_STATE_BUCKET, INBOX_STREAM},
+};
 
 /// One in-app notification as a user's inbox keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -164,6 +168,11 @@ pub fn item_subject(owner: Owner<'_>) -> String {
 
 fn mark_key(owner: Owner<'_>, item: &str, mark: Mark) -> String {
     format!("{}.{item}.{}", owner.token(), mark.token())
+}
+
+/// The stream behind the marks bucket.
+fn marks_stream() -> String {
+    format!("KV_{INBOX_STATE_BUCKET}")
 }
 
 fn marks_prefix(owner: Owner<'_>) -> String {
@@ -320,12 +329,7 @@ impl Inbox {
 
     /// `owner`'s items stored after sequence `after`, oldest first, without their marks.
     pub async fn items_after(&self, owner: Owner<'_>, after: u64) -> Result<Vec<Stored>, InboxError> {
-        let messages = read_to_end(
-            &self.items,
-            item_subject(owner),
-            DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
-        )
-        .await?;
+        let messages = read_subject(&self.js, INBOX_STREAM, &item_subject(owner), after + 1).await?;
         Ok(messages
             .into_iter()
             .filter_map(|(sequence, _, payload)| decode_item(sequence, &payload))
@@ -335,12 +339,7 @@ impl Inbox {
     /// Changes of `owner`'s marks after bucket sequence `after`, in order.
     pub async fn marks_after(&self, owner: Owner<'_>, after: u64) -> Result<Vec<MarkChange>, InboxError> {
         let prefix = marks_prefix(owner);
-        let messages = read_to_end(
-            &self.marks.stream,
-            format!("{prefix}>"),
-            DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
-        )
-        .await?;
+        let messages = read_subject(&self.js, &marks_stream(), &format!("{prefix}>"), after + 1).await?;
         Ok(messages
             .into_iter()
             .filter_map(|(sequence, subject, payload)| {
@@ -362,8 +361,8 @@ impl Inbox {
         owner: Owner<'_>,
     ) -> Result<HashMap<(String, Mark), MarkValue>, InboxError> {
         let prefix = marks_prefix(owner);
-        let messages =
-            read_to_end(&self.marks.stream, format!("{prefix}>"), DeliverPolicy::LastPerSubject).await?;
+        // The bucket keeps one message per key (history 1): reading them all reads the latest.
+        let messages = read_subject(&self.js, &marks_stream(), &format!("{prefix}>"), 1).await?;
         Ok(messages
             .into_iter()
             .filter_map(|(sequence, subject, payload)| {
@@ -477,45 +476,69 @@ fn decode_mark(sequence: u64, rest: &str, payload: &[u8]) -> Option<MarkChange> 
     Some(MarkChange { sequence, item: item.to_owned(), mark, value })
 }
 
-/// How long reading a subject to its end may go quiet before it counts as ended (messages
-/// removed while it reads can leave fewer than the count it started with).
-const QUIET: Duration = Duration::from_secs(2);
+/// Messages asked for per batch direct get.
+const BATCH: usize = 1000;
 
-/// Every message on `filter` from `deliver`, read with an ordered consumer up to the last one
-/// present when it started: (sequence, subject, payload).
-pub(crate) async fn read_to_end(
-    stream: &stream::Stream,
-    filter: String,
-    deliver: DeliverPolicy,
+/// Every message on `filter` (wildcards allowed) from sequence `from`, in order: (sequence,
+/// subject, payload). Read with JetStream's batch direct get (nats-server 2.11+), which needs
+/// no consumer: a listing costs requests, never a consumer the server keeps for a while after.
+pub(crate) async fn read_subject(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+    from: u64,
 ) -> Result<Vec<(u64, String, Bytes)>, InboxError> {
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: filter,
-            deliver_policy: deliver,
-            ..Default::default()
-        })
-        .await
-        .map_err(store)?;
-    let pending = consumer.cached_info().num_pending;
-    if pending == 0 {
-        return Ok(Vec::new());
-    }
-    let mut messages = consumer.messages().await.map_err(store)?;
-    let mut out = Vec::with_capacity(pending as usize);
+    use async_nats::header::{NATS_SEQUENCE, NATS_SUBJECT};
+    let client = js.client();
+    let api = format!("$JS.API.DIRECT.GET.{stream}");
+    let mut out = Vec::new();
+    let mut next = from.max(1);
     loop {
-        let next = tokio::time::timeout(QUIET, messages.next()).await;
-        let m = match next {
-            Err(_) | Ok(None) => break,
-            Ok(Some(m)) => m.map_err(store)?,
+        let inbox = client.new_inbox();
+        let mut replies = client.subscribe(inbox.clone()).await.map_err(store)?;
+        let request = serde_json::json!({"seq": next, "next_by_subj": filter, "batch": BATCH});
+        client
+            .publish_with_reply(api.clone(), inbox, serde_json::to_vec(&request).map_err(store)?.into())
+            .await
+            .map_err(store)?;
+        let mut got = 0;
+        let more = loop {
+            let reply = match tokio::time::timeout(Duration::from_secs(5), replies.next()).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Err(InboxError::Store("the direct get subscription closed".into())),
+                Err(_) => return Err(InboxError::Store(format!("no answer from {api}"))),
+            };
+            let headers = reply.headers.clone().unwrap_or_default();
+            match reply.status.map(|s| s.as_u16()) {
+                // The end of a batch: more may match past it.
+                Some(204) => {
+                    let pending = headers
+                        .get("Nats-Num-Pending")
+                        .and_then(|v| v.as_str().parse::<u64>().ok())
+                        .unwrap_or(0);
+                    break pending > 0 && got > 0;
+                }
+                // Nothing (more) matches.
+                Some(404) => break false,
+                Some(code) if code >= 300 => {
+                    return Err(InboxError::Store(format!(
+                        "{api}: {code} {}",
+                        reply.description.unwrap_or_default()
+                    )));
+                }
+                _ => {}
+            }
+            let sequence = headers.get(NATS_SEQUENCE).and_then(|v| v.as_str().parse::<u64>().ok());
+            let subject = headers.get(NATS_SUBJECT).map(|v| v.as_str().to_owned());
+            let (Some(sequence), Some(subject)) = (sequence, subject) else { continue };
+            got += 1;
+            next = sequence + 1;
+            out.push((sequence, subject, reply.payload));
         };
-        let info = m.info().map_err(store)?;
-        let (sequence, left) = (info.stream_sequence, info.pending);
-        out.push((sequence, m.subject.to_string(), m.payload.clone()));
-        if left == 0 {
-            break;
+        if !more {
+            return Ok(out);
         }
     }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -476,6 +476,7 @@ fn inbox_stream_config(config: &Config, max_bytes: i64) -> stream::Config {
         discard: DiscardPolicy::Old,
         // A redelivered intent stores its item once (`Nats-Msg-Id` = the notification).
         duplicate_window: Duration::from_secs(120),
+        // Listings read a user's subject with batch direct gets.
         allow_direct: true,
         ..Default::default()
     }
@@ -495,6 +496,8 @@ fn history_stream_config(replicas: usize, max_bytes: i64) -> stream::Config {
         max_bytes,
         discard: DiscardPolicy::Old,
         duplicate_window: Duration::from_secs(120),
+        // Listings read a user's subject with batch direct gets.
+        allow_direct: true,
         ..Default::default()
     }
 }
@@ -832,10 +835,7 @@ async fn handles(
             inbox_state,
             config.inbox_retention.clone(),
         ),
-        history: crate::history::History::new(
-            js.clone(),
-            js.get_stream(HISTORY_STREAM).await.map_err(|e| nats(HISTORY_STREAM)(&e))?,
-        ),
+        history: crate::history::History::new(js.clone()),
     })
 }
 

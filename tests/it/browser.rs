@@ -34,7 +34,9 @@ impl Browser {
     async fn start() -> Option<Browser> {
         if !Path::new(CHROMIUM).exists() || !Path::new(CHROMEDRIVER).exists() {
             if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("{CHROMIUM} or {CHROMEDRIVER} is missing: .ci/run installs chromium and chromium-driver");
+                panic!(
+                    "{CHROMIUM} or {CHROMEDRIVER} is missing: .ci/run installs chromium and chromium-driver"
+                );
             }
             eprintln!(
                 "\n*** SKIPPED: the /inbox browser test needs Debian's chromium and chromium-driver \
@@ -88,11 +90,17 @@ impl Browser {
             .as_str()
             .unwrap_or_else(|| panic!("no WebDriver session: {created}"))
             .to_owned();
-        Some(Browser { http, session: format!("{base}/session/{session}"), _profile: profile, _driver: driver })
+        Some(Browser {
+            http,
+            session: format!("{base}/session/{session}"),
+            _profile: profile,
+            _driver: driver,
+        })
     }
 
     async fn command(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
-        let resp = self.http.request(method, format!("{}{path}", self.session)).json(&body).send().await.unwrap();
+        let resp =
+            self.http.request(method, format!("{}{path}", self.session)).json(&body).send().await.unwrap();
         let status = resp.status();
         let answer = resp.json::<Value>().await.unwrap();
         assert!(status.is_success(), "WebDriver {path}: {status} {answer}");
@@ -110,8 +118,9 @@ impl Browser {
 
     /// Clicks the element `css` finds, as a user would.
     async fn click(&self, css: &str) {
-        let found =
-            self.command(reqwest::Method::POST, "/element", json!({"using": "css selector", "value": css})).await;
+        let found = self
+            .command(reqwest::Method::POST, "/element", json!({"using": "css selector", "value": css}))
+            .await;
         let id = found[ELEMENT].as_str().unwrap().to_owned();
         self.command(reqwest::Method::POST, &format!("/element/{id}/click"), json!({})).await;
     }
@@ -192,11 +201,13 @@ async fn the_inbox_page_lists_updates_live_and_marks_read() {
     })
     .await;
 
-    let token = auth::mint_for_user(&stack.config.jwt_secret, Some(TENANT), "ada", Duration::from_secs(600)).0;
+    let token =
+        auth::mint_for_user(&stack.config.jwt_secret, Some(TENANT), "ada", Duration::from_secs(600)).0;
     browser.open(&format!("{}/inbox#user=ada&token={token}", stack.base)).await;
     let page = eventually(Duration::from_secs(20), "the page to list both items, live", || async {
         let page = shown(&browser).await;
-        (page["items"].as_array()?.len() == 2 && page["badge"] == "2" && page["status"] == "live").then_some(page)
+        (page["items"].as_array()?.len() == 2 && page["badge"] == "2" && page["status"] == "live")
+            .then_some(page)
     })
     .await;
     assert_eq!(page["error"], "");
@@ -236,6 +247,7 @@ async fn the_inbox_page_lists_updates_live_and_marks_read() {
         .json()
         .await
         .unwrap();
-    let unread: Vec<&str> = listed["items"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
+    let unread: Vec<&str> =
+        listed["items"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
     assert_eq!(unread, vec![third.as_str(), second.as_str()]);
 }

@@ -599,3 +599,96 @@ async fn cors_lets_only_the_configured_origins_in() {
         .unwrap();
     assert!(resp.headers().get("access-control-allow-origin").is_none());
 }
+
+/// Idle live streams cost little: 2,000 of them, one per user, held by one `herald gateway`
+/// process, each still live (a new item reaches its stream). Prints the gateway's resident
+/// memory before and with them, the figure README reports.
+#[tokio::test]
+async fn two_thousand_idle_streams_are_held_by_one_gateway() {
+    const STREAMS: usize = 2000;
+    let stack = Stack::start().await;
+    let port = herald_shared::nats_server::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = crate::cli::KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["gateway"])
+            .env("HERALD_NATS_URL", stack.nats.url())
+            .env("HERALD_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("HERALD_DATA_DIR", dir.path())
+            .env("HERALD_JWT_SECRET", &stack.config.jwt_secret)
+            .env("HERALD_MAX_CONNECTIONS", "3000")
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let http = crate::support::http_client();
+    eventually(Duration::from_secs(30), "the gateway to be ready", || {
+        let (http, url) = (http.clone(), format!("{base}/ready"));
+        async move { http.get(url).send().await.ok()?.status().is_success().then_some(()) }
+    })
+    .await;
+    let pid = gateway.0.id();
+    let before = herald_bench::Memory::of_process(pid).unwrap();
+
+    // One client connection per stream, opened 50 at a time; each stream's first event (its
+    // counts) shows it is served.
+    let secret = stack.config.jwt_secret.clone();
+    let open = |i: usize| {
+        let (base, secret) = (base.clone(), secret.clone());
+        async move {
+            let user = format!("u{i}");
+            let token = auth::mint_for_user(&secret, Some(TENANT), &user, Duration::from_secs(600)).0;
+            let client = reqwest::Client::builder().no_proxy().build().unwrap();
+            let resp = client
+                .get(format!("{base}/v1/users/{user}/inbox/stream"))
+                .query(&[("access_token", token.as_str())])
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            if status != 200 {
+                panic!("stream {i}: {status} {}", resp.text().await.unwrap_or_default());
+            }
+            let mut events = Events { body: resp.bytes_stream().boxed(), buffer: String::new() };
+            let first = events.expect("count").await;
+            assert_eq!(first.data["count"], json!({"unread": 0, "total": 0}));
+            (client, events)
+        }
+    };
+    let mut streams: Vec<(reqwest::Client, Events)> =
+        futures::stream::iter(0..STREAMS).map(open).buffered(50).collect().await;
+    let with = herald_bench::Memory::of_process(pid).unwrap();
+    eprintln!(
+        "herald gateway RSS: {:.1} MB idle, {:.1} MB with {STREAMS} live inbox streams ({:.1} KB each)",
+        before.current_kib as f64 / 1024.0,
+        with.current_kib as f64 / 1024.0,
+        (with.current_kib.saturating_sub(before.current_kib)) as f64 / STREAMS as f64
+    );
+
+    // Still live: an item stored for one user reaches that user's stream, and only it.
+    let (_client, js) = herald_shared::topology::connect(&stack.config, "test").await.unwrap();
+    let topology = herald_shared::topology::ensure(&js, &stack.config).await.unwrap();
+    let item = herald_shared::inbox::Item {
+        id: "n-1234".into(),
+        title: Some("for u1234".into()),
+        body: None,
+        data: Default::default(),
+        category: None,
+        created_at: chrono::Utc::now(),
+    };
+    topology
+        .inbox
+        .store(herald_shared::inbox::Owner { tenant: Some(TENANT), user: "u1234" }, &item)
+        .await
+        .unwrap();
+    let got = streams[1234].1.expect("item").await;
+    assert_eq!(got.data["item"]["title"], "for u1234");
+    assert!(
+        streams[1233].1.next(Duration::from_millis(300)).await.is_none(),
+        "another user's stream stays quiet"
+    );
+    drop(gateway);
+}
