@@ -91,6 +91,42 @@ async fn up_runs_the_whole_stack_and_ctrl_c_stops_everything() {
         .unwrap();
     let status = resp.status();
     assert_eq!(status, 202, "{}", resp.text().await.unwrap());
+    // The printed in-app curl lands in user 42's inbox, where the printed page (with that
+    // user's token) reads it.
+    let page =
+        banner.split_whitespace().find(|w| w.contains("/inbox#user=42&token=")).expect("the inbox address");
+    let user_token = page.split("token=").nth(1).unwrap().to_owned();
+    let inbox_page = http.get(page.split('#').next().unwrap()).send().await.unwrap();
+    assert_eq!(inbox_page.status(), 200);
+    assert!(inbox_page.text().await.unwrap().contains("EventSource"));
+    assert!(banner.contains("\"channels\":[\"inapp\"]"), "{banner}");
+    let resp = http
+        .post(format!("http://127.0.0.1:{port}/v1/notifications"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"recipient": {"user_id": "42"}, "channels": ["inapp"], "template": "order_shipped",
+            "data": {"order": 1234, "total": 59.9, "shipped_at": "2026-11-22T10:00:00Z"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let item =
+        crate::support::eventually(Duration::from_secs(15), "the in-app item in user 42's inbox", || {
+            let (http, user_token) = (http.clone(), user_token.clone());
+            async move {
+                let page: serde_json::Value = http
+                    .get(format!("http://127.0.0.1:{port}/v1/users/42/inbox"))
+                    .bearer_auth(user_token)
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                page["items"].as_array()?.iter().find(|i| i["title"] == "Order 1234 shipped").cloned()
+            }
+        })
+        .await;
+    assert_eq!(item["read"], false);
     // Every local copy of the process (the gateway's users, the worker's users and templates)
     // says how far behind it is.
     // The workers open theirs as they start, which may be just after the banner.

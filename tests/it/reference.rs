@@ -253,7 +253,8 @@ async fn a_channel_the_user_lacks_falls_back_to_the_next_in_their_order() {
 #[tokio::test]
 async fn a_user_without_the_channels_address_is_skipped_with_the_reason() {
     let sink = Sink::ok().await;
-    let stack = Stack::start().await;
+    // Webhook alone: with the in-app channel every user has an address (their inbox).
+    let stack = Stack::start_with(&[("HERALD_CHANNELS", "webhook")]).await;
     let t = token(&stack, TENANT);
     setup(&stack, &t, json!({"name": "Ada", "email": "ada@example.com"})).await;
     // The channel is named, so the gateway takes it; the worker finds no webhook_url.

@@ -217,15 +217,17 @@ impl<N> Stack<N> {
     /// Waits until the channel's consumer has nothing pending, delivered or waiting: every
     /// message so far was acknowledged or terminated, so nothing more will be sent for them.
     pub async fn wait_settled(&self) {
+        use futures::TryStreamExt;
         let intents = self.js.get_stream(herald_shared::topology::INTENTS_STREAM).await.unwrap();
         eventually(Duration::from_secs(15), "every message to be settled", || async {
             let mut stream = intents.clone();
             let last = stream.info().await.ok()?.state.last_sequence;
-            let mut consumer: jetstream::consumer::PullConsumer =
-                intents.get_consumer("webhook").await.ok()?;
-            let info = consumer.info().await.ok()?;
-            (info.num_pending == 0 && info.num_ack_pending == 0 && info.ack_floor.stream_sequence >= last)
-                .then_some(())
+            // Every channel's consumers (a notification by user may go on several channels):
+            // nothing waiting, nothing unacknowledged, and one of them has acknowledged the last.
+            let consumers: Vec<jetstream::consumer::Info> = intents.consumers().try_collect().await.ok()?;
+            let quiet = consumers.iter().all(|c| c.num_pending == 0 && c.num_ack_pending == 0);
+            let floor = consumers.iter().map(|c| c.ack_floor.stream_sequence).max().unwrap_or(0);
+            (quiet && floor >= last).then_some(())
         })
         .await;
     }
