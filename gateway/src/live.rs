@@ -19,11 +19,11 @@ use futures::StreamExt;
 use herald_shared::inbox::{Change, Inbox};
 use tokio::sync::mpsc;
 
-/// Changes queued per connection before it is closed as too slow.
+/// Changes queued per connection before it is closed as too slow (shared, one pointer each).
 pub const QUEUE: usize = 64;
 
 /// The listeners of each inbox (by owner token): connection id and queue.
-type Listeners = HashMap<String, Vec<(u64, mpsc::Sender<Change>)>>;
+type Listeners = HashMap<String, Vec<(u64, mpsc::Sender<Arc<Change>>)>>;
 
 /// Who is listening to which inbox.
 #[derive(Default)]
@@ -38,7 +38,7 @@ pub struct Listening {
     hub: Arc<Hub>,
     owner: String,
     id: u64,
-    pub changes: mpsc::Receiver<Change>,
+    pub changes: mpsc::Receiver<Arc<Change>>,
 }
 
 impl Drop for Listening {
@@ -77,6 +77,7 @@ impl Hub {
     }
 
     fn dispatch(&self, owner: &str, change: Change) {
+        let change = Arc::new(change);
         let mut listeners = self.listeners.lock().expect("never poisoned");
         let Some(list) = listeners.get_mut(owner) else { return };
         let before = list.len();

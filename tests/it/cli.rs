@@ -26,6 +26,29 @@ fn token_prints_a_jwt_signed_with_the_configured_secret() {
 }
 
 #[test]
+fn token_for_an_end_user_carries_the_user_and_only_the_inbox_scope() {
+    let mint = |args: &[&str]| {
+        Command::new(HERALD).arg("token").args(args).env("HERALD_JWT_SECRET", "cli-secret").output().unwrap()
+    };
+    let out = mint(&["--tenant", "acme", "--user", "42", "--scopes", "inbox"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let claims =
+        herald_shared::auth::verify("cli-secret", String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert_eq!((claims.user.as_deref(), claims.scope.as_str()), (Some("42"), "inbox"));
+    assert!(!claims.allows(herald_shared::auth::SCOPE_SEND));
+    for (args, says) in [
+        (&["--user", "42", "--scopes", "notifications:write"][..], "only have the scope `inbox`"),
+        (&["--user", "a.b"][..], "not a user id"),
+        (&["--user", "42", "--ttl", "200h"][..], "at most 7d"),
+    ] {
+        let out = mint(args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn bad_configuration_is_refused_with_the_variable_named() {
     let out = Command::new(HERALD).args(["token"]).env("HERALD_MAX_ATTEMPTS", "zero").output().unwrap();
     assert!(!out.status.success());

@@ -429,7 +429,7 @@ impl InboxApi {
     ) -> Result<EventStream<futures::stream::BoxStream<'static, InboxEvent>>, ErrorResponse> {
         let claims = auth.claims();
         let owner = owner(claims, &id.0)?;
-        let inbox = inbox(&state)?.clone();
+        let inbox = inbox(&state)?;
         // Listening starts before the catch-up is read, so nothing falls between the two.
         let listening = state.live.listen(owner.token());
         let mut pending = VecDeque::new();
@@ -454,7 +454,7 @@ impl InboxApi {
             out.push_back(count_event(items_at, marks_at, counts));
         }
         let live = Live {
-            inbox,
+            state: state.0.clone(),
             tenant: owner.tenant.map(str::to_owned),
             user: owner.user.to_owned(),
             items_at,
@@ -535,7 +535,8 @@ fn count_event(items: u64, marks: u64, counts: Counts) -> InboxEvent {
 
 /// One connection's live stream: the caught-up changes first, then the hub's.
 struct Live {
-    inbox: Inbox,
+    /// The gateway's state, for its inbox (shared, not a copy per connection).
+    state: Arc<AppState>,
     tenant: Option<String>,
     user: String,
     items_at: u64,
@@ -555,7 +556,7 @@ impl Live {
                 Some(c) => c,
                 // The hub closed this connection (too slow, or its reader restarted): end the
                 // stream; the client resumes from its last position.
-                None => self.listening.changes.recv().await?,
+                None => Arc::unwrap_or_clone(self.listening.changes.recv().await?),
             };
             let event = match change {
                 Change::Item { stored, .. } if stored.sequence > self.items_at => {
@@ -588,7 +589,8 @@ impl Live {
             let owner = Owner { tenant: self.tenant.as_deref(), user: &self.user };
             // The counts after the change; if they cannot be read now the next change brings
             // them (the item or mark itself is not held back).
-            match tokio::time::timeout(Duration::from_secs(5), self.inbox.counts(owner)).await {
+            let Ok(inbox) = inbox(&self.state) else { continue };
+            match tokio::time::timeout(Duration::from_secs(5), inbox.counts(owner)).await {
                 Ok(Ok(counts)) => self.out.push_back(count_event(self.items_at, self.marks_at, counts)),
                 Ok(Err(e)) => tracing::warn!(error = %e, "cannot count an inbox for its live stream"),
                 Err(_) => tracing::warn!("counting an inbox for its live stream timed out"),
