@@ -11,7 +11,7 @@ use poem_openapi::{ApiResponse, Object, payload::Json};
 
 /// The body of every error answer.
 #[derive(Debug, Clone, Object, serde::Deserialize, PartialEq)]
-#[oai(rename = "Error")]
+#[oai(rename = "Error", skip_serializing_if_is_none)]
 pub struct ErrorBody {
     /// Stable machine-readable code, e.g. `invalid_field`, `unauthorized`.
     pub code: String,

@@ -199,9 +199,44 @@ pub fn openapi_service() -> OpenApiService<
     .server("/")
 }
 
-/// The spec as committed in `openapi.json`.
+/// The spec as committed in `openapi.json` and served at `/openapi.json`: poem-openapi's, with
+/// every property that refers to a named schema written as a plain `$ref`. poem-openapi writes a
+/// documented one as `allOf: [{$ref}, {description}]` (its issue 385), which client generators
+/// refuse for enums ("Cannot take allOf a non-object"); the schema's own description stays.
 pub fn openapi_json() -> String {
-    openapi_service().spec() + "\n"
+    static SPEC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SPEC.get_or_init(|| {
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&openapi_service().spec()).expect("poem-openapi writes JSON");
+        plain_refs(&mut spec);
+        serde_json::to_string_pretty(&spec).expect("a JSON value serializes") + "\n"
+    })
+    .clone()
+}
+
+/// Replaces every `{allOf: [{$ref: R}, …only descriptions and defaults…], …}` with `{$ref: R}`.
+fn plain_refs(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let single_ref = map.get("allOf").and_then(Value::as_array).and_then(|parts| {
+                let (first, rest) = parts.split_first()?;
+                let reference = first.as_object().filter(|o| o.len() == 1)?.get("$ref")?.clone();
+                let only_docs = rest.iter().all(|p| {
+                    p.as_object().is_some_and(|o| o.keys().all(|k| k == "description" || k == "default"))
+                });
+                only_docs.then_some(reference)
+            });
+            if let Some(reference) = single_ref {
+                map.clear();
+                map.insert("$ref".into(), reference);
+                return;
+            }
+            map.values_mut().for_each(plain_refs);
+        }
+        Value::Array(items) => items.iter_mut().for_each(plain_refs),
+        _ => {}
+    }
 }
 
 /// The HTTP gateway.
@@ -267,13 +302,12 @@ impl Gateway {
     pub fn app(&self) -> impl Endpoint + 'static {
         let service = openapi_service();
         let docs = service.swagger_ui();
-        let spec = service.spec_endpoint();
         let state = self.state.clone();
         let cors = cors(&state.config.cors_origins);
         Route::new()
             .nest("/", service)
             .nest("/docs", docs)
-            .at("/openapi.json", spec)
+            .at("/openapi.json", poem::get(spec_json))
             .at("/inbox", poem::get(inbox_page))
             .with_if(cors.is_some(), cors.unwrap_or_default())
             .data(BodyLimit { single: state.config.max_body_bytes, batch: state.config.max_batch_bytes })
@@ -341,6 +375,40 @@ fn cors(origins: &[String]) -> Option<poem::middleware::Cors> {
     Some(cors.allow_origins(origins.iter().map(String::as_str)))
 }
 
+/// The methods the spec has for `path` (`Allow` of a `405`), taken from the path template that
+/// matches it with the most literal segments, as the router picks it.
+fn allowed_methods(path: &str) -> Option<String> {
+    static PATHS: std::sync::OnceLock<Vec<(Vec<String>, Vec<String>)>> = std::sync::OnceLock::new();
+    let paths = PATHS.get_or_init(|| {
+        let spec: serde_json::Value = serde_json::from_str(&openapi_json()).expect("the spec is JSON");
+        spec["paths"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(template, ops)| {
+                let segments = template.split('/').map(str::to_owned).collect();
+                let methods = ops.as_object().into_iter().flatten().map(|(m, _)| m.to_uppercase()).collect();
+                (segments, methods)
+            })
+            .collect()
+    });
+    let wanted: Vec<&str> = path.split('/').collect();
+    paths
+        .iter()
+        .filter(|(segments, _)| {
+            segments.len() == wanted.len()
+                && segments.iter().zip(&wanted).all(|(s, w)| s == w || (s.starts_with('{') && !w.is_empty()))
+        })
+        .max_by_key(|(segments, _)| segments.iter().filter(|s| !s.starts_with('{')).count())
+        .map(|(_, methods)| methods.join(", "))
+}
+
+/// `GET /openapi.json`: the committed spec.
+#[poem::handler]
+fn spec_json() -> poem::Response {
+    poem::Response::builder().content_type("application/json; charset=utf-8").body(openapi_json())
+}
+
 /// The reference inbox page (`GET /inbox`): static HTML and a small script, no build step.
 /// It takes an end user's token from the address (`#token=…&user=…`) or a form.
 #[poem::handler]
@@ -360,6 +428,7 @@ async fn correlate<E: Endpoint>(next: E, mut req: Request) -> poem::Result<Respo
         .unwrap_or_else(herald_shared::intent::new_id);
     req.set_data(CorrelationId(id.clone()));
     let state = req.data::<Arc<AppState>>().expect("the router installs the state").clone();
+    let path = req.uri().path().to_owned();
     let metrics = &state.metrics;
     let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), correlation_id = %id);
     let result = tracing::Instrument::instrument(next.call(req), span).await;
@@ -371,6 +440,12 @@ async fn correlate<E: Endpoint>(next: E, mut req: Request) -> poem::Result<Respo
         response.headers_mut().insert(CORRELATION_HEADER, value);
     }
     let status = response.status();
+    if status == poem::http::StatusCode::METHOD_NOT_ALLOWED
+        && let Some(allow) = allowed_methods(&path)
+        && let Ok(value) = allow.parse()
+    {
+        response.headers_mut().insert(poem::http::header::ALLOW, value);
+    }
     if status.is_client_error() || status.is_server_error() {
         metrics.reject(errors::code_for(status));
     }

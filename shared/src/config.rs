@@ -309,7 +309,7 @@ pub const VARS: &[Var] = &[
     Var {
         name: CHANNELS,
         default: None,
-        help: "channels this deployment delivers on (the gateway refuses others; `herald worker` runs them); unset: webhook and every channel whose provider is configured",
+        help: "channels this deployment delivers on (the gateway refuses others; `herald worker` runs them); unset: webhook, inapp and every channel whose provider is configured",
     },
     Var { name: LOG_FORMAT, default: Some("text"), help: "`text` (human-readable) or `json`" },
     Var {
@@ -1218,7 +1218,7 @@ mod tests {
         assert_eq!(c.retry.max_attempts, 6);
         assert_eq!(c.retry.backoff[0], Duration::from_secs(5));
         assert_eq!(c.duplicate_window, Duration::from_secs(120));
-        assert_eq!(c.channels, vec![Channel::Webhook]);
+        assert_eq!(c.channels, vec![Channel::Webhook, Channel::Inapp]);
         assert!(c.nats_urls.is_empty());
     }
 
@@ -1289,7 +1289,7 @@ mod tests {
         assert_eq!(smtp.password.as_ref().unwrap().expose(), "smtp-5ecret");
         assert_eq!(c.providers.chain_len(Channel::Email), 2);
         // Every configured channel is on unless HERALD_CHANNELS says otherwise.
-        assert_eq!(c.channels, vec![Channel::Email, Channel::Sms, Channel::Webhook]);
+        assert_eq!(c.channels, vec![Channel::Email, Channel::Sms, Channel::Webhook, Channel::Inapp]);
         let shown = format!("{c:?}");
         assert!(!shown.contains("5ecret"), "a secret in Debug output: {shown}");
         // A password in the URL would be logged with it; it is refused.

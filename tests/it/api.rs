@@ -269,6 +269,61 @@ async fn health_ready_metrics_docs_and_spec_are_served() {
     let (status, unknown) = get("/v2/nothing").await;
     assert_eq!(status, 404);
     assert!(unknown.contains(r#""code":"not_found""#), "{unknown}");
+    // The served spec is the committed one.
+    assert_eq!(spec, serde_json::from_str::<Value>(&herald_gateway::openapi_json()).unwrap());
+}
+
+#[tokio::test]
+async fn a_wrong_method_is_405_with_the_allowed_ones() {
+    let stack = Stack::start().await;
+    for (method, path, allow) in [
+        ("DELETE", "/v1/notifications", "GET, POST"),
+        ("PUT", "/v1/notifications/abc", "GET"),
+        ("GET", "/v1/notifications/batch", "POST"),
+        ("POST", "/v1/users/42", "DELETE, GET, PATCH, PUT"),
+        ("GET", "/v1/dlq/replay", "POST"),
+        ("PATCH", "/v1/dlq/17", "DELETE, GET"),
+        ("POST", "/v1/users/42/inbox/stream", "GET"),
+    ] {
+        let resp = stack
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", stack.base))
+            .bearer_auth(&stack.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 405, "{method} {path}");
+        let mut allowed: Vec<&str> =
+            resp.headers()["allow"].to_str().unwrap().split(", ").collect::<Vec<_>>();
+        allowed.sort_unstable();
+        assert_eq!(allowed.join(", "), allow, "{method} {path}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["code"], "method_not_allowed", "{body}");
+    }
+}
+
+/// What client generators need of the spec: no `allOf` around a `$ref` (generators refuse
+/// it for enums), operation ids that read as method names, and every operation answering
+/// something documented.
+#[test]
+fn the_spec_suits_client_generators() {
+    let spec: Value = serde_json::from_str(&herald_gateway::openapi_json()).unwrap();
+    assert!(!herald_gateway::openapi_json().contains("allOf"));
+    let mut ids = Vec::new();
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let id =
+                op["operationId"].as_str().unwrap_or_else(|| panic!("{method} {path} has no operationId"));
+            assert!(id.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{id} is not snake_case");
+            assert!(op["responses"].as_object().is_some_and(|r| !r.is_empty()), "{method} {path}");
+            ids.push(id.to_owned());
+        }
+    }
+    for id in ["send_notification", "get_notification", "list_notifications", "list_inbox", "stream_inbox"] {
+        assert!(ids.iter().any(|i| i == id), "{id} missing from {ids:?}");
+    }
+    let unique: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "operation ids are unique");
 }
 
 #[test]

@@ -8,6 +8,7 @@ mod api;
 mod browser;
 mod chaos;
 mod cli;
+mod clients;
 mod cluster;
 mod console;
 mod delivery;

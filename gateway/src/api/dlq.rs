@@ -112,7 +112,7 @@ impl From<ErrorClass> for ApiErrorClass {
 
 /// Which dead letters: every field narrows; none matches every letter.
 #[derive(Debug, Clone, Default, Object, Deserialize)]
-#[oai(rename = "DeadLetterFilter")]
+#[oai(rename = "DeadLetterFilter", skip_serializing_if_is_none)]
 #[serde(deny_unknown_fields)]
 pub struct FilterBody {
     channel: Option<ApiChannel>,
@@ -156,7 +156,7 @@ impl FilterBody {
 
 /// One dead letter.
 #[derive(Debug, Object)]
-#[oai(rename = "DeadLetter")]
+#[oai(rename = "DeadLetter", skip_serializing_if_is_none)]
 pub struct LetterBody {
     /// Its sequence in HERALD_DLQ, which names it in every other operation.
     sequence: u64,
@@ -205,7 +205,7 @@ impl From<Letter> for LetterBody {
 
 /// A page of dead letters, oldest first.
 #[derive(Debug, Object)]
-#[oai(rename = "DeadLetterPage")]
+#[oai(rename = "DeadLetterPage", skip_serializing_if_is_none)]
 pub struct PageBody {
     letters: Vec<LetterBody>,
     /// Pass as `after` for the next page; absent at the end of the queue.
@@ -214,7 +214,7 @@ pub struct PageBody {
 
 /// The notification's ledger entry on the letter's channel.
 #[derive(Debug, Object)]
-#[oai(rename = "LedgerEntry")]
+#[oai(rename = "LedgerEntry", skip_serializing_if_is_none)]
 pub struct EntryBody {
     status: ApiStatus,
     /// Sends started over the notification's life, every round included.
@@ -246,7 +246,7 @@ impl From<Entry> for EntryBody {
 
 /// A dead letter with its intent and its notification's history.
 #[derive(Debug, Object)]
-#[oai(rename = "DeadLetterDetail")]
+#[oai(rename = "DeadLetterDetail", skip_serializing_if_is_none)]
 pub struct DetailBody {
     letter: LetterBody,
     /// Every header as stored (the original ones and `Herald-Dlq-*`).
@@ -276,7 +276,7 @@ pub enum ApiReplayOutcome {
 
 /// The answer to a replay.
 #[derive(Debug, Object)]
-#[oai(rename = "Replay")]
+#[oai(rename = "Replay", skip_serializing_if_is_none)]
 pub struct ReplayBody {
     sequence: u64,
     outcome: ApiReplayOutcome,
@@ -286,7 +286,7 @@ pub struct ReplayBody {
 
 /// The answer to a discard.
 #[derive(Debug, Object)]
-#[oai(rename = "Discard")]
+#[oai(rename = "Discard", skip_serializing_if_is_none)]
 pub struct DiscardBody {
     sequence: u64,
     /// The reason kept in the audit trail.
@@ -295,7 +295,7 @@ pub struct DiscardBody {
 
 /// Replay every letter a filter matches.
 #[derive(Debug, Object, Deserialize)]
-#[oai(rename = "BulkReplayRequest")]
+#[oai(rename = "BulkReplayRequest", skip_serializing_if_is_none)]
 #[serde(deny_unknown_fields)]
 pub struct BulkReplayRequest {
     #[oai(default)]
@@ -308,7 +308,7 @@ pub struct BulkReplayRequest {
 
 /// Discard every letter a filter matches.
 #[derive(Debug, Object, Deserialize)]
-#[oai(rename = "BulkDiscardRequest")]
+#[oai(rename = "BulkDiscardRequest", skip_serializing_if_is_none)]
 #[serde(deny_unknown_fields)]
 pub struct BulkDiscardRequest {
     #[oai(default)]
@@ -324,7 +324,7 @@ pub struct BulkDiscardRequest {
 
 /// A bulk action and how far it has got.
 #[derive(Debug, Object)]
-#[oai(rename = "DlqJob")]
+#[oai(rename = "DlqJob", skip_serializing_if_is_none)]
 pub struct JobBody {
     /// Its id, for `GET /v1/dlq/jobs/{job}`.
     job: String,
@@ -467,7 +467,7 @@ impl DlqApi {
     /// List dead letters
     ///
     /// Oldest first, narrowed by the filters; `next` continues the listing.
-    #[oai(path = "/v1/dlq", method = "get", operation_id = "listDeadLetters")]
+    #[oai(path = "/v1/dlq", method = "get", operation_id = "list_dead_letters")]
     #[allow(clippy::too_many_arguments, reason = "one query parameter each")]
     async fn list(
         &self,
@@ -515,7 +515,7 @@ impl DlqApi {
     /// Read a dead letter
     ///
     /// Its headers, the intent decoded to JSON and the notification's ledger entry.
-    #[oai(path = "/v1/dlq/:sequence", method = "get", operation_id = "getDeadLetter")]
+    #[oai(path = "/v1/dlq/:sequence", method = "get", operation_id = "get_dead_letter")]
     async fn get(
         &self,
         auth: BearerAuth,
@@ -537,7 +537,7 @@ impl DlqApi {
     /// Republishes the intent to its channel with a fresh attempt budget, keeping its id and
     /// history, and removes the letter. Nothing is sent if the notification was delivered
     /// after all; replaying the same letter again answers 404.
-    #[oai(path = "/v1/dlq/:sequence/replay", method = "post", operation_id = "replayDeadLetter")]
+    #[oai(path = "/v1/dlq/:sequence/replay", method = "post", operation_id = "replay_dead_letter")]
     async fn replay(
         &self,
         auth: BearerAuth,
@@ -567,7 +567,7 @@ impl DlqApi {
     /// Discard a dead letter
     ///
     /// Deletes it; the reason is kept in the audit trail (HERALD_AUDIT).
-    #[oai(path = "/v1/dlq/:sequence", method = "delete", operation_id = "discardDeadLetter")]
+    #[oai(path = "/v1/dlq/:sequence", method = "delete", operation_id = "discard_dead_letter")]
     async fn discard(
         &self,
         auth: BearerAuth,
@@ -593,7 +593,7 @@ impl DlqApi {
     ///
     /// Starts a job that replays them oldest first at `rate` per second. Interrupted (say by
     /// a restart), it is resumed by posting the same request again.
-    #[oai(path = "/v1/dlq/replay", method = "post", operation_id = "replayDeadLetters")]
+    #[oai(path = "/v1/dlq/replay", method = "post", operation_id = "replay_dead_letters")]
     async fn bulk_replay(
         &self,
         auth: BearerAuth,
@@ -609,7 +609,7 @@ impl DlqApi {
     ///
     /// Starts a job that discards them oldest first at `rate` per second, keeping the reason
     /// in the audit trail.
-    #[oai(path = "/v1/dlq/discard", method = "post", operation_id = "discardDeadLetters")]
+    #[oai(path = "/v1/dlq/discard", method = "post", operation_id = "discard_dead_letters")]
     async fn bulk_discard(
         &self,
         auth: BearerAuth,
@@ -622,7 +622,7 @@ impl DlqApi {
     }
 
     /// Follow a bulk job
-    #[oai(path = "/v1/dlq/jobs/:job", method = "get", operation_id = "getDeadLetterJob")]
+    #[oai(path = "/v1/dlq/jobs/:job", method = "get", operation_id = "get_dead_letter_job")]
     async fn job(
         &self,
         auth: BearerAuth,

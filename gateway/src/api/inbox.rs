@@ -42,7 +42,7 @@ const DEFAULT_USER_TOKEN_TTL: u64 = 3600;
 
 /// One item of an inbox.
 #[derive(Debug, Object)]
-#[oai(rename = "InboxItem")]
+#[oai(rename = "InboxItem", skip_serializing_if_is_none)]
 pub struct InboxItem {
     /// The notification's id (one item per notification).
     id: String,
@@ -82,7 +82,7 @@ fn item_body(s: Stored) -> InboxItem {
 
 /// A page of an inbox, newest first.
 #[derive(Debug, Object)]
-#[oai(rename = "InboxPage")]
+#[oai(rename = "InboxPage", skip_serializing_if_is_none)]
 pub struct InboxPage {
     items: Vec<InboxItem>,
     /// Pass as `cursor` for the next (older) page; absent on the last page. Items that arrive
@@ -93,7 +93,7 @@ pub struct InboxPage {
 
 /// Unread and total items, archived ones left out.
 #[derive(Debug, Clone, Copy, Object)]
-#[oai(rename = "InboxCount")]
+#[oai(rename = "InboxCount", skip_serializing_if_is_none)]
 pub struct InboxCount {
     unread: u64,
     total: u64,
@@ -107,7 +107,7 @@ impl From<Counts> for InboxCount {
 
 /// What `read-all` did.
 #[derive(Debug, Object)]
-#[oai(rename = "ReadAll")]
+#[oai(rename = "ReadAll", skip_serializing_if_is_none)]
 pub struct ReadAllBody {
     /// Items that were unread and are now read.
     marked: u64,
@@ -125,7 +125,7 @@ pub enum ApiMark {
 
 /// A change of one item's mark, as the live stream tells it.
 #[derive(Debug, Object)]
-#[oai(rename = "InboxMarkChange")]
+#[oai(rename = "InboxMarkChange", skip_serializing_if_is_none)]
 pub struct MarkBody {
     /// The item.
     id: String,
@@ -150,7 +150,7 @@ pub enum EventKind {
 /// One event of `GET /v1/users/{id}/inbox/stream`. The SSE `event` field is `kind`, its `id`
 /// the position to resume from (`Last-Event-ID`), its `data` this object.
 #[derive(Debug, Object)]
-#[oai(rename = "InboxEvent")]
+#[oai(rename = "InboxEvent", skip_serializing_if_is_none)]
 pub struct InboxEvent {
     kind: EventKind,
     /// The stream position after this event.
@@ -165,7 +165,7 @@ pub struct InboxEvent {
 
 /// Asks for an end user's token.
 #[derive(Debug, Object, Deserialize)]
-#[oai(rename = "UserTokenInput")]
+#[oai(rename = "UserTokenInput", skip_serializing_if_is_none)]
 #[serde(deny_unknown_fields)]
 pub struct UserTokenInput {
     /// Lifetime in seconds: 60 to 604800 (7 days); default 3600.
@@ -175,7 +175,7 @@ pub struct UserTokenInput {
 
 /// An end user's token: scope `inbox`, that user only.
 #[derive(Debug, Object)]
-#[oai(rename = "UserToken")]
+#[oai(rename = "UserToken", skip_serializing_if_is_none)]
 pub struct UserTokenBody {
     token: String,
     user_id: String,
@@ -286,7 +286,7 @@ impl InboxApi {
     /// List a user's inbox
     ///
     /// Newest first, a page at a time. Without filters: every item not archived.
-    #[oai(path = "/v1/users/:id/inbox", method = "get", operation_id = "listInbox")]
+    #[oai(path = "/v1/users/:id/inbox", method = "get", operation_id = "list_inbox")]
     #[allow(clippy::too_many_arguments)]
     async fn list(
         &self,
@@ -329,7 +329,7 @@ impl InboxApi {
     }
 
     /// Count a user's unread items
-    #[oai(path = "/v1/users/:id/inbox/count", method = "get", operation_id = "countInbox")]
+    #[oai(path = "/v1/users/:id/inbox/count", method = "get", operation_id = "count_inbox")]
     async fn count(
         &self,
         auth: BearerAuth,
@@ -344,7 +344,7 @@ impl InboxApi {
     /// Mark an item read
     ///
     /// Idempotent: marking what is read already changes nothing and answers the item.
-    #[oai(path = "/v1/users/:id/inbox/:item/read", method = "post", operation_id = "markInboxItemRead")]
+    #[oai(path = "/v1/users/:id/inbox/:item/read", method = "post", operation_id = "mark_inbox_item_read")]
     async fn read(
         &self,
         auth: BearerAuth,
@@ -357,7 +357,11 @@ impl InboxApi {
     }
 
     /// Mark an item unread
-    #[oai(path = "/v1/users/:id/inbox/:item/unread", method = "post", operation_id = "markInboxItemUnread")]
+    #[oai(
+        path = "/v1/users/:id/inbox/:item/unread",
+        method = "post",
+        operation_id = "mark_inbox_item_unread"
+    )]
     async fn unread(
         &self,
         auth: BearerAuth,
@@ -371,7 +375,7 @@ impl InboxApi {
     /// Archive an item
     ///
     /// Archived items leave the default listing and the counts; `archived=true` lists them.
-    #[oai(path = "/v1/users/:id/inbox/:item/archive", method = "post", operation_id = "archiveInboxItem")]
+    #[oai(path = "/v1/users/:id/inbox/:item/archive", method = "post", operation_id = "archive_inbox_item")]
     async fn archive(
         &self,
         auth: BearerAuth,
@@ -383,7 +387,11 @@ impl InboxApi {
     }
 
     /// Unarchive an item
-    #[oai(path = "/v1/users/:id/inbox/:item/unarchive", method = "post", operation_id = "unarchiveInboxItem")]
+    #[oai(
+        path = "/v1/users/:id/inbox/:item/unarchive",
+        method = "post",
+        operation_id = "unarchive_inbox_item"
+    )]
     async fn unarchive(
         &self,
         auth: BearerAuth,
@@ -395,7 +403,7 @@ impl InboxApi {
     }
 
     /// Mark every item read
-    #[oai(path = "/v1/users/:id/inbox/read-all", method = "post", operation_id = "markInboxRead")]
+    #[oai(path = "/v1/users/:id/inbox/read-all", method = "post", operation_id = "mark_all_inbox_read")]
     async fn read_all(
         &self,
         auth: BearerAuth,
@@ -417,7 +425,7 @@ impl InboxApi {
     /// that reconnects with it as `Last-Event-ID` (a browser's `EventSource` does so itself)
     /// gets every item and mark it missed, once. Idle streams get a comment line every
     /// `HERALD_SSE_HEARTBEAT`. Browsers pass the token as `access_token`.
-    #[oai(path = "/v1/users/:id/inbox/stream", method = "get", operation_id = "streamInbox")]
+    #[oai(path = "/v1/users/:id/inbox/stream", method = "get", operation_id = "stream_inbox")]
     async fn stream(
         &self,
         auth: StreamAuth,
@@ -479,7 +487,7 @@ impl InboxApi {
     /// For a browser: scope `inbox`, bound to this user, so the page can read and mark that
     /// user's inbox and nothing else (it cannot send notifications). Needs scope
     /// `tokens:write`; the token acts for the caller's tenant.
-    #[oai(path = "/v1/users/:id/tokens", method = "post", operation_id = "createUserToken")]
+    #[oai(path = "/v1/users/:id/tokens", method = "post", operation_id = "create_user_token")]
     async fn token(
         &self,
         auth: BearerAuth,

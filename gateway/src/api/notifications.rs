@@ -76,7 +76,7 @@ pub enum ApiPriority {
 
 /// Where a notification is delivered (direct addresses).
 #[derive(Debug, Object, Deserialize, Serialize)]
-#[oai(rename = "Recipient")]
+#[oai(rename = "Recipient", skip_serializing_if_is_none)]
 #[serde(deny_unknown_fields)]
 pub struct RecipientBody {
     /// A user of your tenant (`/v1/users/{id}`): their addresses, locale, time zone and
@@ -94,7 +94,7 @@ pub struct RecipientBody {
 
 /// Inline content.
 #[derive(Debug, Object, Deserialize, Serialize)]
-#[oai(rename = "Content")]
+#[oai(rename = "Content", skip_serializing_if_is_none)]
 #[serde(deny_unknown_fields)]
 pub struct ContentBody {
     /// Short headline (push title, webhook `title`).
@@ -149,7 +149,7 @@ const BATCH_IN_FLIGHT: usize = 128;
 
 /// Many notifications in one request (the documented schema; parsing is [`BatchRequest`]'s).
 #[derive(Object)]
-#[oai(rename = "NotificationBatch")]
+#[oai(rename = "NotificationBatch", skip_serializing_if_is_none)]
 #[allow(dead_code)] // Only its schema is used.
 struct BatchSchema {
     /// 1 to 1,000 notifications, each as `POST /v1/notifications` takes it, with its own
@@ -210,7 +210,7 @@ impl poem_openapi::types::Type for BatchRequest {
 
 /// What became of one notification of a batch.
 #[derive(Debug, Object)]
-#[oai(rename = "BatchItemResult")]
+#[oai(rename = "BatchItemResult", skip_serializing_if_is_none)]
 pub struct BatchItemBody {
     /// This notification's own HTTP status: `202` accepted, `200` a duplicate of an earlier
     /// request with its key (nothing new is sent), or the status of its error.
@@ -229,7 +229,7 @@ pub struct BatchItemBody {
 
 /// The answer to a batch: `results[i]` answers `notifications[i]`.
 #[derive(Debug, Object)]
-#[oai(rename = "BatchResult")]
+#[oai(rename = "BatchResult", skip_serializing_if_is_none)]
 pub struct BatchBody {
     results: Vec<BatchItemBody>,
     /// Notifications stored by this request.
@@ -276,7 +276,7 @@ impl From<Status> for ApiStatus {
 
 /// The answer to an accepted request.
 #[derive(Debug, Object)]
-#[oai(rename = "Accepted")]
+#[oai(rename = "Accepted", skip_serializing_if_is_none)]
 pub struct AcceptedBody {
     /// Notification id, for `GET /v1/notifications/{id}`.
     id: String,
@@ -292,7 +292,7 @@ pub struct AcceptedBody {
 
 /// One channel of a notification.
 #[derive(Debug, Object)]
-#[oai(rename = "ChannelStatus")]
+#[oai(rename = "ChannelStatus", skip_serializing_if_is_none)]
 pub struct ChannelStatusBody {
     channel: ApiChannel,
     status: ApiStatus,
@@ -341,7 +341,7 @@ impl From<FailureKind> for ApiFailureKind {
 
 /// One call to a provider within an attempt.
 #[derive(Debug, Object)]
-#[oai(rename = "ProviderCall")]
+#[oai(rename = "ProviderCall", skip_serializing_if_is_none)]
 pub struct ProviderCallBody {
     /// `smtp`, `smtp-2`, `twilio`, `fcm`, `apns` or `webhook`.
     provider: String,
@@ -358,7 +358,7 @@ pub struct ProviderCallBody {
 
 /// A notification and where it stands.
 #[derive(Debug, Object)]
-#[oai(rename = "Notification")]
+#[oai(rename = "Notification", skip_serializing_if_is_none)]
 pub struct NotificationBody {
     id: String,
     /// Overall: `delivered` once every channel is, `dead_lettered` if any channel is.
@@ -384,7 +384,7 @@ enum BatchResponse {
 
 /// A page of a user's notifications, newest first.
 #[derive(Debug, Object)]
-#[oai(rename = "NotificationPage")]
+#[oai(rename = "NotificationPage", skip_serializing_if_is_none)]
 pub struct NotificationPage {
     notifications: Vec<NotificationBody>,
     /// Pass as `cursor` for the next (older) page; absent on the last page. Notifications
@@ -419,7 +419,7 @@ impl NotificationsApi {
     /// `Idempotency-Key` to make retries safe: a repeated key within the idempotency horizon
     /// (24 hours by default) answers with the original id and `duplicate: true`, and sends
     /// nothing again; the same key with a different body is refused with 409.
-    #[oai(path = "/v1/notifications", method = "post", operation_id = "createNotification")]
+    #[oai(path = "/v1/notifications", method = "post", operation_id = "send_notification")]
     async fn create(
         &self,
         auth: BearerAuth,
@@ -463,7 +463,7 @@ impl NotificationsApi {
     /// `idempotency_key` was used before; nothing new is sent), or its error (`4xx`, or `503`
     /// with the id to retry with). One notification's error never affects another: retry only
     /// the failed ones, with their keys.
-    #[oai(path = "/v1/notifications/batch", method = "post", operation_id = "createNotificationBatch")]
+    #[oai(path = "/v1/notifications/batch", method = "post", operation_id = "send_notification_batch")]
     async fn batch(
         &self,
         auth: BearerAuth,
@@ -544,7 +544,7 @@ impl NotificationsApi {
     /// Every notification sent to `user_id` through this API in the last 8 days (as long as
     /// their status is kept), newest first, with their status on every channel. `status` keeps
     /// those whose overall status is that one, or with `channel` that channel's status.
-    #[oai(path = "/v1/notifications", method = "get", operation_id = "listNotifications")]
+    #[oai(path = "/v1/notifications", method = "get", operation_id = "list_notifications")]
     #[allow(clippy::too_many_arguments)]
     async fn list(
         &self,
@@ -626,7 +626,7 @@ impl NotificationsApi {
     /// Get a notification's status
     ///
     /// Overall and per-channel status, attempts, last error and timestamps.
-    #[oai(path = "/v1/notifications/:id", method = "get", operation_id = "getNotification")]
+    #[oai(path = "/v1/notifications/:id", method = "get", operation_id = "get_notification")]
     async fn get(
         &self,
         auth: BearerAuth,

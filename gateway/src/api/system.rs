@@ -14,7 +14,7 @@ use crate::AppState;
 pub struct SystemApi;
 
 #[derive(Object)]
-#[oai(rename = "Health")]
+#[oai(rename = "Health", skip_serializing_if_is_none)]
 struct HealthBody {
     /// `ok`, `ready` or why not.
     status: String,

@@ -31,7 +31,7 @@ pub struct TemplatesApi;
 /// What a template says on each channel. Every part is a handlebars template; `email_html` is
 /// escaped as HTML when rendered, the others are text.
 #[derive(Debug, Clone, Default, Object, Deserialize)]
-#[oai(rename = "TemplateParts")]
+#[oai(rename = "TemplateParts", skip_serializing_if_is_none)]
 #[serde(deny_unknown_fields)]
 pub struct PartsBody {
     email_subject: Option<String>,
@@ -95,7 +95,7 @@ impl From<Parts> for PartsBody {
 
 /// One version of a template.
 #[derive(Debug, Object)]
-#[oai(rename = "Template")]
+#[oai(rename = "Template", skip_serializing_if_is_none)]
 pub struct TemplateBody {
     code: String,
     locale: String,
@@ -123,7 +123,7 @@ fn body((v, _): Found) -> TemplateBody {
 
 /// A version in the history (without its parts).
 #[derive(Debug, Object)]
-#[oai(rename = "TemplateVersion")]
+#[oai(rename = "TemplateVersion", skip_serializing_if_is_none)]
 pub struct VersionBody {
     version: u32,
     author: String,
@@ -133,7 +133,7 @@ pub struct VersionBody {
 
 /// The history of a template, oldest first. JetStream keeps a key's last 64 versions.
 #[derive(Debug, Object)]
-#[oai(rename = "TemplateVersions")]
+#[oai(rename = "TemplateVersions", skip_serializing_if_is_none)]
 pub struct VersionsBody {
     code: String,
     locale: String,
@@ -142,7 +142,7 @@ pub struct VersionsBody {
 
 /// Restore an earlier version, as a new one.
 #[derive(Debug, Object, Deserialize)]
-#[oai(rename = "RollbackRequest")]
+#[oai(rename = "RollbackRequest", skip_serializing_if_is_none)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackRequest {
     /// The version whose parts the new version takes.
@@ -152,7 +152,7 @@ pub struct RollbackRequest {
 
 /// Render a template with given data, as a recipient would see it.
 #[derive(Debug, Object, Deserialize)]
-#[oai(rename = "RenderRequest")]
+#[oai(rename = "RenderRequest", skip_serializing_if_is_none)]
 #[serde(deny_unknown_fields)]
 pub struct RenderRequest {
     /// The recipient's locale (BCP 47); the template is looked up `fr-CA` → `fr` → the default.
@@ -167,7 +167,7 @@ pub struct RenderRequest {
 
 /// A rendered template.
 #[derive(Debug, Object)]
-#[oai(rename = "Rendered")]
+#[oai(rename = "Rendered", skip_serializing_if_is_none)]
 pub struct RenderedBody {
     code: String,
     /// The locale of the template used (after fallback).
@@ -258,7 +258,7 @@ impl TemplatesApi {
     /// when. Every part is checked now: a syntax error is a 400 naming the part, line and
     /// column; so are unknown helpers and partials (not supported). With `If-Match`, writes
     /// only if the template is still at that `ETag` (412 otherwise).
-    #[oai(path = "/v1/templates/:code/:locale", method = "put", operation_id = "putTemplate")]
+    #[oai(path = "/v1/templates/:code/:locale", method = "put", operation_id = "put_template")]
     async fn put(
         &self,
         auth: BearerAuth,
@@ -290,7 +290,7 @@ impl TemplatesApi {
     /// Read a template
     ///
     /// The latest version, or `?version=N` while it is among the 64 kept.
-    #[oai(path = "/v1/templates/:code/:locale", method = "get", operation_id = "getTemplate")]
+    #[oai(path = "/v1/templates/:code/:locale", method = "get", operation_id = "get_template")]
     async fn get(
         &self,
         auth: BearerAuth,
@@ -317,7 +317,7 @@ impl TemplatesApi {
     #[oai(
         path = "/v1/templates/:code/:locale/versions",
         method = "get",
-        operation_id = "listTemplateVersions"
+        operation_id = "list_template_versions"
     )]
     async fn versions(
         &self,
@@ -352,7 +352,7 @@ impl TemplatesApi {
     /// Roll a template back
     ///
     /// Writes a new version with the parts of an earlier one (which must still be kept).
-    #[oai(path = "/v1/templates/:code/:locale/rollback", method = "post", operation_id = "rollbackTemplate")]
+    #[oai(path = "/v1/templates/:code/:locale/rollback", method = "post", operation_id = "rollback_template")]
     async fn rollback(
         &self,
         auth: BearerAuth,
@@ -385,7 +385,7 @@ impl TemplatesApi {
     }
 
     /// Delete a template
-    #[oai(path = "/v1/templates/:code/:locale", method = "delete", operation_id = "deleteTemplate")]
+    #[oai(path = "/v1/templates/:code/:locale", method = "delete", operation_id = "delete_template")]
     async fn delete(
         &self,
         auth: BearerAuth,
@@ -403,7 +403,7 @@ impl TemplatesApi {
     }
 
     /// List templates
-    #[oai(path = "/v1/templates", method = "get", operation_id = "listTemplates")]
+    #[oai(path = "/v1/templates", method = "get", operation_id = "list_templates")]
     async fn list(
         &self,
         auth: BearerAuth,
@@ -420,7 +420,7 @@ impl TemplatesApi {
     /// Renders the template (looked up `fr-CA` → `fr` → the default locale) with the given
     /// data, locale and time zone, as a recipient would receive it. A variable the data lacks
     /// is a 422 naming it.
-    #[oai(path = "/v1/templates/:code/render", method = "post", operation_id = "renderTemplate")]
+    #[oai(path = "/v1/templates/:code/render", method = "post", operation_id = "render_template")]
     async fn render(
         &self,
         auth: BearerAuth,

@@ -65,7 +65,7 @@ pub enum ApiDay {
 
 /// A push device to register.
 #[derive(Debug, Object, Deserialize)]
-#[oai(rename = "DeviceInput")]
+#[oai(rename = "DeviceInput", skip_serializing_if_is_none)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceInput {
     /// The provider's registration token (1 to 512 visible ASCII characters, no `/`).
@@ -76,7 +76,7 @@ pub struct DeviceInput {
 
 /// A registered push device.
 #[derive(Debug, Object)]
-#[oai(rename = "Device")]
+#[oai(rename = "Device", skip_serializing_if_is_none)]
 pub struct DeviceBody {
     /// The provider's registration token.
     token: String,
@@ -88,7 +88,7 @@ pub struct DeviceBody {
 
 /// A daily window in which only `critical` notifications are sent; the rest wait for its end.
 #[derive(Debug, Object, Deserialize)]
-#[oai(rename = "QuietHours")]
+#[oai(rename = "QuietHours", skip_serializing_if_is_none)]
 #[serde(deny_unknown_fields)]
 pub struct QuietHoursBody {
     /// Opens at this local time, `HH:MM` (24-hour) in the user's time zone.
@@ -103,7 +103,7 @@ pub struct QuietHoursBody {
 
 /// What a user wants to receive, where and when.
 #[derive(Debug, Default, Object, Deserialize)]
-#[oai(rename = "Preferences")]
+#[oai(rename = "Preferences", skip_serializing_if_is_none)]
 #[serde(deny_unknown_fields)]
 pub struct PreferencesBody {
     /// Channels switched on (`true`) or off (`false`) as a whole; unlisted channels are on.
@@ -125,7 +125,7 @@ pub struct PreferencesBody {
 
 /// A user as written by `PUT` (every field optional; absent means unset).
 #[derive(Debug, Object, Deserialize)]
-#[oai(rename = "UserInput")]
+#[oai(rename = "UserInput", skip_serializing_if_is_none)]
 #[serde(deny_unknown_fields)]
 pub struct UserInput {
     /// How to address the user (at most 256 characters).
@@ -151,7 +151,7 @@ pub struct UserInput {
 
 /// A stored user.
 #[derive(Debug, Object)]
-#[oai(rename = "User")]
+#[oai(rename = "User", skip_serializing_if_is_none)]
 pub struct UserBody {
     /// Your id for the user: 1 to 128 characters of `A-Z a-z 0-9 - _`.
     id: String,
@@ -173,7 +173,7 @@ pub struct UserBody {
 
 /// One page of users, ordered by id.
 #[derive(Debug, Object)]
-#[oai(rename = "UserPage")]
+#[oai(rename = "UserPage", skip_serializing_if_is_none)]
 pub struct UserPage {
     users: Vec<UserBody>,
     /// Pass as `cursor` for the next page; absent on the last page.
@@ -418,7 +418,7 @@ impl UsersApi {
     ///
     /// Stores every field given and unsets the others. `If-Match` (an `ETag` from a read)
     /// replaces only that revision; a stale one answers 412 and changes nothing.
-    #[oai(path = "/v1/users/:id", method = "put", operation_id = "putUser")]
+    #[oai(path = "/v1/users/:id", method = "put", operation_id = "put_user")]
     async fn put(
         &self,
         auth: BearerAuth,
@@ -450,7 +450,7 @@ impl UsersApi {
     /// Get a user
     ///
     /// Read from the bucket, so it reflects every write answered before it.
-    #[oai(path = "/v1/users/:id", method = "get", operation_id = "getUser")]
+    #[oai(path = "/v1/users/:id", method = "get", operation_id = "get_user")]
     async fn get(
         &self,
         auth: BearerAuth,
@@ -468,7 +468,7 @@ impl UsersApi {
     /// RFC 7396: members given replace the stored ones, `null` removes one, objects
     /// (`preferences`, `attributes`) merge member by member, arrays (`devices`) replace whole.
     /// Send `Content-Type: application/merge-patch+json` (or `application/json`).
-    #[oai(path = "/v1/users/:id", method = "patch", operation_id = "patchUser")]
+    #[oai(path = "/v1/users/:id", method = "patch", operation_id = "update_user")]
     async fn patch(
         &self,
         auth: BearerAuth,
@@ -499,7 +499,7 @@ impl UsersApi {
     }
 
     /// Delete a user
-    #[oai(path = "/v1/users/:id", method = "delete", operation_id = "deleteUser")]
+    #[oai(path = "/v1/users/:id", method = "delete", operation_id = "delete_user")]
     async fn delete(
         &self,
         auth: BearerAuth,
@@ -526,7 +526,7 @@ impl UsersApi {
     /// throughout are listed exactly once however many are written meanwhile. Served from the
     /// gateway's local copy after it caught up with the bucket (at most `HERALD_NATS_TIMEOUT`
     /// of waiting); while NATS is unreachable the copy answers with what it holds.
-    #[oai(path = "/v1/users", method = "get", operation_id = "listUsers")]
+    #[oai(path = "/v1/users", method = "get", operation_id = "list_users")]
     async fn list(
         &self,
         auth: BearerAuth,
@@ -568,7 +568,7 @@ impl UsersApi {
     ///
     /// Adds the device, or updates the platform of a token the user has already. A user has
     /// at most 100 devices.
-    #[oai(path = "/v1/users/:id/devices", method = "post", operation_id = "addDevice")]
+    #[oai(path = "/v1/users/:id/devices", method = "post", operation_id = "add_device")]
     async fn add_device(
         &self,
         auth: BearerAuth,
@@ -617,7 +617,7 @@ impl UsersApi {
     }
 
     /// Remove a push device
-    #[oai(path = "/v1/users/:id/devices/:token", method = "delete", operation_id = "removeDevice")]
+    #[oai(path = "/v1/users/:id/devices/:token", method = "delete", operation_id = "remove_device")]
     async fn remove_device(
         &self,
         auth: BearerAuth,
@@ -656,7 +656,7 @@ impl UsersApi {
     }
 
     /// Get a user's preferences
-    #[oai(path = "/v1/users/:id/preferences", method = "get", operation_id = "getPreferences")]
+    #[oai(path = "/v1/users/:id/preferences", method = "get", operation_id = "get_preferences")]
     async fn get_preferences(
         &self,
         auth: BearerAuth,
@@ -674,7 +674,7 @@ impl UsersApi {
     /// Replace a user's preferences
     ///
     /// A category the operator marks required cannot be switched off (422 naming it).
-    #[oai(path = "/v1/users/:id/preferences", method = "put", operation_id = "putPreferences")]
+    #[oai(path = "/v1/users/:id/preferences", method = "put", operation_id = "put_preferences")]
     async fn put_preferences(
         &self,
         auth: BearerAuth,
