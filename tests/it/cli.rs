@@ -349,6 +349,15 @@ async fn a_standalone_worker_serves_its_metrics_and_never_logs_secrets() {
         Some(0.0),
         "{page}"
     );
+    // The deliveries' own figures, on the standalone worker too.
+    assert_eq!(series(r#"herald_intents_received_total{channel="webhook"}"#), Some(1.0), "{page}");
+    assert_eq!(
+        series(r#"herald_outcomes_total{channel="webhook",outcome="delivered"}"#),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(series(r#"herald_attempts_total{channel="sms"}"#), Some(2.0), "{page}");
+    assert!(page.contains("herald_consumer_pending_messages{consumer=\"sms\"}"), "{page}");
     assert!(page.trim_end().ends_with("# EOF"), "{page}");
     let _ = Command::new("kill").args(["-INT", &child.0.id().to_string()]).status();
     let _ = child.0.wait();

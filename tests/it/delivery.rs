@@ -6,7 +6,7 @@ use herald_shared::deadletter::headers as dlq;
 use poem::http::StatusCode;
 use serde_json::json;
 
-use crate::support::{Reply, Sink, Stack, header, webhook_body};
+use crate::support::{Reply, Sink, Stack, eventually, header, webhook_body};
 
 #[tokio::test]
 async fn accepted_notification_is_delivered_signed_and_recorded() {
@@ -464,4 +464,56 @@ async fn critical_and_high_overtake_a_stuck_bulk_backlog() {
         .unwrap();
     assert_eq!(consumer.info().await.unwrap().num_pending, 98, "the backlog waits in the bulk lane");
     stuck.open();
+}
+
+/// Every figure an operator of the pipeline asks for, on `/metrics` after known traffic: three
+/// delivered, one retried to exhaustion and dead-lettered, one poison message.
+#[tokio::test]
+async fn metrics_count_intents_attempts_retries_outcomes_and_dead_letters() {
+    use crate::support::metric;
+    let stack = Stack::start().await;
+    let good = Sink::ok().await;
+    let bad = Sink::start(vec![], Reply::Status(500)).await;
+    let mut delivered = Vec::new();
+    for _ in 0..3 {
+        delivered.push(stack.send(webhook_body(&good.url), None).await);
+    }
+    let failing = stack.send(webhook_body(&bad.url), None).await;
+    stack.publish_intent(b"\xc1 not messagepack".to_vec(), Some("poison-1"), None).await;
+    for id in &delivered {
+        stack.wait_status(id, "delivered").await;
+    }
+    stack.wait_status(&failing, "dead_lettered").await;
+    stack.wait_dead_letters(2).await;
+    stack.wait_settled().await;
+    // The consumer figures are read every few seconds: wait for them to show the quiet queue.
+    let page = eventually(Duration::from_secs(15), "consumer figures", || async {
+        let page = stack.metrics().await;
+        (metric(&page, r#"herald_consumer_pending_messages{consumer="webhook"}"#) == Some(0.0)
+            && metric(&page, r#"herald_consumer_ack_pending_messages{consumer="webhook"}"#) == Some(0.0))
+        .then_some(page)
+    })
+    .await;
+    let expect = [
+        (r#"herald_gateway_accepted_total{channel="webhook"}"#, 4.0),
+        (r#"herald_intents_received_total{channel="webhook"}"#, 4.0),
+        (r#"herald_attempts_total{channel="webhook"}"#, 6.0),
+        (r#"herald_retries_total{channel="webhook"}"#, 2.0),
+        (r#"herald_redeliveries_total{channel="webhook"}"#, 2.0),
+        (r#"herald_outcomes_total{channel="webhook",outcome="delivered"}"#, 3.0),
+        (r#"herald_outcomes_total{channel="webhook",outcome="retrying"}"#, 2.0),
+        (r#"herald_outcomes_total{channel="webhook",outcome="dead_lettered"}"#, 1.0),
+        (r#"herald_dead_letters_total{channel="webhook",reason="attempts_exhausted"}"#, 1.0),
+        (r#"herald_dead_letters_total{channel="webhook",reason="undecodable"}"#, 1.0),
+        (r#"herald_delivery_latency_seconds_count{channel="webhook"}"#, 3.0),
+        (r#"herald_provider_calls_total{channel="webhook",provider="webhook"}"#, 6.0),
+        (r#"herald_provider_failures_total{channel="webhook",provider="webhook",class="unavailable"}"#, 3.0),
+        (r#"herald_consumer_redelivered_messages{consumer="webhook"}"#, 0.0),
+    ];
+    for (series, want) in expect {
+        assert_eq!(metric(&page, series), Some(want), "{series} in\n{page}");
+    }
+    // Acceptance to acknowledgement took some time, and less than the test has run.
+    let sum = metric(&page, r#"herald_delivery_latency_seconds_sum{channel="webhook"}"#).unwrap();
+    assert!(sum > 0.0 && sum < 60.0, "{sum}");
 }

@@ -87,6 +87,8 @@ pub struct ChannelWorker<D> {
     room: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
     /// Per-recipient limits, when `HERALD_RECIPIENT_LIMIT` sets any.
     throttle: Option<herald_shared::throttle::Throttle>,
+    /// What this worker did, for `/metrics`.
+    metrics: Arc<crate::metrics::WorkerMetrics>,
 }
 
 impl<D: Deliver> ChannelWorker<D> {
@@ -97,6 +99,7 @@ impl<D: Deliver> ChannelWorker<D> {
         topology: Topology,
         deliver: Arc<D>,
         resolver: Arc<Resolver>,
+        metrics: Arc<crate::metrics::WorkerMetrics>,
     ) -> ChannelWorker<D> {
         let uncertain = config.uncertain.for_channel(channel);
         let throttle = (!config.recipient_limits.is_empty()).then(|| {
@@ -113,6 +116,7 @@ impl<D: Deliver> ChannelWorker<D> {
             uncertain,
             handling: Default::default(),
             room: Default::default(),
+            metrics,
         }
     }
 
@@ -266,6 +270,14 @@ impl<D: Deliver> ChannelWorker<D> {
             Ok(intent) => intent,
             Err(rejection) => return self.reject(message, sequence, delivered, rejection).await,
         };
+        // A copy carrying a long wait (`Herald-Due`) is the same intent again, not a new one.
+        let copy =
+            message.headers.as_ref().is_some_and(|h| h.get(herald_shared::intent::headers::DUE).is_some());
+        if delivered > 1 {
+            self.metrics.taken(self.channel, false);
+        } else if !copy {
+            self.metrics.taken(self.channel, true);
+        }
         // A direct publish without `created_at` was created when JetStream stored it.
         if intent.created_at.is_none() {
             let at = chrono::DateTime::from_timestamp(published.unix_timestamp(), published.nanosecond());
@@ -293,6 +305,7 @@ impl<D: Deliver> ChannelWorker<D> {
             original_sequence: sequence,
         };
         self.park_held(message, &letter).await;
+        self.metrics.dead_lettered(self.channel, letter.reason.as_str());
         self.ack(message, AckKind::Term).await;
     }
 
@@ -411,6 +424,7 @@ impl<D: Deliver> ChannelWorker<D> {
                 return self.decided(message, &intent, held, Resolved::Throttle(limit)).await;
             }
             Ok(Resolved::Send(concrete)) => {
+                self.metrics.attempted(self.channel);
                 let delivery = self.deliver.deliver(&concrete).await;
                 held.calls = delivery.calls;
                 delivery.result
@@ -421,7 +435,7 @@ impl<D: Deliver> ChannelWorker<D> {
         match sent {
             Ok(()) => {
                 tracing::info!(attempt, "delivered");
-                match ledger.settle(&mut held, Settle::Delivered, UNTIL_STORED).await {
+                match self.settle(&mut held, Settle::Delivered).await {
                     Ok(_) => self.ack(message, AckKind::Ack).await,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot record the delivery; leaving the message unacknowledged");
@@ -438,7 +452,7 @@ impl<D: Deliver> ChannelWorker<D> {
                 let delay = base.mul_f64(1.0 + rand::random::<f64>() * 0.2);
                 tracing::info!(%error, retry_in_ms = delay.as_millis() as u64, "circuit open; waiting without spending an attempt");
                 let retry_at = chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-                match ledger.settle(&mut held, Settle::Waiting { error, retry_at }, UNTIL_STORED).await {
+                match self.settle(&mut held, Settle::Waiting { error, retry_at }).await {
                     Ok(Settled::Superseded(Status::Delivered)) => self.ack(message, AckKind::Ack).await,
                     Ok(_) => {
                         let step = format!("circuit:{}", retry_at.timestamp_millis());
@@ -457,7 +471,7 @@ impl<D: Deliver> ChannelWorker<D> {
                 let delay = retry_after.map_or(backoff, |d| d.min(MAX_RETRY_AFTER).max(backoff));
                 tracing::warn!(attempt, %error, retry_in_ms = delay.as_millis() as u64, "attempt failed; will retry");
                 let retry_at = chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-                match ledger.settle(&mut held, Settle::Retrying { error, retry_at }, UNTIL_STORED).await {
+                match self.settle(&mut held, Settle::Retrying { error, retry_at }).await {
                     Ok(Settled::Superseded(Status::Delivered)) => self.ack(message, AckKind::Ack).await,
                     Ok(_) => {
                         self.wait(message, &intent, delay, &format!("retry:{}", held.entry.attempts)).await
@@ -555,7 +569,7 @@ impl<D: Deliver> ChannelWorker<D> {
             }
             Resolved::Send(_) => unreachable!("sends are delivered"),
         };
-        match self.topology.ledger.settle(&mut held, outcome, UNTIL_STORED).await {
+        match self.settle(&mut held, outcome).await {
             Ok(_) => {
                 self.ack(message, AckKind::Ack).await;
                 true
@@ -579,10 +593,9 @@ impl<D: Deliver> ChannelWorker<D> {
         error: String,
         recorded: bool,
     ) -> bool {
-        let ledger = &self.topology.ledger;
         if !recorded {
             let parking = Settle::Parking { reason, error_class, error: error.clone() };
-            match ledger.settle(&mut held, parking, UNTIL_STORED).await {
+            match self.settle(&mut held, parking).await {
                 Ok(Settled::Written) => {}
                 Ok(Settled::Superseded(Status::Delivered)) => {
                     self.ack(message, AckKind::Ack).await;
@@ -610,7 +623,7 @@ impl<D: Deliver> ChannelWorker<D> {
         // The ledger says "parking": if this process dies meanwhile, the redelivery parks it and
         // never sends it.
         self.park_held(message, &letter).await;
-        match ledger.settle(&mut held, Settle::Parked, UNTIL_STORED).await {
+        match self.settle(&mut held, Settle::Parked).await {
             Ok(_) => self.ack(message, AckKind::Term).await,
             Err(e) => {
                 tracing::error!(error = %e, "cannot record the parking; leaving the message unacknowledged")
@@ -704,7 +717,7 @@ impl<D: Deliver> ChannelWorker<D> {
             tracing::warn!(error = %e, "cannot record the next channel as accepted; its worker will");
         }
         let reason = format!("{why}; {next} took over");
-        match self.topology.ledger.settle(&mut held, Settle::Skipped { reason }, UNTIL_STORED).await {
+        match self.settle(&mut held, Settle::Skipped { reason }).await {
             Ok(_) => {
                 self.ack(message, AckKind::Ack).await;
                 true
@@ -718,6 +731,41 @@ impl<D: Deliver> ChannelWorker<D> {
 
     /// Acknowledges (or terminates) and waits for the server to confirm it. Unconfirmed, the
     /// message comes back and the ledger answers for it.
+    /// Stores an outcome in the ledger (retried until stored) and counts it.
+    async fn settle(
+        &self,
+        held: &mut Held,
+        outcome: Settle,
+    ) -> Result<Settled, herald_shared::state::StateError> {
+        let (name, latency) = match &outcome {
+            Settle::Delivered => {
+                let since = Utc::now() - held.entry.created_at;
+                ("delivered", since.to_std().ok())
+            }
+            Settle::Retrying { .. } => ("retrying", None),
+            Settle::Waiting { .. } => ("waiting", None),
+            Settle::Parking { .. } => ("parking", None),
+            Settle::Parked => ("dead_lettered", None),
+            Settle::Suppressed { .. } => ("suppressed", None),
+            Settle::Throttled { .. } => ("throttled", None),
+            Settle::Deferred { .. } => ("deferred", None),
+            Settle::Skipped { .. } => ("skipped", None),
+        };
+        // A dead letter is counted once it is parked, with the reason its parking recorded.
+        let reason = match &outcome {
+            Settle::Parked => held.entry.parking.as_ref().map(|p| p.reason.as_str()),
+            _ => None,
+        };
+        let settled = self.topology.ledger.settle(held, outcome, UNTIL_STORED).await?;
+        if settled == Settled::Written && name != "parking" {
+            self.metrics.settled(self.channel, name, latency);
+            if let Some(reason) = reason {
+                self.metrics.dead_lettered(self.channel, reason);
+            }
+        }
+        Ok(settled)
+    }
+
     async fn ack(&self, message: &Message, kind: AckKind) {
         if let Err(e) = message.double_ack_with(kind).await {
             tracing::warn!(error = %e, "acknowledgement not confirmed; the server may redeliver (the ledger knows the outcome)");

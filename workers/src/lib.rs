@@ -80,6 +80,33 @@ pub trait Deliver: Send + Sync + 'static {
     fn deliver<'a>(&'a self, intent: &'a Intent) -> impl Future<Output = Delivery> + Send + 'a;
 }
 
+/// How often the channel consumers' figures are read for `/metrics`.
+const CONSUMER_FIGURES_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads every channel consumer's pending, ack-pending and redelivered counts into `metrics`
+/// until `stop`.
+async fn watch_consumers(
+    topology: Topology,
+    channels: Vec<herald_shared::Channel>,
+    metrics: Arc<metrics::WorkerMetrics>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    loop {
+        for &channel in &channels {
+            for lane in Lane::ALL {
+                let name = herald_shared::topology::lane_consumer(channel, lane);
+                if let Ok(info) = topology.intents.consumer_info(&name).await {
+                    metrics.consumer(&name, info.num_pending, info.num_ack_pending, info.num_redelivered);
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CONSUMER_FIGURES_EVERY) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+    }
+}
+
 /// Runs the workers of `config.channels` and the dead-letter mover until `shutdown` completes,
 /// then lets in-flight deliveries finish. Provider calls are counted in `provider_metrics`.
 pub async fn run(
@@ -107,6 +134,7 @@ pub async fn run(
     for &channel in &config.channels {
         // One sender per channel: the lanes share its providers, rate limits and breakers.
         let sender = Arc::new(channels::build(channel, &config, &topology, provider_metrics.clone())?);
+        provider_metrics.declare_channel(channel);
         for lane in Lane::ALL {
             let worker = channel::ChannelWorker::new(
                 channel,
@@ -115,11 +143,18 @@ pub async fn run(
                 topology.clone(),
                 sender.clone(),
                 resolver.clone(),
+                provider_metrics.clone(),
             );
             tasks.spawn(worker.run(stop_rx.clone()));
         }
     }
     tasks.spawn(mover::run(topology.clone(), config.retry.max_attempts, stop_rx.clone()));
+    tasks.spawn(watch_consumers(
+        topology.clone(),
+        config.channels.clone(),
+        provider_metrics.clone(),
+        stop_rx.clone(),
+    ));
     shutdown.await;
     tracing::info!("stopping workers: no new messages, finishing in-flight deliveries");
     let _ = stop_tx.send(true);
