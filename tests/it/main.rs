@@ -23,6 +23,7 @@ mod outage;
 mod push;
 mod reference;
 mod resilience;
+mod server_version;
 mod sms;
 mod support;
 mod templates;
