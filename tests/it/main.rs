@@ -12,6 +12,7 @@ mod clients;
 mod cluster;
 mod console;
 mod delivery;
+mod deploy;
 mod dlq;
 mod email;
 mod failover;
