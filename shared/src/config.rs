@@ -78,6 +78,17 @@ pub const UNCERTAIN: &str = "HERALD_UNCERTAIN";
 pub const MAX_STORAGE: &str = "HERALD_MAX_STORAGE";
 pub const DEFAULT_LOCALE: &str = "HERALD_DEFAULT_LOCALE";
 pub const REQUIRED_CATEGORIES: &str = "HERALD_REQUIRED_CATEGORIES";
+pub const NATS_CREDS: &str = "HERALD_NATS_CREDS";
+pub const NATS_NKEY: &str = "HERALD_NATS_NKEY";
+pub const NATS_NKEY_FILE: &str = "HERALD_NATS_NKEY_FILE";
+pub const NATS_USER: &str = "HERALD_NATS_USER";
+pub const NATS_PASSWORD: &str = "HERALD_NATS_PASSWORD";
+pub const NATS_PASSWORD_FILE: &str = "HERALD_NATS_PASSWORD_FILE";
+pub const NATS_TOKEN: &str = "HERALD_NATS_TOKEN";
+pub const NATS_TOKEN_FILE: &str = "HERALD_NATS_TOKEN_FILE";
+pub const NATS_TLS_CA: &str = "HERALD_NATS_TLS_CA";
+pub const NATS_TLS_CERT: &str = "HERALD_NATS_TLS_CERT";
+pub const NATS_TLS_KEY: &str = "HERALD_NATS_TLS_KEY";
 pub const INBOX_RETENTION: &str = "HERALD_INBOX_RETENTION";
 pub const INBOX_MAX_ITEMS: &str = "HERALD_INBOX_MAX_ITEMS";
 pub const CORS_ORIGINS: &str = "HERALD_CORS_ORIGINS";
@@ -312,6 +323,33 @@ pub const VARS: &[Var] = &[
         help: "channels this deployment delivers on (the gateway refuses others; `herald worker` runs them); unset: webhook, inapp and every channel whose provider is configured",
     },
     Var { name: LOG_FORMAT, default: Some("text"), help: "`text` (human-readable) or `json`" },
+    Var {
+        name: NATS_CREDS,
+        default: None,
+        help: "NATS credentials file (`.creds`: a user JWT and its NKey seed), for servers in operator mode",
+    },
+    Var {
+        name: NATS_NKEY,
+        default: None,
+        help: "NATS NKey seed (`SU…`) to sign the server's challenge with (or `HERALD_NATS_NKEY_FILE`)",
+    },
+    Var { name: NATS_NKEY_FILE, default: None, help: "file holding the NATS NKey seed" },
+    Var { name: NATS_USER, default: None, help: "NATS user name; needs HERALD_NATS_PASSWORD" },
+    Var { name: NATS_PASSWORD, default: None, help: "NATS password (or `HERALD_NATS_PASSWORD_FILE`)" },
+    Var { name: NATS_PASSWORD_FILE, default: None, help: "file holding the NATS password" },
+    Var { name: NATS_TOKEN, default: None, help: "NATS authentication token (or `HERALD_NATS_TOKEN_FILE`)" },
+    Var { name: NATS_TOKEN_FILE, default: None, help: "file holding the NATS token" },
+    Var {
+        name: NATS_TLS_CA,
+        default: None,
+        help: "PEM file of the CA that signed the NATS server's certificate; set: TLS is required",
+    },
+    Var {
+        name: NATS_TLS_CERT,
+        default: None,
+        help: "PEM client certificate for NATS servers that verify clients (with HERALD_NATS_TLS_KEY)",
+    },
+    Var { name: NATS_TLS_KEY, default: None, help: "PEM private key of HERALD_NATS_TLS_CERT" },
     Var {
         name: INBOX_RETENTION,
         default: Some("90d"),
@@ -669,6 +707,21 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     /// Interval of the comment line on idle inbox streams.
     pub sse_heartbeat: Duration,
+    /// How to authenticate to NATS and secure the connection.
+    pub nats_auth: NatsAuth,
+}
+
+/// How Herald authenticates to NATS (at most one way) and whether it speaks TLS.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NatsAuth {
+    pub creds_file: Option<PathBuf>,
+    pub nkey_seed: Option<Secret>,
+    pub user: Option<(String, Secret)>,
+    pub token: Option<Secret>,
+    /// The CA of the server's certificate: TLS required.
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate and its key.
+    pub tls_client: Option<(PathBuf, PathBuf)>,
 }
 
 /// `HERALD_INBOX_RETENTION`: how long inbox items live, a default and per-tenant overrides.
@@ -893,6 +946,7 @@ impl Config {
                 })
                 .unwrap_or_default(),
             sse_heartbeat: parse_with(SSE_HEARTBEAT, &required(SSE_HEARTBEAT), positive_duration)?,
+            nats_auth: nats_auth(&value)?,
             data_dir,
         };
         config.channels = match value(CHANNELS) {
@@ -967,6 +1021,86 @@ fn provider_vars(channel: Channel) -> &'static str {
     }
 }
 
+/// A secret from its variable or from the file `<NAME>_FILE` names.
+fn read_secret(
+    value: &impl Fn(&'static str) -> Option<String>,
+    name: &'static str,
+    file: &'static str,
+) -> Result<Option<Secret>, ConfigError> {
+    if let Some(v) = value(name) {
+        return Ok(Some(Secret::new(v)));
+    }
+    let Some(path) = value(file) else { return Ok(None) };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(Secret::new(text.trim_end_matches(['\r', '\n'])))),
+        Err(e) => Err(ConfigError { name: file, value: path, reason: format!("cannot read it: {e}") }),
+    }
+}
+
+/// Reads how to reach NATS securely: at most one way to authenticate, TLS files that exist.
+fn nats_auth(value: &impl Fn(&'static str) -> Option<String>) -> Result<NatsAuth, ConfigError> {
+    let file = |name: &'static str| -> Result<Option<PathBuf>, ConfigError> {
+        match value(name) {
+            None => Ok(None),
+            Some(p) if std::path::Path::new(&p).is_file() => Ok(Some(PathBuf::from(p))),
+            Some(p) => Err(ConfigError { name, value: p, reason: "no such file".into() }),
+        }
+    };
+    let user = match (value(NATS_USER), read_secret(value, NATS_PASSWORD, NATS_PASSWORD_FILE)?) {
+        (Some(u), Some(p)) => Some((u, p)),
+        (None, None) => None,
+        (Some(u), None) => {
+            return Err(ConfigError {
+                name: NATS_PASSWORD,
+                value: String::new(),
+                reason: format!("unset, but HERALD_NATS_USER={u} needs it"),
+            });
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError {
+                name: NATS_USER,
+                value: String::new(),
+                reason: "unset, but HERALD_NATS_PASSWORD is set".into(),
+            });
+        }
+    };
+    let auth = NatsAuth {
+        creds_file: file(NATS_CREDS)?,
+        nkey_seed: read_secret(value, NATS_NKEY, NATS_NKEY_FILE)?,
+        user,
+        token: read_secret(value, NATS_TOKEN, NATS_TOKEN_FILE)?,
+        tls_ca: file(NATS_TLS_CA)?,
+        tls_client: match (file(NATS_TLS_CERT)?, file(NATS_TLS_KEY)?) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError {
+                    name: NATS_TLS_KEY,
+                    value: String::new(),
+                    reason: "unset, but HERALD_NATS_TLS_CERT needs its key".into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError {
+                    name: NATS_TLS_CERT,
+                    value: String::new(),
+                    reason: "unset, but HERALD_NATS_TLS_KEY is set".into(),
+                });
+            }
+        },
+    };
+    let ways =
+        [auth.creds_file.is_some(), auth.nkey_seed.is_some(), auth.user.is_some(), auth.token.is_some()];
+    if ways.iter().filter(|w| **w).count() > 1 {
+        return Err(ConfigError {
+            name: NATS_CREDS,
+            value: String::new(),
+            reason: "set one way to authenticate to NATS: HERALD_NATS_CREDS, HERALD_NATS_NKEY, HERALD_NATS_USER with HERALD_NATS_PASSWORD, or HERALD_NATS_TOKEN".into(),
+        });
+    }
+    Ok(auth)
+}
+
 /// Reads the provider settings. A provider is configured when its first variable is set; the
 /// rest it needs are then required.
 fn providers(value: &impl Fn(&'static str) -> Option<String>) -> Result<Providers, ConfigError> {
@@ -977,17 +1111,7 @@ fn providers(value: &impl Fn(&'static str) -> Option<String>) -> Result<Provider
             reason: format!("unset, but {what} needs it"),
         })
     };
-    // A secret comes from its variable or from the file `<NAME>_FILE` names.
-    let secret = |name: &'static str, file: &'static str| -> Result<Option<Secret>, ConfigError> {
-        if let Some(v) = value(name) {
-            return Ok(Some(Secret::new(v)));
-        }
-        let Some(path) = value(file) else { return Ok(None) };
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(Some(Secret::new(text.trim_end_matches(['\r', '\n'])))),
-            Err(e) => Err(ConfigError { name: file, value: path, reason: format!("cannot read it: {e}") }),
-        }
-    };
+    let secret = |name: &'static str, file: &'static str| read_secret(value, name, file);
     let need_secret = |name: &'static str, file: &'static str, what: &str| {
         secret(name, file)?.ok_or_else(|| ConfigError {
             name,

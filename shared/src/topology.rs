@@ -1032,7 +1032,28 @@ pub async fn connect(
         .iter()
         .map(|u| u.parse::<async_nats::ServerAddr>().with_context(|| format!("bad NATS URL {u:?}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let client = async_nats::ConnectOptions::new()
+    let auth = &config.nats_auth;
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(path) = &auth.creds_file {
+        options =
+            options.credentials_file(path).await.with_context(|| format!("reading {}", path.display()))?;
+    }
+    if let Some(seed) = &auth.nkey_seed {
+        options = options.nkey(seed.expose().to_owned());
+    }
+    if let Some((user, password)) = &auth.user {
+        options = options.user_and_password(user.clone(), password.expose().to_owned());
+    }
+    if let Some(token) = &auth.token {
+        options = options.token(token.expose().to_owned());
+    }
+    if let Some(ca) = &auth.tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some((cert, key)) = &auth.tls_client {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    let client = options
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -1043,6 +1064,11 @@ pub async fn connect(
             match event {
                 async_nats::Event::Connected => tracing::info!("connected to NATS"),
                 async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                // A refused login or TLS handshake is retried like any connection, and said loudly.
+                async_nats::Event::ServerError(e) => {
+                    tracing::error!(error = %e, "the NATS server refused this client")
+                }
+                async_nats::Event::ClientError(e) => tracing::error!(error = %e, "cannot connect to NATS"),
                 other => tracing::debug!(event = %other, "NATS event"),
             }
         })

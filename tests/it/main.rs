@@ -20,6 +20,7 @@ mod faults;
 mod inbox;
 mod ledger;
 mod limits;
+mod nats_auth;
 mod outage;
 mod push;
 mod reference;

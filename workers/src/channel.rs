@@ -729,8 +729,6 @@ impl<D: Deliver> ChannelWorker<D> {
         }
     }
 
-    /// Acknowledges (or terminates) and waits for the server to confirm it. Unconfirmed, the
-    /// message comes back and the ledger answers for it.
     /// Stores an outcome in the ledger (retried until stored) and counts it.
     async fn settle(
         &self,
@@ -766,6 +764,8 @@ impl<D: Deliver> ChannelWorker<D> {
         Ok(settled)
     }
 
+    /// Acknowledges (or terminates) and waits for the server to confirm it. Unconfirmed, the
+    /// message comes back and the ledger answers for it.
     async fn ack(&self, message: &Message, kind: AckKind) {
         if let Err(e) = message.double_ack_with(kind).await {
             tracing::warn!(error = %e, "acknowledgement not confirmed; the server may redeliver (the ledger knows the outcome)");
