@@ -190,3 +190,129 @@ fn conflicting_or_incomplete_settings_are_refused_by_name() {
     let c = config::Config::from_pairs(&[(config::NATS_TOKEN, "v3ry-secret")]).unwrap();
     assert!(!format!("{c:?}").contains("v3ry-secret"));
 }
+
+/// The shipped `nats/accounts.conf`: after the admin applies the topology, a gateway and a
+/// worker each running as their own least-privileged user deliver a notification; the worker
+/// user cannot publish intents and the gateway user cannot delete a stream.
+#[tokio::test]
+async fn least_privilege_users_run_herald() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let passwords = [
+        ("HERALD_ADMIN_PASSWORD", "admin-pw"),
+        ("HERALD_GATEWAY_PASSWORD", "gateway-pw"),
+        ("HERALD_WORKER_PASSWORD", "worker-pw"),
+        ("HERALD_CONSOLE_PASSWORD", "console-pw"),
+    ];
+    let server = KillOnDrop(
+        Command::new(locate(&Locator::from_env()).unwrap())
+            .args([
+                "-c",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/nats/accounts.conf"),
+                "-p",
+                &port.to_string(),
+                "-sd",
+            ])
+            .arg(dir.path().join("store"))
+            .envs(passwords)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("nats://127.0.0.1:{port}");
+    crate::support::eventually(Duration::from_secs(10), "nats-server to listen", || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+    })
+    .await;
+    let as_user = |user: &str, password: &str, args: &[&str]| {
+        let data = dir.path().join(format!("data-{user}-{}", args[0]));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
+        command
+            .args(args)
+            .env("HERALD_NATS_URL", &url)
+            .env("HERALD_NATS_USER", user)
+            .env("HERALD_NATS_PASSWORD", password)
+            .env("HERALD_DATA_DIR", data)
+            .env("HERALD_JWT_SECRET", "least-privilege")
+            .env("HERALD_WEBHOOK_ALLOW_PRIVATE", "true")
+            .env("HERALD_WEBHOOK_SECRET", crate::support::WEBHOOK_SECRET)
+            .env("HERALD_RETRY_BACKOFF", "50ms")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        command
+    };
+    let applied = as_user("admin", "admin-pw", &["topology", "apply"]).output().unwrap();
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+
+    let http_port = free_port();
+    let _gateway = KillOnDrop(
+        as_user("gateway", "gateway-pw", &["gateway"])
+            .env("HERALD_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let _worker = KillOnDrop(
+        as_user("worker", "worker-pw", &["worker"]).stderr(std::process::Stdio::null()).spawn().unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{http_port}");
+    let http = crate::support::http_client();
+    crate::support::eventually(Duration::from_secs(30), "the gateway to be ready", || {
+        let (http, url) = (http.clone(), format!("{base}/ready"));
+        async move { http.get(url).send().await.ok()?.status().is_success().then_some(()) }
+    })
+    .await;
+    let sink = Sink::ok().await;
+    let token = herald_shared::auth::mint(
+        "least-privilege",
+        "tests",
+        Some("acme"),
+        herald_shared::auth::DEFAULT_SCOPES,
+        Duration::from_secs(300),
+    );
+    let sent: serde_json::Value = http
+        .post(format!("{base}/v1/notifications"))
+        .bearer_auth(&token)
+        .json(&webhook_body(&sink.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = sent["id"].as_str().unwrap_or_else(|| panic!("not accepted: {sent}")).to_owned();
+    assert_eq!(sink.wait_for(1).await[0].body["id"], id.as_str());
+    crate::support::eventually(Duration::from_secs(15), "the delivery recorded", || {
+        let (http, url, token) = (http.clone(), format!("{base}/v1/notifications/{id}"), token.clone());
+        async move {
+            let body: serde_json::Value =
+                http.get(url).bearer_auth(token).send().await.ok()?.json().await.ok()?;
+            (body["status"] == "delivered").then_some(())
+        }
+    })
+    .await;
+
+    let connect = |user: &'static str, password: &'static str| {
+        let url = url.clone();
+        async move {
+            let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+                .connect(&url)
+                .await
+                .unwrap();
+            async_nats::jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(client)
+        }
+    };
+    let worker = connect("worker", "worker-pw").await;
+    let published = async {
+        worker.publish("herald.intent.webhook", "{}".into()).await?.await?;
+        Ok::<_, async_nats::Error>(())
+    }
+    .await;
+    assert!(published.is_err(), "the worker user published an intent");
+    let gateway = connect("gateway", "gateway-pw").await;
+    assert!(gateway.delete_stream("HERALD_INTENTS").await.is_err(), "the gateway user deleted a stream");
+    let admin = connect("admin", "admin-pw").await;
+    assert!(admin.get_stream("HERALD_INTENTS").await.is_ok(), "the stream is still there");
+    drop(server);
+}

@@ -712,7 +712,12 @@ impl<D: Deliver> ChannelWorker<D> {
             Intent { channel: Some(next), fallback: intent.fallback[1..].to_vec(), ..intent.clone() };
         tracing::info!(%why, %next, "handing over to the user's next channel");
         let id = format!("fallback:{}", held.key.kv_key());
-        self.publish_held(topology::subject_of(&successor), successor.headers(), &successor, &id).await;
+        // Through a schedule due now, like every intent a worker enqueues (retries, waits): a
+        // worker never publishes on the intent subjects, so its NATS user may be denied them.
+        // It fires within a second.
+        let mut headers = successor.headers();
+        let subject = topology::schedule(&mut headers, &successor, Utc::now());
+        self.publish_held(subject, headers, &successor, &id).await;
         if let Err(e) = self.topology.ledger.accept(std::slice::from_ref(&successor)).await {
             tracing::warn!(error = %e, "cannot record the next channel as accepted; its worker will");
         }
