@@ -480,6 +480,8 @@ async fn metrics_count_intents_attempts_retries_outcomes_and_dead_letters() {
     }
     let failing = stack.send(webhook_body(&bad.url), None).await;
     stack.publish_intent(b"\xc1 not messagepack".to_vec(), Some("poison-1"), None).await;
+    // And a request the gateway refuses.
+    stack.post_raw("{", None, Some(&stack.token)).await;
     for id in &delivered {
         stack.wait_status(id, "delivered").await;
     }
@@ -512,6 +514,23 @@ async fn metrics_count_intents_attempts_retries_outcomes_and_dead_letters() {
     ];
     for (series, want) in expect {
         assert_eq!(metric(&page, series), Some(want), "{series} in\n{page}");
+    }
+    // Every series the shipped Grafana dashboard queries is one this page has.
+    let dashboard =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nats/grafana-dashboard.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (at, _) in expr.match_indices("herald_") {
+                let name: String =
+                    expr[at..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+                assert!(
+                    page.contains(&format!("\n{name}")),
+                    "the dashboard queries {name}, which /metrics lacks"
+                );
+            }
+        }
     }
     // Acceptance to acknowledgement took some time, and less than the test has run.
     let sum = metric(&page, r#"herald_delivery_latency_seconds_sum{channel="webhook"}"#).unwrap();
