@@ -204,9 +204,14 @@ fn main() -> anyhow::Result<()> {
         flag.or_else(|| std::env::var(name).ok())
     })?;
     // The console owns the terminal: log lines would tear through its screen.
-    if !matches!(cli.command, Command::Console) {
-        telemetry::init(config.log_format);
-    }
+    let service = match cli.command {
+        Command::Gateway => "herald-gateway",
+        Command::Worker { .. } => "herald-worker",
+        _ => "herald",
+    };
+    // Held to the end: dropping it flushes the traces not yet exported.
+    let _telemetry = (!matches!(cli.command, Command::Console))
+        .then(|| telemetry::init(config.log_format, config.otlp_endpoint.as_ref(), service));
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         match cli.command {

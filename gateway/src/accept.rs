@@ -219,6 +219,8 @@ impl AppState {
     ) -> Result<PublishAck, ApiError> {
         let mut headers = intent.headers();
         headers.insert(NATS_MESSAGE_ID, msg_id.as_str());
+        // The request's trace travels with the intent to its worker.
+        herald_shared::telemetry::inject(|name, value| headers.insert(name, value.as_str()));
         let subject = match intent.send_at {
             Some(at) if at > Utc::now() => schedule(&mut headers, intent, at),
             _ => subject_of(intent),

@@ -431,6 +431,10 @@ async fn correlate<E: Endpoint>(next: E, mut req: Request) -> poem::Result<Respo
     let path = req.uri().path().to_owned();
     let metrics = &state.metrics;
     let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), correlation_id = %id);
+    // A caller's W3C `traceparent` makes this request part of its trace.
+    herald_shared::telemetry::continue_trace(&span, |name| {
+        req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    });
     let result = tracing::Instrument::instrument(next.call(req), span).await;
     let mut response = match result {
         Ok(r) => r.into_response(),

@@ -89,6 +89,7 @@ pub const NATS_TOKEN_FILE: &str = "HERALD_NATS_TOKEN_FILE";
 pub const NATS_TLS_CA: &str = "HERALD_NATS_TLS_CA";
 pub const NATS_TLS_CERT: &str = "HERALD_NATS_TLS_CERT";
 pub const NATS_TLS_KEY: &str = "HERALD_NATS_TLS_KEY";
+pub const OTLP_ENDPOINT: &str = "HERALD_OTLP_ENDPOINT";
 pub const INBOX_RETENTION: &str = "HERALD_INBOX_RETENTION";
 pub const INBOX_MAX_ITEMS: &str = "HERALD_INBOX_MAX_ITEMS";
 pub const CORS_ORIGINS: &str = "HERALD_CORS_ORIGINS";
@@ -323,6 +324,11 @@ pub const VARS: &[Var] = &[
         help: "channels this deployment delivers on (the gateway refuses others; `herald worker` runs them); unset: webhook, inapp and every channel whose provider is configured",
     },
     Var { name: LOG_FORMAT, default: Some("text"), help: "`text` (human-readable) or `json`" },
+    Var {
+        name: OTLP_ENDPOINT,
+        default: None,
+        help: "OTLP/HTTP collector base URL (`http://collector:4318`): spans are exported there as traces (JSON, to `/v1/traces`); unset: no traces",
+    },
     Var {
         name: NATS_CREDS,
         default: None,
@@ -709,6 +715,8 @@ pub struct Config {
     pub sse_heartbeat: Duration,
     /// How to authenticate to NATS and secure the connection.
     pub nats_auth: NatsAuth,
+    /// Where traces go (OTLP/HTTP), if anywhere.
+    pub otlp_endpoint: Option<url::Url>,
 }
 
 /// How Herald authenticates to NATS (at most one way) and whether it speaks TLS.
@@ -947,6 +955,14 @@ impl Config {
                 .unwrap_or_default(),
             sse_heartbeat: parse_with(SSE_HEARTBEAT, &required(SSE_HEARTBEAT), positive_duration)?,
             nats_auth: nats_auth(&value)?,
+            otlp_endpoint: match value(OTLP_ENDPOINT) {
+                None => None,
+                Some(u) => Some(parse_with(OTLP_ENDPOINT, &u, |s| match url::Url::parse(s) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(u),
+                    Ok(_) => Err("expected an http:// or https:// URL".into()),
+                    Err(e) => Err(e.to_string()),
+                })?),
+            },
             data_dir,
         };
         config.channels = match value(CHANNELS) {

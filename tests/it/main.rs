@@ -29,4 +29,5 @@ mod server_version;
 mod sms;
 mod support;
 mod templates;
+mod traces;
 mod users;

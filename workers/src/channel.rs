@@ -290,6 +290,11 @@ impl<D: Deliver> ChannelWorker<D> {
             correlation_id = intent.correlation_id.as_deref().unwrap_or(""),
             sequence,
         );
+        // The trace the gateway started (or the request's) goes on here: queue wait, attempt,
+        // provider calls.
+        herald_shared::telemetry::continue_trace(&span, |name| {
+            message.headers.as_ref()?.get(name).map(|v| v.as_str().to_owned())
+        });
         self.handle_intent(message, intent, sequence).instrument(span).await;
     }
 

@@ -187,7 +187,10 @@ impl Chain {
                 bucket.take().await;
             }
             let started = Instant::now();
-            let result = match tokio::time::timeout(self.timeout, link.provider.send(intent, to)).await {
+            // One span per provider call: a trace shows each attempt's calls and their latency.
+            let span = tracing::info_span!("provider_call", provider = name, channel = %self.channel);
+            let sending = tracing::Instrument::instrument(link.provider.send(intent, to), span);
+            let result = match tokio::time::timeout(self.timeout, sending).await {
                 Ok(r) => r,
                 Err(_) => Err(ProviderError::new(
                     FailureKind::Timeout,

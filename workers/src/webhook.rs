@@ -117,9 +117,14 @@ impl WebhookSender {
         })
         .expect("a webhook body always serializes");
         let timestamp = Utc::now().timestamp();
-        let response = self
-            .http
-            .post(url)
+        // The receiver can join the notification's trace (W3C `traceparent`).
+        let mut trace = Vec::new();
+        herald_shared::telemetry::inject(|name, value| trace.push((name.to_owned(), value)));
+        let mut request = self.http.post(url);
+        for (name, value) in trace {
+            request = request.header(name, value);
+        }
+        let response = request
             .header("Content-Type", "application/json")
             .header("Idempotency-Key", &intent.id)
             .header("Herald-Notification-Id", &intent.id)
