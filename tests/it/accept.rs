@@ -158,11 +158,7 @@ async fn a_gateway_killed_between_commit_and_publish_loses_nothing() {
     );
     let http = http_client();
     let doomed_url = format!("http://127.0.0.1:{port}");
-    eventually(Duration::from_secs(30), "the doomed gateway to be ready", || {
-        let (http, url) = (http.clone(), format!("{doomed_url}/ready"));
-        async move { http.get(url).send().await.ok()?.status().is_success().then_some(()) }
-    })
-    .await;
+    crate::support::wait_ready(&doomed_url).await;
 
     let body = webhook_body(&sink.url);
     let sent = http

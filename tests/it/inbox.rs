@@ -627,12 +627,7 @@ async fn two_thousand_idle_streams_are_held_by_one_gateway() {
             .unwrap(),
     );
     let base = format!("http://127.0.0.1:{port}");
-    let http = crate::support::http_client();
-    eventually(Duration::from_secs(30), "the gateway to be ready", || {
-        let (http, url) = (http.clone(), format!("{base}/ready"));
-        async move { http.get(url).send().await.ok()?.status().is_success().then_some(()) }
-    })
-    .await;
+    crate::support::wait_ready(&base).await;
     let pid = gateway.0.id();
     let before = herald_bench::Memory::of_process(pid).unwrap();
 

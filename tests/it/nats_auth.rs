@@ -258,11 +258,7 @@ async fn least_privilege_users_run_herald() {
     );
     let base = format!("http://127.0.0.1:{http_port}");
     let http = crate::support::http_client();
-    crate::support::eventually(Duration::from_secs(30), "the gateway to be ready", || {
-        let (http, url) = (http.clone(), format!("{base}/ready"));
-        async move { http.get(url).send().await.ok()?.status().is_success().then_some(()) }
-    })
-    .await;
+    crate::support::wait_ready(&base).await;
     let sink = Sink::ok().await;
     let token = herald_shared::auth::mint(
         "least-privilege",

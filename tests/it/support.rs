@@ -43,6 +43,16 @@ where
     }
 }
 
+/// Waits until the gateway at `base` (a child process) answers `/ready` with 200.
+pub async fn wait_ready(base: &str) {
+    let http = http_client();
+    eventually(Duration::from_secs(30), &format!("the gateway at {base} to be ready"), || {
+        let (http, url) = (http.clone(), format!("{base}/ready"));
+        async move { http.get(url).send().await.ok()?.status().is_success().then_some(()) }
+    })
+    .await;
+}
+
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().unwrap()
 }

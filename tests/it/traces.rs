@@ -105,11 +105,7 @@ async fn a_request_the_worker_and_the_receiver_share_one_trace() {
     let _worker = run(&["worker", "--channels", "webhook"], "worker");
     let base = format!("http://127.0.0.1:{port}");
     let http = http_client();
-    eventually(Duration::from_secs(30), "the gateway to be ready", || {
-        let (http, url) = (http.clone(), format!("{base}/ready"));
-        async move { http.get(url).send().await.ok()?.status().is_success().then_some(()) }
-    })
-    .await;
+    crate::support::wait_ready(&base).await;
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
