@@ -218,6 +218,11 @@ fn shipped_nats_server_configurations_are_valid() {
                 .args(["-t", "-c"])
                 .arg(&path)
                 .env("HUB_URL", "nats-leaf://127.0.0.1:7422")
+                // accounts.conf takes its users' passwords from the environment.
+                .envs(
+                    ["ADMIN", "GATEWAY", "WORKER", "CONSOLE"]
+                        .map(|u| (format!("HERALD_{u}_PASSWORD"), "checked")),
+                )
                 .output()
                 .unwrap();
             let text =
@@ -226,7 +231,7 @@ fn shipped_nats_server_configurations_are_valid() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 6);
+    assert_eq!(checked, 7);
 }
 
 #[test]
