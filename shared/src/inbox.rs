@@ -378,32 +378,9 @@ impl Inbox {
     pub async fn changes(
         &self,
     ) -> Result<impl futures::Stream<Item = Result<Change, InboxError>> + Send + 'static, InboxError> {
-        let items = self
-            .items
-            .create_consumer(OrderedConfig {
-                filter_subject: "herald.inbox.>".into(),
-                deliver_policy: DeliverPolicy::New,
-                ..Default::default()
-            })
-            .await
-            .map_err(store)?
-            .messages()
-            .await
-            .map_err(store)?;
+        let items = from_now(&self.items, "herald.inbox.>".into()).await?;
         let prefix = format!("$KV.{INBOX_STATE_BUCKET}.");
-        let marks = self
-            .marks
-            .stream
-            .create_consumer(OrderedConfig {
-                filter_subject: format!("{prefix}>"),
-                deliver_policy: DeliverPolicy::New,
-                ..Default::default()
-            })
-            .await
-            .map_err(store)?
-            .messages()
-            .await
-            .map_err(store)?;
+        let marks = from_now(&self.marks.stream, format!("{prefix}>")).await?;
         let items = items.filter_map(|m| async move {
             let m = match m {
                 Ok(m) => m,
@@ -432,6 +409,24 @@ impl Inbox {
         });
         Ok(futures::stream::select(items, marks))
     }
+}
+
+/// Messages on `filter` stored from now on, through an ordered consumer.
+async fn from_now(
+    stream: &stream::Stream,
+    filter: String,
+) -> Result<jetstream::consumer::pull::Ordered, InboxError> {
+    stream
+        .create_consumer(OrderedConfig {
+            filter_subject: filter,
+            deliver_policy: DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .map_err(store)?
+        .messages()
+        .await
+        .map_err(store)
 }
 
 /// The counts of a whole inbox.

@@ -12,6 +12,14 @@ use crate::config::LogFormat;
 /// The W3C trace-context header.
 pub const TRACEPARENT: &str = "traceparent";
 
+/// Whether spans are exported: without it there is no trace to carry, and the accept and
+/// delivery paths skip the propagation work ([`inject`], [`continue_trace`]).
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Keeps the trace exporter alive; dropping it flushes what is left.
 pub struct Telemetry {
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
@@ -43,7 +51,10 @@ pub fn init(format: LogFormat, otlp: Option<&url::Url>, service: &str) -> Teleme
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
-    let _ = tracing_subscriber::registry().with(filter).with(logs).with(traces).try_init();
+    let installed = tracing_subscriber::registry().with(filter).with(logs).with(traces).try_init().is_ok();
+    if installed && provider.is_some() {
+        EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     Telemetry { provider }
 }
 
@@ -93,6 +104,9 @@ impl opentelemetry_http::HttpClient for Exporter {
 /// `set(name, value)` for each field.
 pub fn inject(mut set: impl FnMut(&str, String)) {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if !exporting() {
+        return;
+    }
     let context = tracing::Span::current().context();
     struct Set<'a>(&'a mut dyn FnMut(&str, String));
     impl opentelemetry::propagation::Injector for Set<'_> {
@@ -107,6 +121,9 @@ pub fn inject(mut set: impl FnMut(&str, String)) {
 /// with a request or an intent). Without one, the span starts a trace of its own.
 pub fn continue_trace(span: &tracing::Span, get: impl Fn(&str) -> Option<String>) {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if !exporting() {
+        return;
+    }
     let fields: std::collections::HashMap<String, String> =
         [TRACEPARENT, "tracestate"].iter().filter_map(|k| Some(((*k).to_owned(), get(k)?))).collect();
     if fields.is_empty() {
