@@ -327,6 +327,7 @@ impl Gateway {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "gateway listening");
         let config = &self.state.config;
+        raise_open_files(config.max_connections);
         let timeouts =
             limits::ReadTimeouts { header: config.header_read_timeout, body: config.body_read_timeout };
         let acceptor = limits::GuardedAcceptor::new(
@@ -340,6 +341,23 @@ impl Gateway {
             .run_with_graceful_shutdown(self.app(), shutdown, Some(std::time::Duration::from_secs(10)))
             .await?;
         Ok(())
+    }
+}
+
+/// Raises the soft limit on open files to the hard one, as a service manager's `LimitNOFILE`
+/// would: a shell's usual 1,024 is below `HERALD_MAX_CONNECTIONS`, and a gateway that runs out
+/// of descriptors leaves new connections waiting unanswered in the kernel's queue.
+fn raise_open_files(max_connections: usize) {
+    // A connection holds one descriptor; NATS, the data dir and the runtime need a few more.
+    let wanted = max_connections as u64 + 256;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            limit,
+            max_connections,
+            "the open-files limit is below HERALD_MAX_CONNECTIONS; raise `ulimit -n` or lower it"
+        ),
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "could not read or raise the open-files limit"),
     }
 }
 

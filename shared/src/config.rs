@@ -195,7 +195,7 @@ pub const VARS: &[Var] = &[
     Var {
         name: MAX_CONNECTIONS,
         default: Some("1000"),
-        help: "connections the gateway holds at once; one more is answered 503 and closed (keep below `ulimit -n`)",
+        help: "connections the gateway holds at once; one more is answered 503 and closed (the open-files soft limit is raised to fit, up to the hard limit)",
     },
     Var {
         name: MAX_IN_FLIGHT,

@@ -365,7 +365,11 @@ async fn a_standalone_worker_serves_its_metrics_and_never_logs_secrets() {
     assert!(page.contains("herald_consumer_pending_messages{consumer=\"sms\"}"), "{page}");
     assert!(page.trim_end().ends_with("# EOF"), "{page}");
     let _ = Command::new("kill").args(["-INT", &child.0.id().to_string()]).status();
-    let _ = child.0.wait();
+    eventually(Duration::from_secs(15), "the worker to exit", || {
+        let r = child.0.try_wait().unwrap();
+        async move { r }
+    })
+    .await;
     let logs = logs.join().unwrap();
     assert!(logs.iter().any(|l| l.contains("sms-1")), "the failing SMS is logged");
     assert!(!logs.iter().any(|l| l.contains(secret)), "the Twilio token appears in the worker's log");

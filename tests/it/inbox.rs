@@ -400,8 +400,9 @@ async fn the_live_stream_pushes_new_items_and_resumes_with_last_event_id() {
     let second = send_inapp(&stack, "ada", "live", Some("billing")).await;
     tokio::time::timeout(Duration::from_secs(15), stored.next()).await.expect("the worker stores the item");
     let stored_at = Instant::now();
-    let item =
-        live.next(Duration::from_secs(1)).await.expect("the item event within a second of being stored");
+    // The figure is printed, not asserted: a loaded two-core machine may take longer than the
+    // usual few milliseconds, and that is not a missed event.
+    let item = live.next(Duration::from_secs(15)).await.expect("the item event after it was stored");
     let latency = stored_at.elapsed();
     assert_eq!(item.event, "item", "{item:?}");
     assert_eq!(
@@ -424,7 +425,7 @@ async fn the_live_stream_pushes_new_items_and_resumes_with_last_event_id() {
     // Reconnect as EventSource would: everything missed, once, in order, then the count.
     let mut resumed = Events::open(&stack, "ada", &ada, Some(&resume_from)).await;
     let mut got = Vec::new();
-    while let Some(e) = resumed.next(Duration::from_secs(2)).await {
+    while let Some(e) = resumed.next(Duration::from_secs(15)).await {
         got.push(e.clone());
         if e.event == "count" {
             break;
@@ -483,7 +484,12 @@ async fn retention_is_kept_by_jetstream_limits() {
         )
         .await;
         assert_eq!(status, 202, "{answer}");
-        wait_total(&stack, &globex, "ada", (i + 1).min(3)).await;
+        // Stored when it is the newest (the total stops growing at three).
+        eventually(Duration::from_secs(15), &format!("g{i} in the inbox"), || async {
+            let (_, page) = call(&stack, &globex, "GET", "/v1/users/ada/inbox?limit=1", None).await;
+            (page["items"][0]["title"] == format!("g{i}")).then_some(())
+        })
+        .await;
     }
     let (_, page) = call(&stack, &globex, "GET", "/v1/users/ada/inbox", None).await;
     let titles: Vec<&str> =
@@ -606,6 +612,9 @@ async fn cors_lets_only_the_configured_origins_in() {
 #[tokio::test]
 async fn two_thousand_idle_streams_are_held_by_one_gateway() {
     const STREAMS: usize = 2000;
+    // This process holds the clients' ends: more descriptors than a shell's usual soft limit.
+    let limit = rlimit::increase_nofile_limit(STREAMS as u64 + 1024).unwrap();
+    assert!(limit > STREAMS as u64 + 100, "`ulimit -n` is {limit}: the test needs {STREAMS} and more");
     let stack = Stack::start().await;
     let port = herald_shared::nats_server::free_port();
     let dir = tempfile::tempdir().unwrap();
