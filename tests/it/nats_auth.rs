@@ -1,6 +1,7 @@
-//! Secured NATS: the gateway and workers authenticate with a user and password, a token or an
-//! NKey, and speak TLS to a server that verifies their client certificate — each against a real
-//! nats-server configured that way, with a notification delivered end to end.
+//! Secured NATS: the gateway and workers authenticate with a user and password, a token, an NKey
+//! or a credentials file (operator mode), and speak TLS to a server that verifies their client
+//! certificate — each against a real nats-server configured that way, with a notification
+//! delivered end to end.
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -82,6 +83,89 @@ async fn nkey() {
     assert!(async_nats::connect(&url).await.is_err());
     let seed = user.seed().unwrap();
     delivers(server, &url, &[(config::NATS_NKEY, &seed)]).await;
+}
+
+/// A NATS JWT (v2) with `claims` for `subject`, issued and signed by `issuer`, as `nsc` writes
+/// them: a JWT whose algorithm is `ed25519-nkey`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let iat = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = serde_json::json!({
+        "jti": uuid::Uuid::now_v7().simple().to_string().to_uppercase(),
+        "iat": iat,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let signed = format!("{header}.{}", b64(claims.to_string().as_bytes()));
+    let signature = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", b64(&signature))
+}
+
+/// Operator mode, as `nsc` sets it up: an operator, a system account and Herald's account with
+/// JetStream, preloaded into the server's memory resolver; Herald connects with a `.creds` file
+/// holding a user JWT the account issued and the user's seed.
+#[tokio::test]
+async fn credentials_file_in_operator_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let operator = nkeys::KeyPair::new_operator();
+    let system = nkeys::KeyPair::new_account();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    // The system account may not have JetStream; Herald's account needs it.
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+        "conn": -1, "leaf": -1,
+    });
+    let mut with_jetstream = unlimited.clone();
+    for limit in ["mem_storage", "disk_storage", "streams", "consumer"] {
+        with_jetstream[limit] = serde_json::json!(-1);
+    }
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "herald-test",
+        serde_json::json!({"type": "operator", "version": 2, "system_account": system.public_key()}),
+    );
+    let account_jwt = |key: &nkeys::KeyPair, name: &str, limits: &serde_json::Value| {
+        nats_jwt(
+            &operator,
+            &key.public_key(),
+            name,
+            serde_json::json!({"type": "account", "version": 2, "limits": limits, "default_permissions": {"pub": {}, "sub": {}}}),
+        )
+    };
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        "herald",
+        serde_json::json!({"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}),
+    );
+    let conf = format!(
+        "operator: {operator_jwt:?}\nsystem_account: {:?}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {:?}\n  {}: {:?}\n}}",
+        system.public_key(),
+        system.public_key(),
+        account_jwt(&system, "SYS", &unlimited),
+        account.public_key(),
+        account_jwt(&account, "HERALD", &with_jetstream),
+    );
+    let creds = dir.path().join("herald.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+    let (server, url) = server(dir.path(), &conf, "nats");
+    // Without the credentials the server refuses the connection.
+    assert!(async_nats::connect(&url).await.is_err());
+    delivers(server, &url, &[(config::NATS_CREDS, creds.to_str().unwrap())]).await;
 }
 
 /// `openssl` in `dir`: a CA, a server certificate for 127.0.0.1 and a client certificate.
